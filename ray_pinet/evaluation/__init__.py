@@ -1,0 +1,1 @@
+"""Evaluation: pure metric functions and per-stratum statistics that all-reduce exactly."""

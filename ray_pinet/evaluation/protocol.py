@@ -1,0 +1,123 @@
+"""Per-stratum evaluation over the whole evaluation set, exact across workers.
+
+Protocol (docs/design.md): leave-one-out, one row per user. HR@k / NDCG@k rank the target
+against the full catalogue with the user's earlier items masked (or against the prepared sampled
+candidates when ``candidates > 0``). AUC / GAUC compare the target with one sampled negative.
+
+Cross-worker exactness: HR, NDCG and GAUC are sums over users, so each rank all-reduces
+[count, hr_sum, ndcg_sum, gauc_sum] per stratum (float64) and the means are taken after the
+reduction; AUC is not a sum, so the (positive, negative) scores are gathered and AUC is computed
+on all of them. Never an average of per-worker averages.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ray_pinet.evaluation.metrics import auc as auc_fn
+from ray_pinet.training.batches import EvalRows
+from ray_pinet.training.collectives import all_gather_rows, all_reduce_sum_
+
+STATS = ("count", "hr", "ndcg", "gauc")
+
+
+def stratum_name(s: int, num_strata: int) -> str:
+    if num_strata == 2:
+        return ("tail", "head")[s]
+    return f"s{s}"
+
+
+def slice_names(num_strata: int) -> list[str]:
+    return [stratum_name(s, num_strata) for s in range(num_strata)] + ["all"]
+
+
+@torch.no_grad()
+def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rank of target, target score, negative score) for one EvalBatch, last position."""
+    stratum = batch.stratum
+    if use_candidates:
+        if batch.candidates is None:
+            raise ValueError("eval.candidates > 0 but the prepared data has no 'candidates' column")
+        items = torch.cat([batch.target[:, None], batch.neg[:, None], batch.candidates], dim=1)
+        scores = model.predict(batch.history, stratum, items)
+        target_score, neg_score = scores[:, 0], scores[:, 1]
+        rank = (scores[:, 2:] > target_score[:, None]).sum(dim=1)
+        return rank, target_score, neg_score
+    scores = model.predict(batch.history, stratum, None).clone()  # [B, M+1]
+    rows = torch.arange(len(batch))
+    target_score = scores[rows, batch.target].clone()
+    neg_score = scores[rows, batch.neg].clone()
+    scores[:, 0] = -torch.inf
+    scores[batch.seen_rows, batch.seen_items] = -torch.inf
+    scores[rows, batch.target] = target_score  # the target is never masked
+    # Ties count against the target (strictly-greater rank), the common SASRec/RecBole choice.
+    rank = (scores > target_score[:, None]).sum(dim=1)
+    return rank, target_score, neg_score
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    rows: EvalRows,
+    num_strata: int,
+    k: int = 10,
+    batch_size: int = 256,
+    candidates: bool = False,
+) -> dict[str, float]:
+    """Metrics ``{"<slice>/<metric>": value}`` for every stratum and "all". Collective."""
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(num_strata, len(STATS), dtype=torch.float64)
+    pos_all, neg_all, str_all = [], [], []
+    for batch in rows.batches(batch_size):
+        rank, pos, neg = batch_ranks(model, batch, k, candidates)
+        hit = (rank < k).to(torch.float64)
+        ndcg = hit / torch.log2(rank.to(torch.float64) + 2.0)
+        gauc = (pos > neg).to(torch.float64) + 0.5 * (pos == neg).to(torch.float64)
+        s = batch.stratum
+        for col, v in ((0, torch.ones_like(hit)), (1, hit), (2, ndcg), (3, gauc)):
+            stats[:, col].index_add_(0, s, v)
+        pos_all.append(pos.to(torch.float64))
+        neg_all.append(neg.to(torch.float64))
+        str_all.append(s)
+    model.train(was_training)
+    all_reduce_sum_(stats)
+    local = torch.stack(
+        [torch.cat(pos_all) if pos_all else torch.zeros(0, dtype=torch.float64),
+         torch.cat(neg_all) if neg_all else torch.zeros(0, dtype=torch.float64),
+         (torch.cat(str_all) if str_all else torch.zeros(0, dtype=torch.int64)).to(torch.float64)],
+        dim=1,
+    )
+    gathered = all_gather_rows(local)
+    return finalize(stats, gathered, num_strata, k)
+
+
+def finalize(stats: torch.Tensor, scores: torch.Tensor, num_strata: int, k: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    names = slice_names(num_strata)
+    for i, name in enumerate(names):
+        if name == "all":
+            row = stats.sum(dim=0)
+            sel = torch.ones(scores.shape[0], dtype=torch.bool)
+        else:
+            row = stats[i]
+            sel = scores[:, 2] == i
+        n = float(row[0])
+        out[f"{name}/users"] = n
+        if n == 0:
+            continue
+        out[f"{name}/hr@{k}"] = float(row[1]) / n
+        out[f"{name}/ndcg@{k}"] = float(row[2]) / n
+        out[f"{name}/gauc"] = float(row[3]) / n
+        out[f"{name}/auc"] = float(auc_fn(scores[sel, 0], scores[sel, 1]))
+    return out
+
+
+def metric_key(slice_name: str, metric: str, k: int) -> str:
+    return f"{slice_name}/{metric}@{k}" if metric in ("hr", "ndcg") else f"{slice_name}/{metric}"
+
+
+def select_value(metrics: dict[str, float], metric: str, k: int, slice_name: str = "all") -> Optional[float]:
+    return metrics.get(metric_key(slice_name, metric, k))

@@ -1,0 +1,1 @@
+"""Training-method math without distribution: per-sample losses and GA weights (pure torch)."""

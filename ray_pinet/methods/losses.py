@@ -1,0 +1,48 @@
+"""Per-sample next-item losses: one loss per valid target position, and the batch row it came from.
+
+A position t of a training row is valid when both inputs[b, t] and targets[b, t] are real items
+(the first item of a window is never a target: there is nothing before it). The trainer weights
+the returned vector per position or per user (``methods/ga.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ray_pinet.models.recmodel import RecModel
+
+LOSSES = ("ce", "bce")
+
+
+def per_position_losses(
+    model: RecModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    negs: torch.Tensor | None,
+    stratum: torch.Tensor | None,
+    loss: Literal["ce", "bce"],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss_vec Float[P], row_index Long[P]) over the P valid positions, row-major order.
+
+    - ``ce``: full-softmax cross-entropy over items 1..M (the padding column is never computed),
+      only at valid positions (states -> gather -> full_logits). Dot-product backbones only.
+    - ``bce``: -log σ(s⁺) - Σ_j log(1 - σ(s⁻_j)) over negs Long[B, L, n] via ``model.score``.
+    """
+    if inputs.shape != targets.shape:
+        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
+    valid = (inputs != 0) & (targets != 0)
+    row_index, pos_index = valid.nonzero(as_tuple=True)
+    if loss == "ce":
+        states = model.states(inputs, stratum)[row_index, pos_index]
+        logits = model.full_logits(states, None if stratum is None else stratum[row_index], skip_padding=True)
+        return F.cross_entropy(logits, targets[valid].long() - 1, reduction="none"), row_index
+    if loss == "bce":
+        if negs is None or negs.dim() != 3 or negs.shape[:2] != inputs.shape:
+            raise ValueError(f"bce needs negs Long[B, L, n] matching inputs {tuple(inputs.shape)}")
+        items = torch.cat([targets.unsqueeze(-1), negs], dim=-1)
+        logits = model.score(inputs, items, stratum)[valid]  # [P, 1 + n]
+        return F.softplus(-logits[:, 0]) + F.softplus(logits[:, 1:]).sum(-1), row_index
+    raise ValueError(f"unknown loss {loss!r}; one of {list(LOSSES)}")

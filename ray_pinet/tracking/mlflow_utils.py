@@ -1,0 +1,111 @@
+"""MLflow: one run per training run, found again by name so a rerun resumes the same run.
+
+Default store: a SQLite database beside the Ray Train storage (MLflow 3 rejects the old
+``./mlruns`` file store); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` override it.
+The driver creates the run and logs params / config / artifacts / the model; rank 0 of the
+workers logs per-epoch metrics into the same run id (``worker.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from ray_pinet.config_base import flatten
+
+RUN_NAME_TAG = "ray_pinet.run_name"
+
+
+def resolve_tracking_uri(explicit: Optional[str], storage_path: str) -> str:
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(storage_path).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name)
+
+
+def start_or_resume_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    config: dict[str, Any],
+    tags: Optional[dict[str, str]] = None,
+    parent_run_id: Optional[str] = None,
+) -> tuple[str, bool]:
+    """(run_id, resumed). A run tagged with ``run_name`` that did not finish is resumed."""
+    client = _client(uri)
+    exp_id = experiment_id(uri, experiment)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if found and found[0].info.status != "FINISHED":
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, True
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    params = [Param(k[:250], str(v)[:6000]) for k, v in flatten(config).items()]
+    for i in range(0, len(params), 90):
+        client.log_batch(run_id, params=params[i : i + 90])
+    client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "config.json")
+    return run_id, False
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k.replace("@", "_at_"), float(v), ts, step) for k, v in metrics.items()]
+    client = _client(uri)
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    _client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def log_scoring_model(uri: str, run_id: str, module, input_example, registered_model_name: Optional[str] = None):
+    """Log ``module`` with ``mlflow.pytorch`` into ``run_id``; returns the model URI."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            module, name="model", input_example=input_example,
+            registered_model_name=registered_model_name,
+            pip_requirements=["torch==2.13.0"],
+        )
+    # start_run(run_id) ends the run as FINISHED on exit; the caller decides the final status.
+    return info.model_uri

@@ -1,0 +1,76 @@
+"""PNG plots logged with every run: per-stratum metrics and the activeness histogram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on workers and CI without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_stratum_curves(history: list[dict], slices: Sequence[str], k: int, path: str | Path) -> Path:
+    """Validation NDCG@k / HR@k per stratum over training epochs (stage 1 and 2)."""
+    path = Path(path)
+    rows = [h for h in history if any(key.startswith("val/") for key in h)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, (f"ndcg@{k}", f"hr@{k}")):
+        for name in slices:
+            ys = [h.get(f"val/{name}/{metric}") for h in rows]
+            xs = [i for i, y in enumerate(ys) if y is not None]
+            ax.plot(xs, [ys[i] for i in xs], marker=".", label=name)
+        stage2 = [i for i, h in enumerate(rows) if h.get("stage") == 2.0]
+        if stage2:
+            ax.axvline(stage2[0] - 0.5, color="grey", ls="--", lw=1)
+            ax.text(stage2[0], ax.get_ylim()[1], " stage 2", va="top", fontsize=8, color="grey")
+        ax.set_xlabel("evaluation (epoch)")
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("per-stratum validation metrics")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_final_bars(final: dict, slices: Sequence[str], k: int, path: str | Path) -> Path:
+    """Test metrics per stratum as grouped bars."""
+    path = Path(path)
+    metrics = [f"ndcg@{k}", f"hr@{k}", "auc", "gauc"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4))
+    for ax, m in zip(axes, metrics):
+        vals = [final.get(f"test/{s}/{m}", np.nan) for s in slices]
+        ax.bar(list(slices), vals, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2"][: len(slices)])
+        ax.set_title(f"test {m}")
+        for i, v in enumerate(vals):
+            if np.isfinite(v):
+                ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_activeness(activeness: np.ndarray, stratum: np.ndarray, path: str | Path,
+                    title: Optional[str] = None) -> Path:
+    """Histogram of per-user activeness (log x), coloured by stratum."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    a = np.asarray(activeness, dtype=float)
+    bins = np.unique(np.logspace(0, np.log10(max(a.max(), 2)), 40).round())
+    for s in np.unique(stratum):
+        ax.hist(a[stratum == s], bins=bins, alpha=0.7, label=f"stratum {int(s)} ({int((stratum == s).sum())} users)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training events per user (activeness)")
+    ax.set_ylabel("users")
+    ax.set_title(title or "user activeness")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,166 @@
+"""Typed batches and the W-independent global batching of training rows.
+
+Training rows carry a dense ``sample_id`` in 0..N-1 (docs/design.md). Rank r of W holds the
+rows with ``sample_id % W == r``. Epoch e visits the permutation ``rng(seed, epoch)`` of
+0..N-1 in global batches of B ids; each rank takes the ids of the batch that it holds. Hence the
+global batches, and so the GA gradient of every step, are the same for any W, every rank runs
+exactly ceil(N/B) steps (equal collective counts, no dropped rows), and a run with W workers
+can be compared with one process sample for sample (methods.md §6, "Our choice").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+PURPOSE_EPOCH_ORDER = 11
+
+
+@dataclass
+class TrainBatch:
+    inputs: torch.Tensor  # Long[B, L]   item indices, left-padded with 0
+    targets: torch.Tensor  # Long[B, L]  next item at each position (0 = no target)
+    negs: torch.Tensor  # Long[B, L, n] sampled negatives per target (n may be 0)
+    stratum: torch.Tensor  # Long[B]
+    sample_id: torch.Tensor  # Long[B]
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass
+class EvalBatch:
+    history: torch.Tensor  # Long[B, L]
+    target: torch.Tensor  # Long[B]
+    neg: torch.Tensor  # Long[B]
+    stratum: torch.Tensor  # Long[B]
+    seen_rows: torch.Tensor  # Long[S] row index of each seen item
+    seen_items: torch.Tensor  # Long[S]
+    candidates: Optional[torch.Tensor] = None  # Long[B, C]
+
+    def __len__(self) -> int:
+        return int(self.history.shape[0])
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets) of a list<int> column."""
+    col = table.column(name).combine_chunks()
+    if isinstance(col, pa.ChunkedArray):  # empty table
+        col = pa.array([], type=table.schema.field(name).type)
+    offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    start = offsets[0]
+    return values[start : offsets[-1]], offsets - start
+
+
+def _left_pad(values: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """Ragged rows -> [n, width] matrix, right-aligned (keeps the last ``width`` items)."""
+    n = len(offsets) - 1
+    out = np.zeros((n, width), dtype=np.int64)
+    lengths = np.diff(offsets)
+    for i in range(n):  # n is one worker's shard of users: cheap next to training
+        k = min(int(lengths[i]), width)
+        if k:
+            out[i, width - k :] = values[offsets[i + 1] - k : offsets[i + 1]]
+    return out
+
+
+class TrainRows:
+    """One rank's training rows, held as padded tensors and addressed by global sample id."""
+
+    def __init__(self, table: pa.Table, max_len: int, rank: int, world: int, num_negatives: int):
+        table = table.sort_by("sample_id")
+        self.rank, self.world, self.max_len = rank, world, max_len
+        self.sample_id = torch.from_numpy(table.column("sample_id").to_numpy().astype(np.int64))
+        expected = torch.arange(rank, rank + world * len(self.sample_id), world)[: len(self.sample_id)]
+        if not torch.equal(self.sample_id, expected):
+            raise ValueError(
+                f"rank {rank}/{world}: training sample ids are not the dense residue class r mod W "
+                "(was the training split written by `ray-pinet prepare`?)"
+            )
+        vals, offs = _list_column(table, "seq")
+        seq = torch.from_numpy(_left_pad(vals, offs, max_len + 1))
+        self.inputs, self.targets = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+        self.targets[self.inputs == 0] = 0  # a target without any history is not a sample
+        self.stratum = torch.from_numpy(table.column("stratum").to_numpy().astype(np.int64))
+        n = len(self.sample_id)
+        self.negs = torch.zeros((n, max_len, num_negatives), dtype=torch.int64)
+        if num_negatives and "neg" in table.column_names:
+            nvals, noffs = _list_column(table, "neg")
+            lengths = np.diff(offs) - 1  # targets per row
+            for i in range(n):
+                t = int(lengths[i])
+                if t <= 0:
+                    continue
+                avail = (noffs[i + 1] - noffs[i]) // t
+                k = min(avail, num_negatives)
+                block = nvals[noffs[i] : noffs[i] + t * avail].reshape(t, avail)[-max_len:, :k]
+                self.negs[i, max_len - block.shape[0] :, :k] = torch.from_numpy(block)
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    def take(self, global_ids: torch.Tensor) -> TrainBatch:
+        mine = global_ids[global_ids % self.world == self.rank]
+        local = mine // self.world
+        return TrainBatch(
+            inputs=self.inputs[local],
+            targets=self.targets[local],
+            negs=self.negs[local],
+            stratum=self.stratum[local],
+            sample_id=mine,
+        )
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
+    """Global batches of sample ids for one epoch; identical on every rank and for every W."""
+    order = np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(num_samples)
+    for start in range(0, num_samples, batch_size):
+        yield torch.from_numpy(order[start : start + batch_size].astype(np.int64))
+
+
+def num_steps(num_samples: int, batch_size: int) -> int:
+    return -(-num_samples // batch_size)
+
+
+class EvalRows:
+    """One rank's evaluation rows (validation or test) as padded tensors."""
+
+    def __init__(self, table: pa.Table, max_len: int):
+        table = table.sort_by("sample_id")
+        vals, offs = _list_column(table, "history")
+        self.history = torch.from_numpy(_left_pad(vals, offs, max_len))
+        self.target = torch.from_numpy(table.column("target").to_numpy().astype(np.int64))
+        self.neg = torch.from_numpy(table.column("neg").to_numpy().astype(np.int64))
+        self.stratum = torch.from_numpy(table.column("stratum").to_numpy().astype(np.int64))
+        svals, soffs = _list_column(table, "seen")
+        self.seen_items = torch.from_numpy(svals)
+        self.seen_offsets = torch.from_numpy(soffs)
+        self.candidates = None
+        if "candidates" in table.column_names:
+            cvals, coffs = _list_column(table, "candidates")
+            width = int(np.diff(coffs).max()) if len(coffs) > 1 else 0
+            self.candidates = torch.from_numpy(cvals.reshape(-1, width)) if width else None
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[EvalBatch]:
+        for start in range(0, len(self), batch_size):
+            end = min(start + batch_size, len(self))
+            s0, s1 = int(self.seen_offsets[start]), int(self.seen_offsets[end])
+            counts = self.seen_offsets[start + 1 : end + 1] - self.seen_offsets[start:end]
+            rows = torch.repeat_interleave(torch.arange(end - start), counts)
+            yield EvalBatch(
+                history=self.history[start:end],
+                target=self.target[start:end],
+                neg=self.neg[start:end],
+                stratum=self.stratum[start:end],
+                seen_rows=rows,
+                seen_items=self.seen_items[s0:s1],
+                candidates=None if self.candidates is None else self.candidates[start:end],
+            )

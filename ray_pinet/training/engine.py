@@ -1,0 +1,349 @@
+"""The whole training procedure of one run, Ray-free.
+
+``Engine`` runs stage 1 (backbone: joint = pooled mean, pinet = GA), then for ``pinet`` stage 2
+(one plugin per stratum), then the final validation/test evaluation. It talks to the outside
+only through three callables, so the same code runs in one process (tests, the single-process
+reference) and inside a Ray Train worker (``worker.py`` supplies Ray's report/checkpoint):
+
+* ``report(metrics, state | None)``: once per epoch on every rank (state only on rank 0),
+* ``log(metrics, step)``: rank 0 only (MLflow),
+* ``say(text)``: rank 0 only (console).
+
+All control decisions (early stopping, the time limit, plugin stopping) are taken from
+all-reduced values, so every rank takes the same branch and runs the same collectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, stratum_name
+from ray_pinet.models.registry import build_model
+from ray_pinet.training.batches import EvalRows, TrainRows
+from ray_pinet.training.collectives import all_reduce_max_, broadcast_module_, rank_and_world
+from ray_pinet.training.loop import prior_settings, run_epoch
+
+ReportFn = Callable[[dict, Optional[dict]], None]
+
+
+@dataclass
+class RunMeta:
+    """What the workers need to know about the prepared data (sent from the driver)."""
+
+    num_items: int
+    num_strata: int
+    num_train_samples: int
+    user_share: list[float]
+    interaction_share: list[float]
+    train_negatives: int = 0
+    strata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineState:
+    stage: int = 1
+    epoch: int = 0  # next epoch to run in the current stage
+    best_value: float = float("-inf")
+    bad_evals: int = 0
+    best_model: Optional[dict] = None
+    stage1_done: bool = False
+    plugin_best: list[float] = field(default_factory=list)
+    plugin_bad: list[int] = field(default_factory=list)
+    plugin_best_state: dict[int, list] = field(default_factory=dict)  # stratum -> its best tensors
+    history: list[dict] = field(default_factory=list)
+    stage1_test: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def compose_plugin_states(plugins: torch.nn.Module, best: dict[int, dict], num_strata: int) -> dict:
+    """One plugin state whose stratum-s part comes from ``best[s]`` (stratum s's best epoch).
+
+    A stratum's part is the s-th child of every ModuleList of length K, and row s of every
+    tensor stacked over strata (leading dim K); anything else is shared and is taken from the
+    latest best state. Strata never improved keep the current values.
+    """
+    current = plugins.state_dict()
+    per_stratum_lists = [name for name, m in plugins.named_modules()
+                         if isinstance(m, torch.nn.ModuleList) and len(m) == num_strata]
+    out = {k: v.clone() for k, v in current.items()}
+    for s, state in sorted((int(s), st) for s, st in best.items()):
+        for key, value in state.items():
+            owner = next((n for n in per_stratum_lists if key.startswith(f"{n}.")), None)
+            if owner is not None:
+                idx = int(key[len(owner) + 1 :].split(".", 1)[0])
+                if idx == s:
+                    out[key] = value.clone()
+            elif value.dim() >= 1 and value.shape[0] == num_strata:
+                out[key][s] = value[s]
+    return out
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        meta: RunMeta,
+        train_table,
+        valid_table,
+        test_table,
+        report: ReportFn,
+        log: Callable[[dict, int], None] = lambda m, s: None,
+        say: Callable[[str], None] = print,
+        resume_state: Optional[dict] = None,
+    ):
+        self.cfg, self.meta = cfg, meta
+        self.rank, self.world = rank_and_world()
+        self.report, self.log = report, log
+        self.say = say if self.rank == 0 else (lambda s: None)
+        L = cfg.model.max_len
+        n_neg = meta.train_negatives if cfg.loss == "bce" else 0
+        if cfg.loss == "bce" and n_neg < 1:
+            raise ValueError("loss 'bce' needs sampled negatives: prepare with samples.train_negatives >= 1")
+        self.train_rows = TrainRows(train_table, L, self.rank, self.world, n_neg)
+        self.valid_rows = EvalRows(valid_table, L)
+        self.test_rows = EvalRows(test_table, L)
+        self.K = meta.num_strata
+        torch.manual_seed(cfg.run.seed)
+        self.model = build_model(
+            cfg.model, meta.num_items, self.K, cfg.stage2.plugin if cfg.uses_plugins else None
+        )
+        self.model.use_plugins = False
+        broadcast_module_(self.model)  # identical start on every rank (the seed already does it)
+        self.state = EngineState()
+        self.opt_state: dict[str, Any] = {}
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def snapshot(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+        return {
+            "engine": copy.deepcopy(self.state.__dict__),
+            "model": copy.deepcopy(self.model.state_dict()),
+            "use_plugins": self.model.use_plugins,
+            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()},
+            "config": self.cfg.to_dict(),
+            "meta": self.meta.__dict__,
+        }
+
+    def _restore(self, snap: dict) -> None:
+        self.state = EngineState(**snap["engine"])
+        self.model.load_state_dict(snap["model"])
+        self.model.use_plugins = snap.get("use_plugins", False)
+        self.opt_state = snap.get("optimizers", {})
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _evaluate(self, rows: EvalRows) -> dict[str, float]:
+        return evaluate(
+            self.model, rows, self.K, k=self.cfg.eval.k, batch_size=self.cfg.eval.batch_size,
+            candidates=self.cfg.eval.candidates > 0,
+        )
+
+    def _agree_stop(self, local_flag: bool) -> bool:
+        t = torch.tensor([1.0 if local_flag else 0.0], dtype=torch.float64)
+        return bool(all_reduce_max_(t)[0] > 0)
+
+    def _out_of_time(self, t_start: float) -> bool:
+        limit = self.cfg.optim.max_minutes
+        elapsed = self.state.elapsed_s + (time.perf_counter() - t_start)
+        return self._agree_stop(limit > 0 and elapsed > 60.0 * limit)
+
+    def _progress(self, stage: int, epoch: int):
+        if self.rank != 0 or not self.cfg.run.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        bar = {"b": None}
+
+        def update(step: int, total: int) -> None:
+            if bar["b"] is None:
+                bar["b"] = tqdm(total=total, desc=f"stage {stage} epoch {epoch}", leave=False,
+                                mininterval=5.0, unit="batch")
+            bar["b"].update(1)
+            if step == total:
+                bar["b"].close()
+
+        return update
+
+    def _emit(self, metrics: dict, optimizers: dict, step: int) -> None:
+        self.state.history.append({"step": step, **metrics})
+        self.log(metrics, step)
+        snap = self.snapshot(optimizers) if self.rank == 0 else None
+        self.report(metrics, snap)
+
+    def _fmt(self, metrics: dict, prefix: str) -> str:
+        k = self.cfg.eval.k
+        parts = []
+        for name in slice_names(self.K):
+            v = metrics.get(f"{prefix}/{name}/ndcg@{k}")
+            if v is not None:
+                parts.append(f"{name} ndcg@{k} {v:.4f}")
+        return "  ".join(parts)
+
+    # -- stage 1 ---------------------------------------------------------------------------
+    def stage1(self) -> None:
+        cfg = self.cfg
+        params = list(self.model.backbone_parameters())
+        opt = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        if "stage1" in self.opt_state:
+            opt.load_state_dict(self.opt_state["stage1"])
+        prior_kind, alpha = prior_settings(cfg, cfg.method)
+        sel = metric_key("all", cfg.eval.select_metric, cfg.eval.k)
+        t_start = time.perf_counter()
+        while self.state.epoch < cfg.optim.max_epochs and not self.state.stage1_done:
+            epoch = self.state.epoch
+            stats = run_epoch(
+                self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
+                epoch, self.K, self.meta.user_share, prior_kind, alpha, use_plugins=False,
+                progress=self._progress(1, epoch),
+            )
+            metrics = {"stage": 1.0, "epoch": float(epoch), **stats.as_metrics("train")}
+            improved = False
+            if (epoch + 1) % cfg.eval.every == 0:
+                val = self._evaluate(self.valid_rows)
+                metrics.update({f"val/{k}": v for k, v in val.items()})
+                value = val.get(sel, float("-inf"))
+                if value > self.state.best_value:
+                    self.state.best_value, self.state.bad_evals, improved = value, 0, True
+                    self.state.best_model = copy.deepcopy(self.model.state_dict())
+                else:
+                    self.state.bad_evals += 1
+            self.state.epoch += 1
+            stop = self.state.bad_evals >= cfg.optim.patience
+            if self._out_of_time(t_start):
+                stop = True
+                self.say(f"stage 1: time limit of {cfg.optim.max_minutes} min reached")
+            self.say(
+                f"stage 1 epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  "
+                f"{metrics['train/positions_per_s']:.0f} pos/s  {self._fmt(metrics, 'val')}"
+                + ("  *" if improved else "")
+            )
+            if stop:
+                self.state.stage1_done = True
+            self.state.elapsed_s += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            self._emit(metrics, {"stage1": opt}, step=len(self.state.history))
+        self.state.stage1_done = True
+        if self.state.best_model is not None:
+            self.model.load_state_dict(self.state.best_model)
+
+    # -- stage 2 ---------------------------------------------------------------------------
+    def stage2(self) -> None:
+        """One plugin per stratum, trained on its own stratum's units (methods.md §1.4).
+
+        Frozen backbone (default): the loss weights are 1/N_s (prior ``stratum_mean``), so the
+        slice of the plugins that serves stratum s receives exactly its own-stratum mean
+        gradient. Every plugin early-stops on its own stratum's validation metric: routing by
+        stratum means plugin s alone decides stratum s's scores, so the best epochs of different
+        plugins can be combined. Unfrozen: backbone and plugins follow the GA-weighted loss,
+        the backbone at ``backbone_lr_scale`` × lr, selection on the "all" metric.
+        """
+        cfg, K = self.cfg, self.K
+        s2 = cfg.stage2
+        if self.state.stage == 1:  # entering stage 2 (not resuming inside it)
+            self.state.stage, self.state.epoch = 2, 0
+            self.state.plugin_best = [float("-inf")] * K
+            self.state.plugin_bad = [0] * K
+            self.state.best_value, self.state.bad_evals = float("-inf"), 0
+            self.opt_state = {}
+            self.model.reset_plugins()  # identity on the trained backbone (DIN: copy its head)
+        self.model.use_plugins = True
+        plugin_params = list(self.model.plugin_parameters())
+        backbone = list(self.model.backbone_parameters())
+        groups = [{"params": plugin_params, "lr": s2.lr}]
+        if s2.freeze_backbone:
+            for p in backbone:
+                p.requires_grad_(False)
+            params = plugin_params
+            prior_kind, alpha = "stratum_mean", 0.0
+        else:
+            groups.append({"params": backbone, "lr": cfg.optim.lr * s2.backbone_lr_scale,
+                           "weight_decay": cfg.optim.weight_decay})
+            params = plugin_params + backbone
+            prior_kind, alpha = prior_settings(cfg, cfg.method)
+        opt = torch.optim.Adam(groups)
+        if "stage2" in self.opt_state:
+            opt.load_state_dict(self.opt_state["stage2"])
+        sel_metric = cfg.eval.select_metric
+        t_start = time.perf_counter()
+        while self.state.epoch < s2.max_epochs:
+            epoch = self.state.epoch
+            stats = run_epoch(
+                self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
+                10_000 + epoch, K, self.meta.user_share, prior_kind, alpha, use_plugins=True,
+                progress=self._progress(2, epoch),
+            )
+            val = self._evaluate(self.valid_rows)
+            metrics = {"stage": 2.0, "epoch": float(epoch), **stats.as_metrics("train"),
+                       **{f"val/{k}": v for k, v in val.items()}}
+            if s2.freeze_backbone:
+                for s in range(K):
+                    if self._plugin_stopped(s):
+                        continue
+                    v = val.get(metric_key(stratum_name(s, K), sel_metric, cfg.eval.k), float("-inf"))
+                    if v > self.state.plugin_best[s]:
+                        self.state.plugin_best[s], self.state.plugin_bad[s] = v, 0
+                        self.state.plugin_best_state[s] = copy.deepcopy(self.model.plugins.state_dict())
+                    else:
+                        self.state.plugin_bad[s] += 1
+                done = all(self._plugin_stopped(s) for s in range(K))
+            else:
+                v = val.get(metric_key("all", sel_metric, cfg.eval.k), float("-inf"))
+                if v > self.state.best_value:
+                    self.state.best_value, self.state.bad_evals = v, 0
+                    self.state.best_model = copy.deepcopy(self.model.state_dict())
+                else:
+                    self.state.bad_evals += 1
+                done = self.state.bad_evals >= s2.patience
+            self.state.epoch += 1
+            done = self._out_of_time(t_start) or done
+            self.say(f"stage 2 epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  {self._fmt(metrics, 'val')}")
+            self.state.elapsed_s += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            self._emit(metrics, {"stage2": opt}, step=len(self.state.history))
+            if done:
+                break
+        if s2.freeze_backbone:
+            if self.state.plugin_best_state:
+                self.model.plugins.load_state_dict(
+                    compose_plugin_states(self.model.plugins, self.state.plugin_best_state, K)
+                )
+        elif self.state.best_model is not None:
+            self.model.load_state_dict(self.state.best_model)
+        for p in backbone:
+            p.requires_grad_(True)
+
+    def _plugin_stopped(self, s: int) -> bool:
+        return bool(self.state.plugin_bad) and self.state.plugin_bad[s] >= self.cfg.stage2.patience
+
+    # -- whole run -------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        """Train (or finish a resumed run) and return the final validation/test metrics."""
+        t0 = time.perf_counter()
+        final: dict[str, float] = {}
+        if self.state.stage == 1:
+            self.stage1()
+        if self.cfg.uses_plugins:
+            if self.state.stage == 1:
+                # Backbone-only scores of the stage-1 model: the reference the plugins must beat.
+                self.model.use_plugins = False
+                self.state.stage1_test = {
+                    f"stage1_test/{k}": v for k, v in self._evaluate(self.test_rows).items()
+                }
+            if self.state.stage in (1, 2):
+                self.stage2()
+            self.model.use_plugins = True
+        final.update(self.state.stage1_test)
+        final.update({f"final_val/{k}": v for k, v in self._evaluate(self.valid_rows).items()})
+        final.update({f"test/{k}": v for k, v in self._evaluate(self.test_rows).items()})
+        final["train_seconds"] = self.state.elapsed_s
+        final["wall_seconds"] = time.perf_counter() - t0
+        self.state.stage = 3
+        self.say("final test: " + self._fmt(final, "test"))
+        self._emit(final, {}, step=len(self.state.history))
+        return final

@@ -1,0 +1,168 @@
+"""Self-check: W Ray Train workers compute exactly what one process computes.
+
+``check(num_workers)`` runs, on a real ``TorchTrainer`` with gloo, (1) the GA gradient of a fixed
+model on a fixed global batch for every prior and both reduce modes, and (2) one full training
+epoch; every rank sees only its residue class of sample ids (the production sharding). The same
+quantities are then computed in this process, without any process group, and compared. Used by
+the test suite and available to users on their own cluster (``ray-pinet check``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.methods.ga import unit_losses
+from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.models.registry import build_model
+from ray_pinet.training.batches import TrainRows
+from ray_pinet.training.collectives import flatten_grads, rank_and_world
+from ray_pinet.training.ga_step import ga_backward
+from ray_pinet.training.loop import run_epoch
+
+VARIANTS = [
+    (prior, alpha, reduce, unit)
+    for prior, alpha in (("user_share", 0.0), ("uniform", 0.0), ("interaction_share", 0.0), ("power", 0.5),
+                         ("power", -1.0))
+    for reduce in ("loss_weighted", "stratum_sums")
+    for unit in ("position", "user")
+]
+
+
+@dataclass
+class Problem:
+    num_rows: int = 96
+    num_items: int = 60
+    max_len: int = 8
+    num_strata: int = 2
+    seed: int = 3
+    loss: str = "ce"
+    backbone: str = "sasrec"
+
+
+def synthetic_train_table(p: Problem, num_negatives: int = 2) -> pa.Table:
+    """Random training windows with long-tailed lengths and a head/tail stratum column."""
+    rng = np.random.default_rng(p.seed)
+    seqs, negs, strata = [], [], []
+    for i in range(p.num_rows):
+        head = rng.random() < 0.3
+        n = int(rng.integers(p.max_len // 2, p.max_len + 2)) if head else int(rng.integers(2, 5))
+        n = min(n, p.max_len + 1)
+        seq = rng.integers(1, p.num_items + 1, size=n).astype(np.int32)
+        seqs.append(seq.tolist())
+        negs.append(rng.integers(1, p.num_items + 1, size=(n - 1) * num_negatives).astype(np.int32).tolist())
+        strata.append(int(head) if p.num_strata == 2 else int(rng.integers(0, p.num_strata)))
+    return pa.table({
+        "sample_id": pa.array(np.arange(p.num_rows), pa.int64()),
+        "user_idx": pa.array(np.arange(p.num_rows), pa.int64()),
+        "stratum": pa.array(strata, pa.int8()),
+        "seq": pa.array(seqs, pa.list_(pa.int32())),
+        "neg": pa.array(negs, pa.list_(pa.int32())),
+    })
+
+
+def _cfg(p: Problem, overrides: Optional[dict] = None) -> TrainConfig:
+    d: dict[str, Any] = {
+        "loss": p.loss,
+        "model": {"backbone": p.backbone, "dim": 16, "num_blocks": 1, "dropout": 0.0, "max_len": p.max_len},
+        "optim": {"batch_size": 32, "lr": 1e-2},
+        "run": {"seed": p.seed},
+    }
+    if p.backbone == "din":
+        d["eval"] = {"candidates": 5}
+    for k, v in (overrides or {}).items():
+        sec, key = k.split(".")
+        d.setdefault(sec, {})[key] = v
+    return TrainConfig.from_dict(d)
+
+
+def _model(p: Problem, cfg: TrainConfig):
+    torch.manual_seed(p.seed)
+    model = build_model(cfg.model, p.num_items, p.num_strata, None)
+    model.use_plugins = False
+    return model
+
+
+def _shard(table: pa.Table, rank: int, world: int) -> pa.Table:
+    ids = table.column("sample_id").to_numpy()
+    return table.filter(pa.array(ids % world == rank))
+
+
+def _user_share(p: Problem) -> list[float]:
+    return [1.0 / p.num_strata] * p.num_strata if p.num_strata != 2 else [0.8, 0.2]
+
+
+def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
+    """Every checked quantity for this rank (or for one process when there is no group)."""
+    rank, world = rank_and_world()
+    local = _shard(table, rank, world)
+    n_neg = 2 if p.loss == "bce" else 0
+    out: dict[str, torch.Tensor] = {}
+    cfg = _cfg(p)
+    rows = TrainRows(local, p.max_len, rank, world, n_neg)
+    global_ids = torch.arange(p.num_rows)  # one global batch: every row
+    batch = rows.take(global_ids)
+    for prior, alpha, reduce, unit in VARIANTS:
+        model = _model(p, cfg)
+        params = list(model.backbone_parameters())
+        loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, p.loss)
+        ul, ur = unit_losses(loss_vec, row_index, len(batch), unit)
+        ga_backward(params, ul, batch.stratum[ur], p.num_strata, prior, _user_share(p), alpha, reduce)
+        out[f"grad/{prior}/{alpha}/{reduce}/{unit}"] = flatten_grads(params).clone()
+    # One full epoch (several global batches) from the same init, GA power prior, with SGD and
+    # with Adam.
+    cfg = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5})
+    for name, make_opt in (("sgd", lambda ps: torch.optim.SGD(ps, lr=0.5)),
+                           ("adam", lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr))):
+        model = _model(p, cfg)
+        params = list(model.backbone_parameters())
+        run_epoch(model, params, [make_opt(params)], rows, p.num_rows, cfg, 0, p.num_strata,
+                  _user_share(p), "power", 0.5, use_plugins=False)
+        out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+    return out
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    torch.set_num_threads(1)
+    p = Problem(**config["problem"])
+    out = compute(p, synthetic_train_table(p))
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() == 0:
+        d = tempfile.mkdtemp(prefix="ray-pinet-exact-")
+        try:
+            torch.save(out, os.path.join(d, "out.pt"))
+            ray.train.report({"done": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        ray.train.report({"done": 1.0})
+
+
+def run_distributed(p: Problem, num_workers: int, storage_path: str, name: str = "exactness") -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"problem": p.__dict__},
+        torch_config=TorchConfig(backend="gloo", timeout_s=120),
+        scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name=name, storage_path=storage_path),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, "out.pt"), weights_only=False)
+
+
+def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))

@@ -1,0 +1,119 @@
+"""Training epochs of stage 1 (backbone, GA) and stage 2 (per-stratum plugins).
+
+No Ray imports: these functions run identically in one process and on every Ray Train worker;
+the only distributed calls are the collectives in ``ga_step``/``collectives`` (no-ops without a
+process group).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.methods.ga import unit_losses
+from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.training.batches import TrainRows, epoch_batches, num_steps
+from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
+from ray_pinet.training.ga_step import ga_backward
+
+
+@dataclass
+class EpochStats:
+    loss: float = 0.0
+    steps: int = 0
+    rows: int = 0  # global training rows (user windows) seen
+    positions: int = 0  # global target positions seen
+    seconds: float = 0.0
+    time_forward_backward: float = 0.0
+    time_allreduce_step: float = 0.0
+    stratum_units: list[float] = field(default_factory=list)
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        s = max(self.seconds, 1e-9)
+        return {
+            f"{prefix}/loss": self.loss / max(self.steps, 1),
+            f"{prefix}/rows_per_s": self.rows / s,
+            f"{prefix}/positions_per_s": self.positions / s,
+            f"{prefix}/epoch_seconds": self.seconds,
+        }
+
+
+def prior_settings(cfg: TrainConfig, method: str) -> tuple[str, float]:
+    """``joint`` is GA with the interaction_share prior: the pooled mean over units."""
+    if method == "joint":
+        return "interaction_share", 0.0
+    return cfg.ga.prior, cfg.ga.alpha
+
+
+def run_epoch(
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    optimizers: Sequence[torch.optim.Optimizer],
+    rows: TrainRows,
+    num_samples: int,
+    cfg: TrainConfig,
+    epoch: int,
+    num_strata: int,
+    user_share: Sequence[float],
+    prior_kind: str,
+    alpha: float,
+    use_plugins: bool,
+    after_backward: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> EpochStats:
+    """One pass over the global batches. ``after_backward(counts, prior)`` may rescale or
+    zero gradients (stage 2 per-plugin normalisation) before the optimizer steps."""
+    model.train()
+    stats = EpochStats()
+    t_epoch = time.perf_counter()
+    steps = num_steps(num_samples, cfg.optim.batch_size)
+    unit_totals = torch.zeros(num_strata, dtype=torch.float64)
+    # Dropout masks come from the rank's own generator, re-seeded per (seed, epoch, rank) so a
+    # resumed run replays the same masks.
+    rank, _ = rank_and_world()
+    torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
+    for step, ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch)):
+        batch = rows.take(ids)
+        t0 = time.perf_counter()
+        n_local = len(batch)
+        if n_local:
+            loss_vec, row_index = per_position_losses(
+                model, batch.inputs, batch.targets, batch.negs,
+                batch.stratum if use_plugins else None, cfg.loss,
+            )
+        else:
+            loss_vec = torch.zeros(0)
+            row_index = torch.zeros(0, dtype=torch.int64)
+        unit_loss, unit_row = unit_losses(loss_vec, row_index, n_local, cfg.ga.unit)
+        unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        info = ga_backward(
+            params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha, cfg.ga.reduce
+        )
+        t1 = time.perf_counter()
+        if after_backward is not None:
+            after_backward(info.global_counts, info.prior)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        t2 = time.perf_counter()
+        stats.loss += info.loss
+        stats.steps += 1
+        unit_totals += info.global_counts
+        stats.positions += int(loss_vec.numel())
+        stats.time_forward_backward += t1 - t0
+        stats.time_allreduce_step += t2 - t1
+        if progress is not None:
+            progress(step + 1, steps)
+    totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64))
+    stats.positions = int(totals[0])
+    stats.rows = num_samples
+    stats.stratum_units = unit_totals.tolist()
+    stats.seconds = time.perf_counter() - t_epoch
+    return stats

@@ -1,0 +1,211 @@
+"""Driver side of ``ray-pinet train``: prepared data -> TorchTrainer.fit -> MLflow run.
+
+Relaunching with the same ``run.name`` and ``run.storage_path`` resumes: Ray Train V2 hands the
+latest checkpoint of that run to the workers (``ray.train.get_checkpoint``), and the MLflow
+run tagged with that name is reopened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.evaluation.protocol import slice_names
+from ray_pinet.training.engine import RunMeta
+from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, train_func
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig
+    final: dict[str, float]
+    history: list[dict]
+    checkpoint_path: Optional[str]
+    run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    model_uri: Optional[str] = None
+    meta: Optional[RunMeta] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ensure_prepared(cfg: TrainConfig, progress: bool = True) -> Path:
+    """The prepared-data directory, running ``prepare`` first when it is missing."""
+    path = Path(cfg.data.path)
+    if (path / "strata.json").exists():
+        return path
+    if not cfg.data.prepare:
+        raise FileNotFoundError(
+            f"no prepared data at {path} (no strata.json): run `ray-pinet prepare` first "
+            "or set data.prepare to a prepare config"
+        )
+    from ray_pinet.config_base import apply_overrides, from_dict, load_yaml
+    from ray_pinet.data.config import PrepareConfig
+    from ray_pinet.data.pipeline import prepare
+
+    raw = apply_overrides(load_yaml(cfg.data.prepare), [f"output={path}"])
+    prepare(from_dict(PrepareConfig, raw), progress=progress)
+    return path
+
+
+def load_run_meta(path: Path) -> RunMeta:
+    strata = json.loads((path / "strata.json").read_text())
+    pconf = json.loads((path / "prepare_config.json").read_text())
+    items = pq.ParquetFile(path / "items.parquet").metadata.num_rows
+    n_train = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((path / "train").glob("*.parquet")))
+    return RunMeta(
+        num_items=int(items),
+        num_strata=int(strata["num_strata"]),
+        num_train_samples=int(n_train),
+        user_share=[float(x) for x in strata["priors"]["user_share"]],
+        interaction_share=[float(x) for x in strata["priors"]["interaction_share"]],
+        train_negatives=int(pconf["samples"]["train_negatives"]),
+        strata=strata,
+    )
+
+
+def _check_compatible(cfg: TrainConfig, meta: RunMeta, path: Path) -> None:
+    pconf = json.loads((path / "prepare_config.json").read_text())
+    L = int(pconf["samples"]["max_len"])
+    if cfg.model.max_len != L:
+        raise ValueError(f"model.max_len={cfg.model.max_len} but {path} was prepared with samples.max_len={L}")
+    if cfg.eval.candidates and int(pconf["samples"]["eval_candidates"]) < cfg.eval.candidates:
+        raise ValueError(
+            f"eval.candidates={cfg.eval.candidates} but {path} holds "
+            f"{pconf['samples']['eval_candidates']} sampled candidates per row"
+        )
+
+
+def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_pinet.tracking import mlflow_utils as mu
+
+    progress = cfg.run.progress if progress is None else progress
+    path = ensure_prepared(cfg, progress=progress)
+    meta = load_run_meta(path)
+    _check_compatible(cfg, meta, path)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}})
+    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    config_dict = cfg.to_dict()
+
+    mlflow_info = None
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = mu.resolve_tracking_uri(cfg.tracking.tracking_uri, storage)
+        run_id, resumed = mu.start_or_resume_run(
+            uri, cfg.tracking.experiment, cfg.run.name, config_dict,
+            tags={"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path)},
+        )
+        if not resumed:
+            for name in ("strata.json", "report.json", "prepare_config.json"):
+                if (path / name).exists():
+                    mu.log_artifact(uri, run_id, path / name, "data")
+        mlflow_info = {"tracking_uri": uri, "run_id": run_id}
+
+    datasets = {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info},
+        torch_config=TorchConfig(backend="gloo", timeout_s=cfg.run.collective_timeout_s),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, resources_per_worker={"CPU": cfg.run.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ShardBySampleId.make(),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if uri and run_id:
+            mu.finish_run(uri, run_id, status="FAILED")
+        raise
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"run {cfg.run.name!r} ended without a checkpoint")
+    with ckpt.as_directory() as d:
+        snap = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+    history = snap["engine"]["history"]
+    final = {k: v for k, v in history[-1].items() if k != "step"}
+    out = FitResult(cfg, final, history, ckpt.path, run_id, uri, meta=meta)
+    if uri and run_id:
+        out.model_uri = _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id)
+        mu.finish_run(uri, run_id)
+    return out
+
+
+def rebuild_model(snap: dict):
+    """The trained RecModel from a checkpoint state (``state.pt``)."""
+    from ray_pinet.models.registry import build_model
+
+    cfg = TrainConfig.from_dict(snap["config"])
+    meta = RunMeta(**snap["meta"])
+    model = build_model(cfg.model, meta.num_items, meta.num_strata,
+                        cfg.stage2.plugin if cfg.uses_plugins else None)
+    model.load_state_dict(snap["model"])
+    model.use_plugins = bool(snap.get("use_plugins", False))
+    model.eval()
+    return model, cfg, meta
+
+
+def _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id) -> Optional[str]:
+    from ray_pinet.serving import ScoringModule
+    from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.tracking.plots import plot_activeness, plot_final_bars, plot_stratum_curves
+
+    mu.log_metrics(uri, run_id, {k: v for k, v in final.items() if isinstance(v, (int, float))},
+                   step=len(history))
+    slices = slice_names(meta.num_strata)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plot_stratum_curves(history, slices, cfg.eval.k, tmp / "stratum_metrics.png")
+        plot_final_bars(final, slices, cfg.eval.k, tmp / "test_metrics_by_stratum.png")
+        users = pq.read_table(path / "users.parquet", columns=["activeness", "stratum"])
+        plot_activeness(users.column("activeness").to_numpy(), users.column("stratum").to_numpy(),
+                        tmp / "activeness_histogram.png", title=f"activeness ({path.name})")
+        (tmp / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        for f in ("stratum_metrics.png", "test_metrics_by_stratum.png", "activeness_histogram.png",
+                  "final_metrics.json"):
+            mu.log_artifact(uri, run_id, tmp / f, "plots" if f.endswith(".png") else None)
+    if not cfg.tracking.log_model:
+        return None
+    model, _, _ = rebuild_model(snap)
+    module = ScoringModule(model, unseen_stratum=cfg.stage2.unseen_stratum)
+    example = np.zeros((2, 1 + cfg.model.max_len), dtype=np.int64)
+    example[:, 0] = [0, meta.num_strata - 1]
+    example[:, -3:] = [[1, 2, 3], [3, 2, 1]]
+    return mu.log_scoring_model(uri, run_id, module, example)
+
+
+def format_table(final: dict[str, float], num_strata: int, k: int = 10, prefix: str = "test") -> str:
+    """Per-stratum table of the final metrics (plain text, for the console and the README)."""
+    slices = slice_names(num_strata)
+    cols = [f"ndcg@{k}", f"hr@{k}", "auc", "gauc", "users"]
+    lines = ["| slice | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in slices:
+        vals = []
+        for c in cols:
+            v = final.get(f"{prefix}/{s}/{c}")
+            vals.append("-" if v is None else (f"{int(v)}" if c == "users" else f"{v:.4f}"))
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""What runs on each Ray Train worker: shards in, Engine, reports and checkpoints out.
+
+This file and ``trainer.py`` are the only ones that import Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import pyarrow as pa
+import torch
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.training.engine import Engine, RunMeta
+
+STATE_FILE = "state.pt"
+
+
+class ShardBySampleId:
+    """Ray Data ingest: rank r of W receives the rows with ``sample_id % W == r`` of every split.
+
+    Unlike the default ``streaming_split(equal=True)`` this drops no rows and is a fixed
+    function of (sample_id, W), which is what makes W workers compute exactly what one process
+    computes (see ``batches.py``). Built lazily as a ``ray.train.DataConfig`` subclass so this
+    module imports without Ray.
+    """
+
+    @staticmethod
+    def make():
+        import ray.train
+
+        class _ShardBySampleId(ray.train.DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+                out = [{} for _ in range(world_size)]
+                for name, ds in datasets.items():
+                    for r in range(world_size):
+                        out[r][name] = ds.map_batches(
+                            _keep_residue, fn_kwargs={"rank": r, "world": world_size},
+                            batch_format="pyarrow", batch_size=None,
+                        ).iterator()
+                return out
+
+        return _ShardBySampleId(datasets_to_split=[])
+
+
+def _keep_residue(batch: pa.Table, rank: int, world: int) -> pa.Table:
+    import numpy as np
+
+    ids = batch.column("sample_id").to_numpy()
+    return batch.filter(pa.array(np.asarray(ids % world == rank)))
+
+
+def _read_shard(name: str) -> pa.Table:
+    import ray.train
+
+    it = ray.train.get_dataset_shard(name)
+    parts = list(it.iter_batches(batch_format="pyarrow", batch_size=8192))
+    if not parts:
+        raise ValueError(f"worker received no rows of split {name!r}")
+    return pa.concat_tables(parts)
+
+
+def mlflow_key(key: str) -> str:
+    # MLflow metric names allow letters, digits, _ - . / and spaces, not '@'.
+    return key.replace("@", "_at_")
+
+
+def _mlflow_logger(info: Optional[dict]):
+    if not info:
+        return lambda metrics, step: None
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    run_id = info["run_id"]
+
+    def log(metrics: dict, step: int) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
+            client.log_batch(run_id, metrics=batch[i : i + 900])
+
+    return log
+
+
+def train_func(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config["train"])
+    meta = RunMeta(**config["meta"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.run.torch_threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+
+    def report(metrics: dict, snap: Optional[dict]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if snap is None:
+            ray.train.report(clean)
+            return
+        d = tempfile.mkdtemp(prefix="ray-pinet-ckpt-")
+        try:
+            torch.save(snap, os.path.join(d, STATE_FILE))
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    engine = Engine(
+        cfg, meta, _read_shard("train"), _read_shard("valid"), _read_shard("test"),
+        report=report,
+        log=_mlflow_logger(config.get("mlflow")) if rank == 0 else (lambda m, s: None),
+        say=lambda s: print(f"[ray-pinet] {s}", flush=True),
+        resume_state=resume,
+    )
+    if resume is not None and rank == 0:
+        print(f"[ray-pinet] resumed at stage {engine.state.stage}, epoch {engine.state.epoch} "
+              f"(world size {world})", flush=True)
+    engine.run()

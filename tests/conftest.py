@@ -1,0 +1,44 @@
+"""Shared fixtures: one local Ray instance for the whole session, paths to the real datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAY_PINET_SHARED_DATA", REPO.parent / "shared" / "data"))
+BUNDLED_DATA = REPO / "data"
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def shared_file(rel: str) -> Path:
+    """A file under ../shared/data; the test is skipped (with the path) when it is absent."""
+    p = SHARED_DATA / rel
+    if not p.exists():
+        pytest.skip(f"real dataset not found: {p} (set RAY_PINET_SHARED_DATA)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every test that needs Ray (start-up costs ~4 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        # 4 logical CPUs on a 2-core box: Train workers take fractional CPUs and Ray Data
+        # still gets scheduled (see ../shared/docs/ray-notes.md §6).
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=1_500_000_000,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}},
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,107 @@
+"""The heart of the product: W Ray Train workers compute exactly what one process computes.
+
+* GA gradient (every prior, both reduce modes, both units) from 2 real gloo workers == the
+  single-process value to 1e-6 relative, and == the literal per-sample oracle of methods.md §1.2.
+* prior interaction_share == the plain pooled-mean gradient.
+* a full epoch (several global batches, Adam) on 2 workers ends with the parameters of 1 process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_pinet.methods.ga import reference_ga_gradient, unit_losses
+from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.training import exactness as ex
+from ray_pinet.training.batches import TrainRows
+from ray_pinet.training.ga_step import stratum_prior
+
+P = ex.Problem()
+
+
+@pytest.fixture(scope="module")
+def single():
+    return ex.compute(P, ex.synthetic_train_table(P))
+
+
+@pytest.fixture(scope="module")
+def distributed(ray_cluster, tmp_path_factory):
+    return ex.run_distributed(P, 2, str(tmp_path_factory.mktemp("exact")))
+
+
+def _oracle(prior_kind: str, alpha: float, unit: str) -> torch.Tensor:
+    """Literal §1.2: one backward per sample, per-stratum means, Σ π_s ḡ_s."""
+    table = ex.synthetic_train_table(P)
+    cfg = ex._cfg(P)
+    rows = TrainRows(table, P.max_len, 0, 1, 0)
+    batch = rows.take(torch.arange(P.num_rows))
+    model = ex._model(P, cfg)
+    model.eval()
+    loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, "ce")
+    ul, ur = unit_losses(loss_vec, row_index, len(batch), unit)
+    n_units = ul.numel()
+    strata = batch.stratum[ur]
+    counts = torch.bincount(strata, minlength=P.num_strata).to(torch.float64)
+    prior = stratum_prior(prior_kind, P.num_strata, ex._user_share(P), counts, alpha)
+
+    # unit k lives in row ur[k]; its index among that row's units is its rank within the row
+    first = {}
+    samples = []
+    for k, r in enumerate(ur.tolist()):
+        samples.append((r, k - first.setdefault(r, k)))
+
+    def loss_of(m, sample):
+        r, j = sample
+        sl = slice(r, r + 1)
+        lv, ri = per_position_losses(m, batch.inputs[sl], batch.targets[sl], batch.negs[sl], None, "ce")
+        return unit_losses(lv, ri, 1, unit)[0][j]
+
+    assert len(samples) == n_units
+    grads = reference_ga_gradient(model, loss_of, samples, strata.tolist(), prior)
+    return torch.cat([grads[n].reshape(-1) for n, _ in model.named_parameters() if n.startswith("backbone.")])
+
+
+@pytest.mark.parametrize("prior,alpha", [("user_share", 0.0), ("power", 0.5), ("interaction_share", 0.0)])
+@pytest.mark.parametrize("unit", ["position", "user"])
+def test_single_process_equals_literal_oracle(single, prior, alpha, unit):
+    oracle = _oracle(prior, alpha, unit)
+    for reduce in ("loss_weighted", "stratum_sums"):
+        got = single[f"grad/{prior}/{alpha}/{reduce}/{unit}"]
+        assert ex.max_rel_error(got, oracle) < 1e-5, (prior, reduce, unit)
+
+
+def test_interaction_share_is_pooled_mean(single):
+    table = ex.synthetic_train_table(P)
+    model = ex._model(P, ex._cfg(P))
+    rows = TrainRows(table, P.max_len, 0, 1, 0)
+    b = rows.take(torch.arange(P.num_rows))
+    loss_vec, _ = per_position_losses(model, b.inputs, b.targets, b.negs, None, "ce")
+    params = list(model.backbone_parameters())
+    pooled = torch.autograd.grad(loss_vec.mean(), params, allow_unused=True)
+    pooled = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(pooled, params)])
+    got = single["grad/interaction_share/0.0/loss_weighted/position"]
+    assert ex.max_rel_error(got, pooled) < 1e-6
+    # and the GA priors really differ from it on this long-tailed batch (the test can fail)
+    assert ex.max_rel_error(single["grad/user_share/0.0/loss_weighted/position"], pooled) > 1e-3
+
+
+def test_two_workers_equal_one_process(single, distributed):
+    for prior, alpha, reduce, unit in ex.VARIANTS:
+        key = f"grad/{prior}/{alpha}/{reduce}/{unit}"
+        err = ex.max_rel_error(distributed[key], single[key])
+        assert err < 1e-6, f"{key}: relative error {err:.2e}"
+    init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
+    sgd_moved = (single["epoch_params/sgd"] - init).abs()
+    assert sgd_moved.max().item() > 1e-3  # the epoch really trained (a no-op would pass trivially)
+    diff = (distributed["epoch_params/sgd"] - single["epoch_params/sgd"]).abs().max().item()
+    assert diff < 1e-5, f"SGD: after one epoch on 2 workers the parameters differ by {diff:.2e}"
+    # Adam divides by sqrt(v): on coordinates whose exact gradient is zero (e.g. an attention key
+    # bias, which softmax ignores) it turns float rounding noise (~1e-9) into lr-sized steps in
+    # ANY two runs that sum in a different order. Those coordinates are recognised by their
+    # SGD displacement (< 1e-6 while real ones move by >= 1e-3) and left out; they are few.
+    live = sgd_moved > 1e-6
+    assert live.float().mean().item() > 0.95
+    a, b = distributed["epoch_params/adam"][live], single["epoch_params/adam"][live]
+    diff = (a - b).abs().max().item()
+    assert diff < 1e-5, f"Adam: after one epoch on 2 workers the parameters differ by {diff:.2e}"
