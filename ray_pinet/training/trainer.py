@@ -39,6 +39,26 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def init_local_ray() -> None:
+    """Start a local Ray instance (no ``RAY_ADDRESS``) or join the cluster it names.
+
+    Locally we advertise at least 4 logical CPUs: Train workers and the controller hold CPU
+    reservations, and on a 2-core box Ray Data's ingest would otherwise get a budget of zero
+    and stall (ray-notes §6). The work itself is still bounded by the real cores.
+    """
+    import ray
+
+    env = {"env_vars": {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                        # Ray Data bars from every worker interleave into noise; the workers
+                        # print one line per epoch instead.
+                        "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env)
+    else:
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, runtime_env=env)
+
+
 def ensure_prepared(cfg: TrainConfig, progress: bool = True) -> Path:
     """The prepared-data directory, running ``prepare`` first when it is missing."""
     path = Path(cfg.data.path)
@@ -99,7 +119,7 @@ def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
     meta = load_run_meta(path)
     _check_compatible(cfg, meta, path)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}})
+        init_local_ray()
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     config_dict = cfg.to_dict()
 

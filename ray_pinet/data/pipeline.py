@@ -1,0 +1,362 @@
+"""``prepare(cfg)``: raw log -> the prepared-data directory of docs/design.md, on Ray.
+
+Three parallel phases, each a set of Ray tasks (one CPU each) that read and write Parquet on disk;
+only small tables travel to the driver (per-user and per-item counts, statistics):
+
+1. ingest (one task per input file): read + validate (``sources``), write ``canonical/`` and split
+   the rows into ``num_buckets`` user buckets by a stable hash of the user id (crc32), keeping
+   source order inside each bucket. This replaces a hash shuffle (slow on small machines,
+   ray-notes.md) and keeps every user whole in one bucket.
+2. clean (one task per bucket): cleaning policies (``clean``), returns per-user counts and the
+   validation/test items, and per-item training counts.
+3. driver: ``user_idx`` (users sorted by id), ``item_idx`` (items sorted by id, 1..M), activeness,
+   strata (``strata``), unseen-item policy, and every sample_id offset, so sample ids are
+   deterministic and contiguous whatever the number of buckets.
+4. samples (one task per bucket): leave-one-out rows, windows and negatives (``samples``).
+
+Memory of one task is about the size of one bucket (rows / num_buckets); raise ``num_buckets`` for
+larger logs. Outputs are written to a local (or shared) filesystem path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ray_pinet.config_base import ConfigError, to_dict
+from ray_pinet.data.clean import STAT_KEYS, clean_bucket
+from ray_pinet.data.config import PrepareConfig
+from ray_pinet.data.samples import SampleMaps, build_samples, num_windows
+from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
+from ray_pinet.data.sources import FileStats, display_name, output_columns, read_file, resolve_inputs
+from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
+from ray_pinet.data.strata import assign_strata, format_strata_table, strata_stats
+from ray_pinet.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+CANONICAL_PART_ROWS = 4 << 20
+_OUTPUTS = ("canonical", *SPLITS, "users.parquet", "items.parquet", "strata.json", "report.json",
+            "prepare_config.json", "_work")
+
+
+@dataclass
+class PrepareResult:
+    output: Path
+    strata: dict[str, Any]  # the strata.json content
+    report: dict[str, Any]  # the report.json content
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
+    """Run the whole preparation and write ``cfg.output``; prints a summary. See docs/design.md."""
+    import ray
+
+    _validate(cfg)
+    out = Path(cfg.output)
+    work = out / "_work"
+    for name in _OUTPUTS:  # only the paths this function writes
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for d in ("canonical", *SPLITS, "_work/buckets", "_work/clean"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    try:
+        fs, files = resolve_inputs(cfg.source.path)
+        bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
+        bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
+        ingested = run_tasks(
+            _ingest_file, [(i, fs, f, cfg, bucket_cols) for i, f in enumerate(files)], "prepare: ingest", progress
+        )
+        rows_read = sum(r["rows_read"] for r in ingested)
+        if rows_read == 0:
+            raise DataError("input is empty: no data rows", file=files[0] if len(files) == 1 else cfg.source.path)
+        timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
+
+        cleaned = run_tasks(_clean_bucket, [(b, cfg, bucket_cols) for b in range(cfg.num_buckets)], "prepare: clean", progress)
+        timings["clean"], t = time.perf_counter() - t, time.perf_counter()
+
+        plan = _plan(cfg, cleaned)
+        maps_ref = ray.put(plan.maps)
+        pq.write_table(plan.users, out / "users.parquet")
+        pq.write_table(plan.items, out / "items.parquet")
+        timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
+
+        written = run_tasks(_sample_bucket, [(b, cfg, maps_ref) for b in range(cfg.num_buckets)], "prepare: samples", progress)
+        timings["samples"] = time.perf_counter() - t
+        del maps_ref
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    counts = {s: sum(w[s] for w in written) for s in SPLITS}
+    expected = {"train": plan.train_rows, "valid": plan.valid_rows, "test": plan.test_rows}
+    if counts != expected:
+        raise RuntimeError(f"internal error: wrote {counts} rows, planned {expected}")
+    report = _report(cfg, ingested, cleaned, plan, counts, timings)
+    (out / "strata.json").write_text(json.dumps(plan.strata, indent=2))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    result = PrepareResult(output=out, strata=plan.strata, report=report)
+    print(format_summary(result), flush=True)
+    return result
+
+
+def _validate(cfg: PrepareConfig) -> None:
+    for part in (cfg.source, cfg.clean, cfg.strata, cfg.samples):
+        part.validate()
+    if cfg.num_buckets < 1:
+        raise ConfigError(f"num_buckets must be >= 1, got {cfg.num_buckets}")
+    cols = output_columns(cfg.source)
+    if cfg.clean.min_rating is not None and RATING not in cols:
+        raise ConfigError(f"clean.min_rating is set but source format {cfg.source.format!r} has no rating column")
+    if cfg.source.behaviors and BEHAVIOR not in cols:
+        raise ConfigError(f"source.behaviors is set but source format {cfg.source.format!r} has no behavior column")
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 1: ingest one file
+# ----------------------------------------------------------------------------------------------
+
+
+def bucket_of(user_ids: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
+    """Stable bucket of each user id: ``crc32(utf-8 id) % num_buckets`` (same in every process)."""
+    enc = pc.dictionary_encode(user_ids)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    per_id = np.array([zlib.crc32(s.encode()) % num_buckets for s in enc.dictionary.to_pylist()], dtype=np.int64)
+    return per_id[enc.indices.to_numpy()] if len(per_id) else np.zeros(0, dtype=np.int64)
+
+
+def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[str]) -> dict:
+    out, work = Path(cfg.output), Path(cfg.output) / "_work" / "buckets"
+    stats = FileStats(display_name(fs, path))
+    canon, part, part_rows = None, 0, 0
+    buckets: dict[int, pq.ParquetWriter] = {}
+    try:
+        for table in read_file(fs, path, cfg.source, stats):
+            if canon is None or part_rows >= CANONICAL_PART_ROWS:
+                if canon is not None:
+                    canon.close()
+                    part += 1
+                canon = pq.ParquetWriter(out / "canonical" / f"part-{i:05d}-{part:04d}.parquet", table.schema)
+                part_rows = 0
+            canon.write_table(table)
+            part_rows += table.num_rows
+            b = bucket_of(table[USER], cfg.num_buckets)
+            order = np.argsort(b, kind="stable")  # stable: source order inside each bucket
+            rows = table.select(bucket_cols).take(pa.array(order))
+            bounds = np.r_[0, np.cumsum(np.bincount(b, minlength=cfg.num_buckets))]
+            for k in np.flatnonzero(np.diff(bounds)):
+                if k not in buckets:
+                    (work / f"{k:04d}").mkdir(exist_ok=True)
+                    buckets[k] = pq.ParquetWriter(work / f"{k:04d}" / f"part-{i:05d}.parquet", rows.schema)
+                buckets[k].write_table(rows.slice(bounds[k], bounds[k + 1] - bounds[k]))
+    finally:
+        for w in [canon, *buckets.values()]:
+            if w is not None:
+                w.close()
+    return stats.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 2: clean one bucket
+# ----------------------------------------------------------------------------------------------
+
+
+def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str]) -> tuple[pa.Table, pa.Table, dict]:
+    work = Path(cfg.output) / "_work"
+    files = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
+    schema = pa.schema([(c, pa.float64() if c == RATING else pa.int64() if c == TS else pa.string()) for c in bucket_cols])
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema.empty_table()
+    res = clean_bucket(table, cfg.clean, cfg.source.behaviors)
+    pq.write_table(res.rows, work / "clean" / f"{b:04d}.parquet")
+    return res.users, res.items, res.stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver: indices, strata, sample ids
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    users: pa.Table
+    items: pa.Table
+    maps: SampleMaps
+    strata: dict
+    unseen: dict
+    train_rows: int
+    valid_rows: int
+    test_rows: int
+    train_targets: int
+    no_target_users: int
+
+
+def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
+    users = pa.concat_tables([c[0] for c in cleaned]).sort_by(USER)
+    if users.num_rows == 0:
+        raise ConfigError(
+            f"no user is left after cleaning (min_history={cfg.clean.min_history}, "
+            f"duplicates={cfg.clean.duplicates}, min_rating={cfg.clean.min_rating}, behaviors={cfg.source.behaviors})"
+        )
+    items = pa.concat_tables([c[1] for c in cleaned]).group_by(ITEM).aggregate([("count", "sum")])
+    items = items.rename_columns([ITEM, "count"]).sort_by(ITEM)
+    n_items = items.num_rows
+    n = users["n"].to_numpy()
+    activeness = n - 2
+    strata = assign_strata(activeness, cfg.strata)
+    stats = strata_stats(activeness, strata, cfg.strata)
+
+    trained = pc.filter(items[ITEM], pc.greater(items["count"], 0))
+    keep: dict[str, np.ndarray] = {}
+    unseen: dict[str, Any] = {"setting": cfg.clean.unseen_items}
+    for split, col in (("valid", "valid_item"), ("test", "test_item")):
+        is_unseen = ~pc.is_in(users[col], value_set=trained).to_numpy(zero_copy_only=False)
+        unseen[f"{split}_rows_unseen"] = int(is_unseen.sum())
+        keep[split] = ~is_unseen if cfg.clean.unseen_items == "drop" else np.ones(len(n), dtype=bool)
+        unseen[f"removed_{split}_rows"] = int((~keep[split]).sum())
+
+    windows = num_windows(activeness, cfg.samples.max_len, cfg.samples.window)
+    ids = {s: np.where(keep[s], np.cumsum(keep[s]) - 1, -1) for s in ("valid", "test")}
+    maps = SampleMaps(
+        user_ids=users[USER].combine_chunks(),
+        item_ids=items[ITEM].combine_chunks(),
+        stratum=strata,
+        train_first=np.cumsum(windows) - windows,
+        valid_id=ids["valid"],
+        test_id=ids["test"],
+    )
+    targets = np.minimum(activeness - 1, cfg.samples.max_len if cfg.samples.window == "last" else activeness)
+    users_out = pa.table(
+        {
+            "user_idx": pa.array(np.arange(len(n)), pa.int64()),
+            USER: users[USER],
+            "activeness": pa.array(activeness, pa.int64()),
+            "stratum": pa.array(strata, pa.int8()),
+        }
+    )
+    items_out = pa.table(
+        {"item_idx": pa.array(np.arange(1, n_items + 1), pa.int32()), ITEM: items[ITEM], "count": items["count"]}
+    )
+    return _Plan(
+        users=users_out,
+        items=items_out,
+        maps=maps,
+        strata=stats,
+        unseen=unseen,
+        train_rows=int(windows.sum()),
+        valid_rows=int(keep["valid"].sum()),
+        test_rows=int(keep["test"].sum()),
+        train_targets=int(np.maximum(targets, 0).sum()),
+        no_target_users=int((activeness < 2).sum()),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 3: samples of one bucket
+# ----------------------------------------------------------------------------------------------
+
+
+def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps) -> dict[str, int]:
+    out = Path(cfg.output)
+    rows = pq.read_table(out / "_work" / "clean" / f"{b:04d}.parquet")
+    tables = build_samples(rows, maps, cfg.samples, cfg.seed)
+    for split, table in tables.items():
+        pq.write_table(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
+    return {split: t.num_rows for split, t in tables.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report and summary
+# ----------------------------------------------------------------------------------------------
+
+
+def _report(cfg, ingested, cleaned, plan: _Plan, counts, timings) -> dict[str, Any]:
+    s = {k: sum(c[2][k] for c in cleaned) for k in STAT_KEYS}
+    removed = (
+        s["removed_behaviors_rows"] + s["removed_min_rating_rows"] + s["removed_duplicates"]
+        + s["removed_min_history_rows"]
+    )
+    if s["rows_in"] - removed != s["rows_out"]:
+        raise RuntimeError(f"internal error: row accounting does not add up: {s}")
+    return {
+        "source": {
+            "format": cfg.source.format,
+            "path": cfg.source.path,
+            "timestamp_unit": "position" if cfg.source.format == "amazon_seq" else (
+                cfg.source.timestamp_unit if cfg.source.format in ("csv", "parquet") else "s"
+            ),
+            "files": ingested,
+            "rows_read": s["rows_in"],
+            "users_read": s["users_in"],
+        },
+        "filters": [
+            {"filter": "behaviors", "setting": cfg.source.behaviors or "all",
+             "removed_rows": s["removed_behaviors_rows"], "removed_users": s["removed_behaviors_users"]},
+            {"filter": "min_rating", "setting": cfg.clean.min_rating,
+             "removed_rows": s["removed_min_rating_rows"], "removed_users": s["removed_min_rating_users"]},
+            {"filter": "duplicates", "setting": cfg.clean.duplicates,
+             "removed_rows": s["removed_duplicates"], "removed_users": 0},
+            {"filter": "min_history", "setting": cfg.clean.min_history,
+             "removed_rows": s["removed_min_history_rows"], "removed_users": s["removed_min_history_users"]},
+            {"filter": "unseen_items", **plan.unseen},
+        ],
+        "out_of_order": {
+            "rows": s["out_of_order_rows"],
+            "users": s["out_of_order_users"],
+            "action": "each user's events sorted by (timestamp, source order); nothing removed",
+        },
+        "result": {
+            "rows": s["rows_out"],
+            "users": s["users_out"],
+            "items": plan.items.num_rows,
+            "train_rows": counts["train"],
+            "train_targets": plan.train_targets,
+            "valid_rows": counts["valid"],
+            "test_rows": counts["test"],
+            "users_without_train_target": plan.no_target_users,
+        },
+        "num_buckets": cfg.num_buckets,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def format_summary(result: PrepareResult) -> str:
+    """The printed summary: what was read, every filter with what it removed, the result, the strata."""
+    r = result.report
+    lines = [
+        f"ray-pinet prepare -> {result.output}",
+        f"  read     {r['source']['rows_read']:>12,} rows  {r['source']['users_read']:>10,} users  "
+        f"from {len(r['source']['files'])} file(s) ({r['source']['format']})",
+    ]
+    for f in r["filters"][:4]:
+        lines.append(
+            f"  {f['filter']:<12} {str(f['setting']):<12} removed {f['removed_rows']:>10,} rows "
+            f"{f['removed_users']:>8,} users"
+        )
+    u = r["filters"][4]
+    lines.append(
+        f"  unseen_items {u['setting']:<12} valid {u['valid_rows_unseen']:,} / test {u['test_rows_unseen']:,} "
+        f"targets unseen in training; removed {u['removed_valid_rows']:,} / {u['removed_test_rows']:,}"
+    )
+    o = r["out_of_order"]
+    lines.append(f"  out-of-order {o['rows']:,} rows of {o['users']:,} users (sorted, kept)")
+    res = r["result"]
+    lines.append(
+        f"  result   {res['rows']:>12,} rows  {res['users']:>10,} users  {res['items']:,} items; samples "
+        f"train {res['train_rows']:,} ({res['train_targets']:,} targets), valid {res['valid_rows']:,}, "
+        f"test {res['test_rows']:,}; {res['users_without_train_target']:,} users without a training target"
+    )
+    lines.append(format_strata_table(result.strata))
+    lines.append("  timings " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings_s"].items()))
+    return "\n".join(lines)

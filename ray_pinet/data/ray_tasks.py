@@ -1,0 +1,57 @@
+"""The only Ray calls of the data layer: start Ray if needed, run one task per work item."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ray_pinet.config_base import ConfigError
+from ray_pinet.errors import DataError
+
+
+def ensure_ray() -> None:
+    """``ray.init()`` unless Ray is already initialised (then its settings are left alone)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {}
+    if not os.environ.get("RAY_ADDRESS"):
+        # Workers must import ray_pinet even when it runs from a checkout that is not installed.
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        kwargs = {"include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+    ray.init(**kwargs)
+
+
+def run_tasks(fn: Callable, arg_list: list[tuple], desc: str, progress: bool) -> list:
+    """``fn(*args)`` as one 1-CPU Ray task per element; results in input order.
+
+    A DataError or ConfigError raised in a task is re-raised here unchanged (the other tasks are
+    cancelled), so callers see the same error as in a single process.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+    from tqdm import tqdm
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+    refs = [remote.remote(*args) for args in arg_list]
+    where = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, disable=not progress, leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                results[where[done[0]]] = ray.get(done[0])
+            except RayTaskError as exc:
+                for ref in pending:
+                    ray.cancel(ref)
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, (DataError, ConfigError)):
+                    raise cause from None
+                raise
+            bar.update(1)
+    return results

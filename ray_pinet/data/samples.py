@@ -1,0 +1,210 @@
+"""Leave-one-out samples, training windows and seeded negatives for one bucket. Pure, no Ray.
+
+Per user (events in time order, n >= 3): the last event is the test target, the second-last the
+validation target, the first ``a = n - 2`` events (the activeness) are the training sequence.
+
+Training windows (``window="all"``): windows of at most ``L + 1`` items whose ends lie ``L`` apart,
+counted back from the last training event, so every training position 1..a-1 is a target exactly
+once (position 0 never is: it has no history). ``window="last"`` keeps only the latest window. Users
+with ``a < 2`` have no training target and no training row. Windows are numbered oldest first.
+
+Negatives are drawn uniformly from the items the user never interacted with (in any split): a
+uniform draw ``r`` in [0, 1) picks the ``floor(r * (M - P))``-th non-positive item exactly, without
+rejection. All of a user's draws come from ``numpy.random.default_rng([seed, purpose, user_idx])``,
+so the output does not depend on buckets, blocks or workers. Purpose ``NEGATIVES`` draws the
+validation negative, then the test negative, then the training negatives (target-major,
+``train_negatives`` per target, windows oldest first): eval negatives do not move when
+``train_negatives`` changes. Candidate lists (``eval_candidates > 0``) are drawn without replacement
+from their own purposes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_pinet.config_base import ConfigError
+from ray_pinet.data.config import SamplesConfig
+from ray_pinet.data.schema import ITEM, USER
+from ray_pinet.errors import DataError
+
+NEGATIVES, VALID_CANDIDATES, TEST_CANDIDATES = 1, 2, 3  # randomness purposes
+_I32 = np.iinfo(np.int32).max
+
+
+def num_windows(train_len: np.ndarray, max_len: int, window: str) -> np.ndarray:
+    """Training rows per user for training-sequence lengths ``train_len`` (= activeness)."""
+    a = np.asarray(train_len, dtype=np.int64)
+    if window == "last":
+        return (a >= 2).astype(np.int64)
+    return np.where(a >= 2, (a - 1 + max_len - 1) // max_len, 0)
+
+
+def window_bounds(train_len: np.ndarray, max_len: int, window: str):
+    """``(user, window index, start, end)`` per training row; start/end inclusive, within the sequence."""
+    a = np.asarray(train_len, dtype=np.int64)
+    w_count = num_windows(a, max_len, window)
+    user = np.repeat(np.arange(len(a)), w_count)
+    w = np.arange(len(user)) - np.repeat(np.cumsum(w_count) - w_count, w_count)
+    end = a[user] - 1 - (w_count[user] - 1 - w) * max_len
+    start = np.maximum(0, end - max_len)
+    return user, w, start, end
+
+
+@dataclass
+class SampleMaps:
+    """Everything a bucket needs from the driver (broadcast once with ``ray.put``)."""
+
+    user_ids: pa.Array  # sorted; position = user_idx
+    item_ids: pa.Array  # sorted; position + 1 = item_idx
+    stratum: np.ndarray  # int8 per user_idx
+    train_first: np.ndarray  # first training sample_id per user_idx
+    valid_id: np.ndarray  # validation sample_id per user_idx, -1 = dropped (unseen item)
+    test_id: np.ndarray
+
+
+def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: int) -> dict[str, pa.Table]:
+    """The train/valid/test tables of one bucket (users contiguous, events in time order)."""
+    m = len(maps.item_ids)
+    uidx = _index(rows[USER], maps.user_ids)
+    item = (_index(rows[ITEM], maps.item_ids) + 1).astype(np.int32)
+    first = np.flatnonzero(np.r_[True, uidx[1:] != uidx[:-1]]) if len(uidx) else np.zeros(0, np.int64)
+    n_old = np.diff(np.r_[first, len(uidx)])
+    perm = np.argsort(uidx[first], kind="stable")  # users by user_idx -> rows in sample_id order
+    user, n = uidx[first][perm], n_old[perm]
+    item = item[_ranges(first[perm], n)]
+    start = np.cumsum(n) - n
+    g_rows = np.repeat(np.arange(len(n)), n)
+    neg = _NegativeSampler(g_rows, item, m, user)
+
+    # Training windows and the per-user draw counts.
+    a = n - 2
+    wg, w, ws, we = window_bounds(a, cfg.max_len, cfg.window)
+    wlen = we - ws + 1
+    n_neg = (wlen - 1) * cfg.train_negatives
+    draws = 2 + np.bincount(wg, weights=n_neg, minlength=len(n)).astype(np.int64)
+    r = _draws(user, draws, seed, NEGATIVES)
+    is_eval = np.zeros(len(r), dtype=bool)
+    off = np.cumsum(draws) - draws
+    is_eval[off] = is_eval[off + 1] = True
+    g_train = np.repeat(np.arange(len(n)), draws - 2)
+    out = {
+        "train": pa.table(
+            {
+                "sample_id": pa.array(maps.train_first[user[wg]] + w, pa.int64()),
+                "user_idx": pa.array(user[wg], pa.int64()),
+                "stratum": pa.array(maps.stratum[user[wg]], pa.int8()),
+                "seq": _list(wlen, item[_ranges(start[wg] + ws, wlen)]),
+                "neg": _list(n_neg, neg.map(g_train, r[~is_eval])),
+            }
+        )
+    }
+    for split, back, ids, k, purpose in (
+        ("valid", 2, maps.valid_id, 0, VALID_CANDIDATES),
+        ("test", 1, maps.test_id, 1, TEST_CANDIDATES),
+    ):
+        g = np.flatnonzero(ids[user] >= 0)
+        t = n[g] - back  # position of the target = number of events before it
+        h0 = np.maximum(0, t - cfg.max_len)
+        before = (np.arange(len(item)) - start[g_rows]) < (n - back)[g_rows]
+        seen_len, seen = _distinct(g_rows[before], item[before], len(n), m)
+        cols = {
+            "sample_id": pa.array(ids[user[g]], pa.int64()),
+            "user_idx": pa.array(user[g], pa.int64()),
+            "stratum": pa.array(maps.stratum[user[g]], pa.int8()),
+            "history": _list(t - h0, item[_ranges(start[g] + h0, t - h0)]),
+            "target": pa.array(item[start[g] + t], pa.int32()),
+            "neg": pa.array(neg.map(g, r[off[g] + k]), pa.int32()),
+            "seen": _list(seen_len[g], seen[_ranges((np.cumsum(seen_len) - seen_len)[g], seen_len[g])]),
+        }
+        if cfg.eval_candidates > 0:
+            cols["candidates"] = _list(
+                np.full(len(g), cfg.eval_candidates), neg.candidates(g, cfg.eval_candidates, seed, purpose)
+            )
+        out[split] = pa.table(cols)
+    return out
+
+
+class _NegativeSampler:
+    """Maps per-user uniform draws to items 1..M that are not among the user's positives."""
+
+    def __init__(self, g_rows: np.ndarray, item: np.ndarray, m: int, user: np.ndarray) -> None:
+        self.m, self.user = m, user
+        n_pos, pos = _distinct(g_rows, item, len(user), m)
+        self.avail = m - n_pos
+        full = np.flatnonzero(self.avail <= 0)
+        if len(full):
+            u = int(user[full[0]])
+            raise DataError(
+                "user interacted with every item: no negative can be sampled",
+                file="(cleaned log)", column=USER, row=None, value=f"user_idx {u}",
+            )
+        # q_j = p_j - j (p sorted per user) is non-decreasing; the x-th non-positive item (1-based)
+        # is x + #{j : q_j <= x}. Keys are offset per user so one searchsorted serves all users.
+        self.stride = m + 2
+        pstart = np.cumsum(n_pos) - n_pos
+        pg = np.repeat(np.arange(len(user)), n_pos)
+        self.pstart = pstart
+        self.qkey = pg * self.stride + (pos - (np.arange(len(pos)) - pstart[pg]))
+
+    def map(self, g: np.ndarray, r: np.ndarray) -> np.ndarray:
+        avail = self.avail[g]
+        x = np.minimum((r * avail).astype(np.int64), avail - 1) + 1
+        return self._nth(g, x)
+
+    def _nth(self, g: np.ndarray, x: np.ndarray) -> np.ndarray:
+        below = np.searchsorted(self.qkey, g * self.stride + x, side="right") - self.pstart[g]
+        return (x + below).astype(np.int32)
+
+    def candidates(self, g: np.ndarray, c: int, seed: int, purpose: int) -> np.ndarray:
+        short = np.flatnonzero(self.avail[g] < c)
+        if len(short):
+            raise ConfigError(
+                f"samples.eval_candidates={c} exceeds the {int(self.avail[g[short[0]]])} items "
+                f"user_idx {int(self.user[g[short[0]]])} has not interacted with"
+            )
+        x = np.empty((len(g), c), dtype=np.int64)
+        for i, gi in enumerate(g):
+            rng = np.random.default_rng([seed, purpose, int(self.user[gi])])
+            x[i] = rng.choice(int(self.avail[gi]), size=c, replace=False) + 1
+        return self._nth(np.repeat(g, c), x.ravel())
+
+
+def _draws(user: np.ndarray, counts: np.ndarray, seed: int, purpose: int) -> np.ndarray:
+    out = np.empty(int(counts.sum()), dtype=np.float64)
+    off = 0
+    for u, c in zip(user.tolist(), counts.tolist()):
+        out[off : off + c] = np.random.default_rng([seed, purpose, u]).random(c)
+        off += c
+    return out
+
+
+def _index(col: pa.ChunkedArray, values: pa.Array) -> np.ndarray:
+    idx = pc.index_in(col, value_set=values)
+    if idx.null_count:
+        raise RuntimeError("internal error: an id is missing from the driver's id map")
+    return idx.to_numpy().astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + l)`` for each pair."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def _distinct(group: np.ndarray, item: np.ndarray, n_groups: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group the number of distinct items and the items themselves (group-major, ascending)."""
+    key = np.unique(group.astype(np.int64) * (m + 1) + item)
+    return np.bincount(key // (m + 1), minlength=n_groups), (key % (m + 1)).astype(np.int32)
+
+
+def _list(lengths: np.ndarray, values: np.ndarray) -> pa.Array:
+    offsets = np.r_[0, np.cumsum(lengths, dtype=np.int64)]
+    if offsets[-1] > _I32:
+        raise ConfigError("a bucket's list column exceeds 2^31 values; raise num_buckets")
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
