@@ -4,9 +4,11 @@
 
 Samples every ``--interval`` seconds the proportional set size (PSS, from /proc/PID/smaps_rollup, so
 pages shared with the object store or between workers are not counted twice) of the command's
-process tree plus every process whose command line mentions ``ray`` and that started after this
-script. Prints one JSON line: wall seconds, exit code, peak total PSS, peak driver PSS, peak number of
-processes. Linux only; no psutil needed.
+process tree (a local Ray instance started by the command's ``ray.init()`` is in it: GCS, raylet,
+workers). ``--by-name`` also counts every other new process whose command line mentions ``ray`` (for
+a command that connects to a cluster started elsewhere; other Ray jobs starting meanwhile would
+count). Prints one JSON line: wall seconds, exit code, peak total PSS, peak driver PSS, peak number
+of processes. Linux only; no psutil needed.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def _ppid(pid: int) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--interval", type=float, default=0.2)
+    parser.add_argument("--by-name", action="store_true", help="also count new processes named *ray*")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -68,7 +73,7 @@ def main() -> int:
                 if p not in tree and _ppid(p) in tree:
                     tree.add(p)
                     changed = True
-        members = tree | {p for p in pids if "ray" in _read(p, "cmdline")}
+        members = tree | ({p for p in pids if "ray" in _read(p, "cmdline")} if args.by_name else set())
         total = sum(_pss_kib(p) for p in members)
         peak_total = max(peak_total, total)
         peak_driver = max(peak_driver, _pss_kib(proc.pid))
@@ -77,7 +82,8 @@ def main() -> int:
     wall = time.perf_counter() - t0
     print(json.dumps({
         "cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2),
-        "peak_total_pss_mib": round(peak_total / 1024, 1), "peak_driver_pss_mib": round(peak_driver / 1024, 1),
+        "peak_total_pss_mib": round(peak_total / 1024, 1),
+        "peak_driver_pss_mib": round(peak_driver / 1024, 1),
         "peak_processes": peak_n,
     }), file=sys.stderr, flush=True)
     return proc.returncode

@@ -58,6 +58,7 @@ class Stage2Config:
     lr: float = 1e-3
     max_epochs: int = 20
     patience: int = 3  # per plugin, on its own stratum's validation metric
+    max_minutes: float = 0.0  # 0 = no limit on stage 2's training time
     # Users not seen in training are routed to this stratum's plugin (0 = tail).
     unseen_stratum: int = 0
 

@@ -283,7 +283,12 @@ def _header_names(fs, path: str, delimiter: str) -> list[str]:
 
 
 def _csv_error(
-    exc: Exception, invalid: list, name: str, names: list[str], line: int, canonical: dict[str, str] | None = None
+    exc: Exception,
+    invalid: list,
+    name: str,
+    names: list[str],
+    line: int,
+    canonical: dict[str, str] | None = None,
 ) -> DataError:
     if invalid:
         bad = invalid[0]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ray_pinet.evaluation.metrics import auc as auc_fn
+from ray_pinet.evaluation.metrics import hr_ndcg_at_k
 from ray_pinet.training.batches import EvalRows
 from ray_pinet.training.collectives import all_gather_rows, all_reduce_sum_
 
@@ -52,7 +53,8 @@ def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tenso
     scores[:, 0] = -torch.inf
     scores[batch.seen_rows, batch.seen_items] = -torch.inf
     scores[rows, batch.target] = target_score  # the target is never masked
-    # Ties count against the target (strictly-greater rank), the common SASRec/RecBole choice.
+    # Only strictly higher scores count, so ties favour the target ("optimistic", as
+    # metrics.target_rank's default); exact float ties among 10^4 learned scores are rare.
     rank = (scores > target_score[:, None]).sum(dim=1)
     return rank, target_score, neg_score
 
@@ -73,8 +75,7 @@ def evaluate(
     pos_all, neg_all, str_all = [], [], []
     for batch in rows.batches(batch_size):
         rank, pos, neg = batch_ranks(model, batch, k, candidates)
-        hit = (rank < k).to(torch.float64)
-        ndcg = hit / torch.log2(rank.to(torch.float64) + 2.0)
+        hit, ndcg = hr_ndcg_at_k(rank, k)
         gauc = (pos > neg).to(torch.float64) + 0.5 * (pos == neg).to(torch.float64)
         s = batch.stratum
         for col, v in ((0, torch.ones_like(hit)), (1, hit), (2, ndcg), (3, gauc)):

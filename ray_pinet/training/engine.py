@@ -58,7 +58,8 @@ class EngineState:
     plugin_best_state: dict[int, list] = field(default_factory=dict)  # stratum -> its best tensors
     history: list[dict] = field(default_factory=list)
     stage1_test: dict[str, float] = field(default_factory=dict)
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # training time of the whole run
+    stage_elapsed_s: float = 0.0  # training time of the current stage (time limits)
 
 
 def compose_plugin_states(plugins: torch.nn.Module, best: dict[int, dict], num_strata: int) -> dict:
@@ -148,9 +149,8 @@ class Engine:
         t = torch.tensor([1.0 if local_flag else 0.0], dtype=torch.float64)
         return bool(all_reduce_max_(t)[0] > 0)
 
-    def _out_of_time(self, t_start: float) -> bool:
-        limit = self.cfg.optim.max_minutes
-        elapsed = self.state.elapsed_s + (time.perf_counter() - t_start)
+    def _out_of_time(self, t_start: float, limit: float) -> bool:
+        elapsed = self.state.stage_elapsed_s + (time.perf_counter() - t_start)
         return self._agree_stop(limit > 0 and elapsed > 60.0 * limit)
 
     def _progress(self, stage: int, epoch: int):
@@ -215,7 +215,7 @@ class Engine:
                     self.state.bad_evals += 1
             self.state.epoch += 1
             stop = self.state.bad_evals >= cfg.optim.patience
-            if self._out_of_time(t_start):
+            if self._out_of_time(t_start, cfg.optim.max_minutes):
                 stop = True
                 self.say(f"stage 1: time limit of {cfg.optim.max_minutes} min reached")
             self.say(
@@ -225,7 +225,7 @@ class Engine:
             )
             if stop:
                 self.state.stage1_done = True
-            self.state.elapsed_s += time.perf_counter() - t_start
+            self._account(t_start)
             t_start = time.perf_counter()
             self._emit(metrics, {"stage1": opt}, step=len(self.state.history))
         self.state.stage1_done = True
@@ -251,7 +251,19 @@ class Engine:
             self.state.plugin_bad = [0] * K
             self.state.best_value, self.state.bad_evals = float("-inf"), 0
             self.opt_state = {}
+            self.state.stage_elapsed_s = 0.0
             self.model.reset_plugins()  # identity on the trained backbone (DIN: copy its head)
+            self.model.use_plugins = True
+            # The identity plugins (= the stage-1 model) are the first candidate of every
+            # stratum: a plugin is kept only if it beats the backbone on its stratum's validation.
+            val0 = self._evaluate(self.valid_rows)
+            for s in range(K):
+                self.state.plugin_best[s] = val0.get(
+                    metric_key(stratum_name(s, K), cfg.eval.select_metric, cfg.eval.k), float("-inf"))
+                self.state.plugin_best_state[s] = copy.deepcopy(self.model.plugins.state_dict())
+            self.state.best_value = val0.get(metric_key("all", cfg.eval.select_metric, cfg.eval.k),
+                                             float("-inf"))
+            self.state.best_model = copy.deepcopy(self.model.state_dict())
         self.model.use_plugins = True
         plugin_params = list(self.model.plugin_parameters())
         backbone = list(self.model.backbone_parameters())
@@ -301,9 +313,9 @@ class Engine:
                     self.state.bad_evals += 1
                 done = self.state.bad_evals >= s2.patience
             self.state.epoch += 1
-            done = self._out_of_time(t_start) or done
+            done = self._out_of_time(t_start, s2.max_minutes) or done
             self.say(f"stage 2 epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  {self._fmt(metrics, 'val')}")
-            self.state.elapsed_s += time.perf_counter() - t_start
+            self._account(t_start)
             t_start = time.perf_counter()
             self._emit(metrics, {"stage2": opt}, step=len(self.state.history))
             if done:
@@ -317,6 +329,11 @@ class Engine:
             self.model.load_state_dict(self.state.best_model)
         for p in backbone:
             p.requires_grad_(True)
+
+    def _account(self, t_start: float) -> None:
+        dt = time.perf_counter() - t_start
+        self.state.elapsed_s += dt
+        self.state.stage_elapsed_s += dt
 
     def _plugin_stopped(self, s: int) -> bool:
         return bool(self.state.plugin_bad) and self.state.plugin_bad[s] >= self.cfg.stage2.patience

@@ -56,6 +56,10 @@ def _keep_residue(batch: pa.Table, rank: int, world: int) -> pa.Table:
 def _read_shard(name: str) -> pa.Table:
     import ray.train
 
+    from ray.data import DataContext
+
+    # One console line per epoch from rank 0 says more than W interleaved Ray Data bars.
+    DataContext.get_current().enable_progress_bars = False
     it = ray.train.get_dataset_shard(name)
     parts = list(it.iter_batches(batch_format="pyarrow", batch_size=8192))
     if not parts:
