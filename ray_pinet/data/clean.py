@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pinet.data.config import CleanConfig
+from ray_pinet.data.samples import sorted_unique
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
 
 STAT_KEYS = (
@@ -50,20 +51,29 @@ class CleanedBucket:
     stats: dict[str, int]
 
 
-def clean_bucket(table: pa.Table, cfg: CleanConfig, behaviors: list[str] | tuple[str, ...] = ()) -> CleanedBucket:
+def clean_bucket(
+    table: pa.Table, cfg: CleanConfig, behaviors: list[str] | tuple[str, ...] = ()
+) -> CleanedBucket:
     """Apply the cleaning policies to ``table`` (canonical columns, rows in source order)."""
     stats = dict.fromkeys(STAT_KEYS, 0)
     stats["rows_in"] = table.num_rows
     stats["users_in"] = n_users = pc.count_distinct(table[USER]).as_py()
+    def keep_behaviors(t: pa.Table) -> pa.ChunkedArray:
+        return pc.is_in(t[BEHAVIOR], pa.array(list(behaviors), pa.string()))
+
+    def keep_rated(t: pa.Table) -> pa.ChunkedArray:
+        return pc.greater_equal(t[RATING], cfg.min_rating)
+
     for name, mask in (
-        ("behaviors", (lambda t: pc.is_in(t[BEHAVIOR], pa.array(list(behaviors), pa.string()))) if behaviors else None),
-        ("min_rating", (lambda t: pc.greater_equal(t[RATING], cfg.min_rating)) if cfg.min_rating is not None else None),
+        ("behaviors", keep_behaviors if behaviors else None),
+        ("min_rating", keep_rated if cfg.min_rating is not None else None),
     ):
         if mask is not None:
             rows = table.num_rows
             table = table.filter(mask(table))
             left = pc.count_distinct(table[USER]).as_py()
-            stats[f"removed_{name}_rows"], stats[f"removed_{name}_users"] = rows - table.num_rows, n_users - left
+            stats[f"removed_{name}_rows"] = rows - table.num_rows
+            stats[f"removed_{name}_users"] = n_users - left
             n_users = left
 
     users, u = _encode(table[USER])
@@ -101,7 +111,7 @@ def clean_bucket(table: pa.Table, cfg: CleanConfig, behaviors: list[str] | tuple
     starts = np.flatnonzero(np.r_[True, uo[1:] != uo[:-1]]) if len(uo) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(uo)] if len(uo) else starts
     n_user = ends - starts
-    distinct = np.unique(uo.astype(np.int64) * (len(items) + 1) + io)
+    distinct = sorted_unique(uo.astype(np.int64) * (len(items) + 1) + io)
     n_distinct = np.bincount(distinct // (len(items) + 1), minlength=len(users))[uo[starts]]
 
     # Training events = all but each user's last two (validation, test).
@@ -119,11 +129,13 @@ def clean_bucket(table: pa.Table, cfg: CleanConfig, behaviors: list[str] | tuple
                 USER: users.take(pa.array(uo[starts])),
                 "n": pa.array(n_user, pa.int64()),
                 "n_distinct": pa.array(n_distinct, pa.int64()),
-                "valid_item": items.take(pa.array(io[ends - 2])) if len(starts) else pa.array([], pa.string()),
-                "test_item": items.take(pa.array(io[ends - 1])) if len(starts) else pa.array([], pa.string()),
+                "valid_item": items.take(pa.array(io[ends - 2], pa.int64())),
+                "test_item": items.take(pa.array(io[ends - 1], pa.int64())),
             }
         ),
-        items=pa.table({ITEM: items.take(pa.array(present)), "count": pa.array(train_count[present], pa.int64())}),
+        items=pa.table(
+            {ITEM: items.take(pa.array(present)), "count": pa.array(train_count[present], pa.int64())}
+        ),
         stats=stats,
     )
 

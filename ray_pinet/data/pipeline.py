@@ -1,7 +1,8 @@
 """``prepare(cfg)``: raw log -> the prepared-data directory of docs/design.md, on Ray.
 
-Three parallel phases, each a set of Ray tasks (one CPU each) that read and write Parquet on disk;
-only small tables travel to the driver (per-user and per-item counts, statistics):
+Three parallel phases (1, 2, 4), each a set of Ray tasks (one CPU each) that read and write Parquet
+on disk, and one driver step (3). Only small tables travel to the driver (per-user and per-item
+counts, statistics); the log itself never does:
 
 1. ingest (one task per input file): read + validate (``sources``), write ``canonical/`` and split
    the rows into ``num_buckets`` user buckets by a stable hash of the user id (crc32), keeping
@@ -16,6 +17,12 @@ only small tables travel to the driver (per-user and per-item counts, statistics
 
 Memory of one task is about the size of one bucket (rows / num_buckets); raise ``num_buckets`` for
 larger logs. Outputs are written to a local (or shared) filesystem path.
+
+Why Ray tasks rather than a Ray Data ``read_parquet().map_batches()`` chain: the tie-break of equal
+timestamps is the source order, and Ray Data's blocks do not carry a row's position in its file;
+per-file tasks know it exactly. Ray Data's hash shuffle (``groupby``) is also several times slower
+than this bucketing on small machines (ray-notes.md, measured numbers). ``report.json["tasks"]``
+has each phase's task count, summed and maximum task wall time and summed task CPU time.
 """
 
 from __future__ import annotations
@@ -70,20 +77,22 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         (out / d).mkdir(parents=True, exist_ok=True)
     ensure_ray()
     timings: dict[str, float] = {}
+    tasks: dict[str, dict] = {}
     t = time.perf_counter()
     try:
         fs, files = resolve_inputs(cfg.source.path)
         bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
         bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
-        ingested = run_tasks(
-            _ingest_file, [(i, fs, f, cfg, bucket_cols) for i, f in enumerate(files)], "prepare: ingest", progress
-        )
+        ingest_args = [(i, fs, f, cfg, bucket_cols) for i, f in enumerate(files)]
+        ingested = run_tasks(_ingest_file, ingest_args, "ingest", progress, tasks)
         rows_read = sum(r["rows_read"] for r in ingested)
         if rows_read == 0:
-            raise DataError("input is empty: no data rows", file=files[0] if len(files) == 1 else cfg.source.path)
+            where = files[0] if len(files) == 1 else cfg.source.path
+            raise DataError("input is empty: no data rows", file=where)
         timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
 
-        cleaned = run_tasks(_clean_bucket, [(b, cfg, bucket_cols) for b in range(cfg.num_buckets)], "prepare: clean", progress)
+        buckets = range(cfg.num_buckets)
+        cleaned = run_tasks(_clean_bucket, [(b, cfg, bucket_cols) for b in buckets], "clean", progress, tasks)
         timings["clean"], t = time.perf_counter() - t, time.perf_counter()
 
         plan = _plan(cfg, cleaned)
@@ -92,7 +101,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         pq.write_table(plan.items, out / "items.parquet")
         timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
 
-        written = run_tasks(_sample_bucket, [(b, cfg, maps_ref) for b in range(cfg.num_buckets)], "prepare: samples", progress)
+        written = run_tasks(_sample_bucket, [(b, cfg, maps_ref) for b in buckets], "samples", progress, tasks)
         timings["samples"] = time.perf_counter() - t
         del maps_ref
     finally:
@@ -103,6 +112,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     if counts != expected:
         raise RuntimeError(f"internal error: wrote {counts} rows, planned {expected}")
     report = _report(cfg, ingested, cleaned, plan, counts, timings)
+    report["tasks"] = tasks
     (out / "strata.json").write_text(json.dumps(plan.strata, indent=2))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -117,10 +127,10 @@ def _validate(cfg: PrepareConfig) -> None:
     if cfg.num_buckets < 1:
         raise ConfigError(f"num_buckets must be >= 1, got {cfg.num_buckets}")
     cols = output_columns(cfg.source)
-    if cfg.clean.min_rating is not None and RATING not in cols:
-        raise ConfigError(f"clean.min_rating is set but source format {cfg.source.format!r} has no rating column")
-    if cfg.source.behaviors and BEHAVIOR not in cols:
-        raise ConfigError(f"source.behaviors is set but source format {cfg.source.format!r} has no behavior column")
+    for key, used, col in (("clean.min_rating", cfg.clean.min_rating is not None, RATING),
+                           ("source.behaviors", bool(cfg.source.behaviors), BEHAVIOR)):
+        if used and col not in cols:
+            raise ConfigError(f"{key} is set but source format {cfg.source.format!r} has no {col} column")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +143,8 @@ def bucket_of(user_ids: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndar
     enc = pc.dictionary_encode(user_ids)
     if isinstance(enc, pa.ChunkedArray):
         enc = enc.combine_chunks()
-    per_id = np.array([zlib.crc32(s.encode()) % num_buckets for s in enc.dictionary.to_pylist()], dtype=np.int64)
+    ids = enc.dictionary.to_pylist()
+    per_id = np.array([zlib.crc32(s.encode()) % num_buckets for s in ids], dtype=np.int64)
     return per_id[enc.indices.to_numpy()] if len(per_id) else np.zeros(0, dtype=np.int64)
 
 
@@ -176,7 +187,7 @@ def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[st
 def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str]) -> tuple[pa.Table, pa.Table, dict]:
     work = Path(cfg.output) / "_work"
     files = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
-    schema = pa.schema([(c, pa.float64() if c == RATING else pa.int64() if c == TS else pa.string()) for c in bucket_cols])
+    schema = pa.schema([(c, {RATING: pa.float64(), TS: pa.int64()}.get(c, pa.string())) for c in bucket_cols])
     table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema.empty_table()
     res = clean_bucket(table, cfg.clean, cfg.source.behaviors)
     pq.write_table(res.rows, work / "clean" / f"{b:04d}.parquet")
@@ -207,7 +218,8 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
     if users.num_rows == 0:
         raise ConfigError(
             f"no user is left after cleaning (min_history={cfg.clean.min_history}, "
-            f"duplicates={cfg.clean.duplicates}, min_rating={cfg.clean.min_rating}, behaviors={cfg.source.behaviors})"
+            f"duplicates={cfg.clean.duplicates}, min_rating={cfg.clean.min_rating}, "
+            f"behaviors={cfg.source.behaviors})"
         )
     items = pa.concat_tables([c[1] for c in cleaned]).group_by(ITEM).aggregate([("count", "sum")])
     items = items.rename_columns([ITEM, "count"]).sort_by(ITEM)
@@ -246,7 +258,11 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
         }
     )
     items_out = pa.table(
-        {"item_idx": pa.array(np.arange(1, n_items + 1), pa.int32()), ITEM: items[ITEM], "count": items["count"]}
+        {
+            "item_idx": pa.array(np.arange(1, n_items + 1), pa.int32()),
+            ITEM: items[ITEM],
+            "count": items["count"],
+        }
     )
     return _Plan(
         users=users_out,
@@ -346,7 +362,8 @@ def format_summary(result: PrepareResult) -> str:
         )
     u = r["filters"][4]
     lines.append(
-        f"  unseen_items {u['setting']:<12} valid {u['valid_rows_unseen']:,} / test {u['test_rows_unseen']:,} "
+        f"  unseen_items {u['setting']:<12} valid {u['valid_rows_unseen']:,} / "
+        f"test {u['test_rows_unseen']:,} "
         f"targets unseen in training; removed {u['removed_valid_rows']:,} / {u['removed_test_rows']:,}"
     )
     o = r["out_of_order"]

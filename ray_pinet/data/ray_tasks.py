@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,19 +26,28 @@ def ensure_ray() -> None:
     ray.init(**kwargs)
 
 
-def run_tasks(fn: Callable, arg_list: list[tuple], desc: str, progress: bool) -> list:
+def _timed(fn: Callable, *args) -> tuple[Any, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_tasks(
+    fn: Callable, arg_list: list[tuple], desc: str, progress: bool, timing: dict | None = None
+) -> list:
     """``fn(*args)`` as one 1-CPU Ray task per element; results in input order.
 
     A DataError or ConfigError raised in a task is re-raised here unchanged (the other tasks are
-    cancelled), so callers see the same error as in a single process.
+    cancelled), so callers see the same error as in a single process. ``timing`` (optional) gets
+    ``{desc: {"tasks", "task_wall_s_sum", "task_wall_s_max", "task_cpu_s_sum"}}``.
     """
     import ray
     from ray.exceptions import RayTaskError
     from tqdm import tqdm
 
     ensure_ray()
-    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
-    refs = [remote.remote(*args) for args in arg_list]
+    remote = ray.remote(num_cpus=1, max_retries=0)(_timed)
+    refs = [remote.remote(fn, *args) for args in arg_list]
     where = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
     pending = list(refs)
@@ -54,4 +64,12 @@ def run_tasks(fn: Callable, arg_list: list[tuple], desc: str, progress: bool) ->
                     raise cause from None
                 raise
             bar.update(1)
-    return results
+    if timing is not None:
+        walls, cpus = [r[1] for r in results], [r[2] for r in results]
+        timing[desc] = {
+            "tasks": len(results),
+            "task_wall_s_sum": round(sum(walls), 3),
+            "task_wall_s_max": round(max(walls, default=0.0), 3),
+            "task_cpu_s_sum": round(sum(cpus), 3),
+        }
+    return [r[0] for r in results]

@@ -78,7 +78,9 @@ def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: in
     item = item[_ranges(first[perm], n)]
     start = np.cumsum(n) - n
     g_rows = np.repeat(np.arange(len(n)), n)
-    neg = _NegativeSampler(g_rows, item, m, user)
+    # Each user's distinct items with the position of their first occurrence (group-major, ascending).
+    fg, fitem, frel = _first_occurrences(g_rows, item, np.arange(len(item)) - start[g_rows], m)
+    neg = _NegativeSampler(fg, fitem, m, user)
 
     # Training windows and the per-user draw counts.
     a = n - 2
@@ -109,8 +111,8 @@ def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: in
         g = np.flatnonzero(ids[user] >= 0)
         t = n[g] - back  # position of the target = number of events before it
         h0 = np.maximum(0, t - cfg.max_len)
-        before = (np.arange(len(item)) - start[g_rows]) < (n - back)[g_rows]
-        seen_len, seen = _distinct(g_rows[before], item[before], len(n), m)
+        before = frel < (n - back)[fg]  # distinct items seen before the target
+        seen_len, seen = np.bincount(fg[before], minlength=len(n)), fitem[before]
         cols = {
             "sample_id": pa.array(ids[user[g]], pa.int64()),
             "user_idx": pa.array(user[g], pa.int64()),
@@ -131,9 +133,10 @@ def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: in
 class _NegativeSampler:
     """Maps per-user uniform draws to items 1..M that are not among the user's positives."""
 
-    def __init__(self, g_rows: np.ndarray, item: np.ndarray, m: int, user: np.ndarray) -> None:
+    def __init__(self, pg: np.ndarray, pos: np.ndarray, m: int, user: np.ndarray) -> None:
+        """``pg``, ``pos``: each user's distinct items, group-major and ascending within a group."""
         self.m, self.user = m, user
-        n_pos, pos = _distinct(g_rows, item, len(user), m)
+        n_pos = np.bincount(pg, minlength=len(user))
         self.avail = m - n_pos
         full = np.flatnonzero(self.avail <= 0)
         if len(full):
@@ -146,7 +149,6 @@ class _NegativeSampler:
         # is x + #{j : q_j <= x}. Keys are offset per user so one searchsorted serves all users.
         self.stride = m + 2
         pstart = np.cumsum(n_pos) - n_pos
-        pg = np.repeat(np.arange(len(user)), n_pos)
         self.pstart = pstart
         self.qkey = pg * self.stride + (pos - (np.arange(len(pos)) - pstart[pg]))
 
@@ -197,10 +199,19 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shift
 
 
-def _distinct(group: np.ndarray, item: np.ndarray, n_groups: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per group the number of distinct items and the items themselves (group-major, ascending)."""
-    key = np.unique(group.astype(np.int64) * (m + 1) + item)
-    return np.bincount(key // (m + 1), minlength=n_groups), (key % (m + 1)).astype(np.int32)
+def _first_occurrences(group: np.ndarray, item: np.ndarray, rel: np.ndarray, m: int):
+    """Distinct ``(group, item)`` pairs sorted by group then item, with the first ``rel`` of each."""
+    key = group.astype(np.int64) * (m + 1) + item
+    o = np.argsort(key, kind="stable")  # stable: the first of equal keys has the smallest rel
+    ks = key[o]
+    first = o[np.r_[True, ks[1:] != ks[:-1]]] if len(ks) else o
+    return group[first], item[first], rel[first]
+
+
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique`` for int64 keys by sort + neighbour compare (numpy 2's hash path is ~10x slower)."""
+    x = np.sort(x)
+    return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
 
 
 def _list(lengths: np.ndarray, values: np.ndarray) -> pa.Array:

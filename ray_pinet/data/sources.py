@@ -183,7 +183,8 @@ def _generic_mapping(src: SourceConfig) -> dict[str, str]:
     mapping.update({c: src.columns[c] for c in OPTIONAL if c in src.columns})
     unknown = sorted(set(src.columns) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
-        raise ConfigError(f"source.columns: unknown canonical column(s) {unknown}; valid: {[*REQUIRED, *OPTIONAL]}")
+        valid = [*REQUIRED, *OPTIONAL]
+        raise ConfigError(f"source.columns: unknown canonical column(s) {unknown}; valid: {valid}")
     return mapping
 
 
@@ -212,7 +213,9 @@ def _csv_chunks(fs, path, name, src: SourceConfig) -> Iterator[tuple[dict[str, p
         if not header:
             bad = {k: v for k, v in mapping.items() if not str(v).isdigit()}
             if bad:
-                raise ConfigError(f"source.columns: without a header, map columns to 0-based indices, got {bad}")
+                raise ConfigError(
+                    f"source.columns: without a header, map columns to 0-based indices, got {bad}"
+                )
             mapping = {k: f"f{int(v)}" for k, v in mapping.items()}
 
     read_opts = dict(block_size=_CSV_BLOCK, use_threads=False)
@@ -253,7 +256,8 @@ def _csv_chunks(fs, path, name, src: SourceConfig) -> Iterator[tuple[dict[str, p
                 file=name, column=canon, row=1, value=delimiter.join(file_cols) if header else None,
             )
     convert = pacsv.ConvertOptions(
-        column_types={c: pa.string() for c in file_cols}, include_columns=list(dict.fromkeys(mapping.values()))
+        column_types={c: pa.string() for c in file_cols},
+        include_columns=list(dict.fromkeys(mapping.values())),
     )
     reader = open_reader(convert)
     if reader is None:
@@ -331,7 +335,9 @@ def _explode_seq(lines: list[bytes], first: int, name: str) -> tuple[dict[str, p
         text = pa.array(lines, pa.binary()).cast(pa.string())
     except pa.ArrowInvalid:
         i = next(i for i, b in enumerate(lines) if not _is_utf8(b))
-        raise DataError("line is not valid UTF-8", file=name, column=USER, row=first + i, value=lines[i]) from None
+        raise DataError(
+            "line is not valid UTF-8", file=name, column=USER, row=first + i, value=lines[i]
+        ) from None
     text = pc.utf8_trim_whitespace(text)
     empty = np.flatnonzero(pc.equal(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False))
     if len(empty):
@@ -341,7 +347,9 @@ def _explode_seq(lines: list[bytes], first: int, name: str) -> tuple[dict[str, p
     lonely = np.flatnonzero(n_items < 1)
     if len(lonely):
         i = int(lonely[0])
-        raise DataError("line has a user id but no items", file=name, column=ITEM, row=first + i, value=text[i].as_py())
+        raise DataError(
+            "line has a user id but no items", file=name, column=ITEM, row=first + i, value=text[i].as_py()
+        )
     parent = np.repeat(np.arange(len(lines)), n_items)
     starts = np.cumsum(n_items) - n_items
     position = np.arange(len(parent), dtype=np.int64) - starts[parent]
@@ -394,7 +402,9 @@ def _parquet_chunks(fs, path, name, mapping: dict[str, str]) -> Iterator[tuple[d
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_canonical(raw: dict[str, pa.Array], lines: _Lines, name: str, unit: str, schema: pa.Schema) -> pa.Table:
+def _to_canonical(
+    raw: dict[str, pa.Array], lines: _Lines, name: str, unit: str, schema: pa.Schema
+) -> pa.Table:
     out = []
     for col in schema.names:
         arr = raw[col]
@@ -420,7 +430,8 @@ class _Err:
         self.name, self.col, self.lines, self.arr = name, col, lines, arr
 
     def __call__(self, reason: str, i: int) -> DataError:
-        return DataError(reason, file=self.name, column=self.col, row=self.lines(i), value=self.arr[i].as_py())
+        row, value = self.lines(i), self.arr[i].as_py()
+        return DataError(reason, file=self.name, column=self.col, row=row, value=value)
 
     def wrong_type(self, expected: str) -> DataError:
         return self(f"column {self.col!r} has type {self.arr.type}, expected {expected}", 0)
@@ -436,8 +447,7 @@ def _strings(arr: pa.Array, err: _Err) -> pa.Array:
     arr = pc.utf8_trim_whitespace(arr)
     empty = pc.equal(pc.utf8_length(arr), 0).to_numpy(zero_copy_only=False)
     if empty.any():
-        i = int(np.flatnonzero(empty)[0])
-        raise DataError(f"empty {err.col!r}", file=err.name, column=err.col, row=err.lines(i), value=err.arr[i].as_py())
+        raise err(f"empty {err.col!r}", int(np.flatnonzero(empty)[0]))
     return arr
 
 
@@ -461,13 +471,15 @@ def _timestamps(arr: pa.Array, unit: str, err: _Err) -> pa.Array:
     ok = pc.match_substring_regex(text, r"^[+-]?[0-9]+(\.0*)?$").to_numpy(zero_copy_only=False)
     if not ok.all():
         raise err(f"unparsable timestamp (expected an integer in unit {unit!r})", int(np.flatnonzero(~ok)[0]))
-    return _cast(pc.replace_substring_regex(text, r"\.0*$", ""), pa.int64(), err, "timestamp out of the int64 range")
+    digits = pc.replace_substring_regex(text, r"\.0*$", "")
+    return _cast(digits, pa.int64(), err, "timestamp out of the int64 range")
 
 
 def _iso_seconds(text: pa.Array, err: _Err) -> pa.Array:
     import pandas as pd
 
-    values = pd.to_datetime(pd.Series(text.to_pylist(), dtype=object), utc=True, format="ISO8601", errors="coerce")
+    raw = pd.Series(text.to_pylist(), dtype=object)
+    values = pd.to_datetime(raw, utc=True, format="ISO8601", errors="coerce")
     bad = values.isna().to_numpy()
     if bad.any():
         raise err("unparsable ISO-8601 timestamp", int(np.flatnonzero(bad)[0]))
@@ -480,7 +492,8 @@ def _numbers(arr: pa.Array, err: _Err) -> pa.Array:
         return arr.cast(pa.float64())
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         raise err.wrong_type("a number")
-    return _cast(pc.utf8_trim_whitespace(arr.cast(pa.string())), pa.float64(), err, f"{err.col!r} is not a number")
+    text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+    return _cast(text, pa.float64(), err, f"{err.col!r} is not a number")
 
 
 def _cast(arr: pa.Array, to: pa.DataType, err: _Err, reason: str) -> pa.Array:

@@ -135,7 +135,10 @@ def _thresholds(a: np.ndarray, s: np.ndarray, cfg: StrataConfig) -> dict[str, An
 
 def format_strata_table(stats: dict[str, Any]) -> str:
     """A plain-text table of ``strata_stats`` output (printed by ``prepare``)."""
-    head = f"{'stratum':>7} {'name':<6} {'users':>10} {'user_share':>10} {'interactions':>12} {'inter_share':>11} {'activeness':>14}"
+    head = (
+        f"{'stratum':>7} {'name':<6} {'users':>10} {'user_share':>10} {'interactions':>12} "
+        f"{'inter_share':>11} {'activeness':>14}"
+    )
     rows = [head]
     for r in stats["strata"]:
         act = f"{r['min_activeness']}..{r['max_activeness']}"

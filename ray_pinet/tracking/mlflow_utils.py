@@ -106,6 +106,7 @@ def log_scoring_model(uri: str, run_id: str, module, input_example, registered_m
             module, name="model", input_example=input_example,
             registered_model_name=registered_model_name,
             pip_requirements=["torch==2.13.0"],
+            serialization_format="pickle",  # pt2 export cannot trace the data-dependent routing
         )
     # start_run(run_id) ends the run as FINISHED on exit; the caller decides the final status.
     return info.model_uri

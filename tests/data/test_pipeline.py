@@ -63,7 +63,8 @@ def test_users_items_and_strata(prepared):
         {"user_idx": 2, "user_id": "u4", "activeness": 3, "stratum": 1},
     ]
     items = pq.read_table(out / "items.parquet")
-    assert items["item_id"].to_pylist() == list("ABCDEFGPQRSWXYZ") and items["item_idx"].to_pylist() == list(range(1, 16))
+    assert items["item_id"].to_pylist() == list("ABCDEFGPQRSWXYZ")
+    assert items["item_idx"].to_pylist() == list(range(1, 16))
     assert dict(zip(items["item_id"].to_pylist(), items["count"].to_pylist()))["P"] == 1  # u4 train: P Q R
     assert res.strata["priors"]["user_share"] == pytest.approx([1 / 3, 2 / 3])
     assert res.strata["priors"]["interaction_share"] == pytest.approx([2 / 10, 8 / 10])
@@ -81,10 +82,14 @@ def test_leave_one_out_and_windows(prepared):
     ]
     valid, test = rows(out, "valid"), rows(out, "test")
     assert [(r["user_idx"], r["history"], r["target"], r["seen"]) for r in valid] == [
-        (0, seq("DE"), IDX["F"], seq("ABCDE")), (1, seq("ZX"), IDX["Y"], seq("XZ")), (2, seq("QR"), IDX["P"], seq("PQR")),
+        (0, seq("DE"), IDX["F"], seq("ABCDE")),
+        (1, seq("ZX"), IDX["Y"], seq("XZ")),
+        (2, seq("QR"), IDX["P"], seq("PQR")),
     ]
     assert [(r["user_idx"], r["history"], r["target"], r["seen"]) for r in test] == [
-        (0, seq("EF"), IDX["G"], seq("ABCDEF")), (1, seq("XY"), IDX["W"], seq("XYZ")), (2, seq("RP"), IDX["S"], seq("PQR")),
+        (0, seq("EF"), IDX["G"], seq("ABCDEF")),
+        (1, seq("XY"), IDX["W"], seq("XYZ")),
+        (2, seq("RP"), IDX["S"], seq("PQR")),
     ]
     assert [r["sample_id"] for r in valid] == [0, 1, 2] == [r["sample_id"] for r in test]
 
@@ -127,7 +132,8 @@ def test_pair_duplicates_unseen_drop_and_candidates(ray_cluster, log, tmp_path):
 
 
 def test_candidates_exclude_positives(ray_cluster, log, tmp_path):
-    res = run(log, tmp_path / "c", samples={"max_len": 2, "eval_candidates": 5}, strata={"mode": "min_count", "tau": 3})
+    res = run(log, tmp_path / "c", samples={"max_len": 2, "eval_candidates": 5},
+              strata={"mode": "min_count", "tau": 3})
     positives = {0: set(seq("ABCDEFG")), 1: set(seq("XYZW")), 2: set(seq("PQRS"))}
     for r in rows(res.output, "test"):
         assert len(set(r["candidates"])) == 5 and not positives[r["user_idx"]] & set(r["candidates"])
@@ -141,7 +147,8 @@ def test_filters_behaviours_and_min_rating(ray_cluster, tmp_path):
         "d,1,1,2,buy",  # d: all rows below min_rating
         "e,1,1,5,buy", "e,2,2,5,buy", "e,3,3,5,buy",
     ])
-    res = run(f, tmp_path / "o", source={"columns": {"rating": "rating", "behavior": "behavior"}, "behaviors": ["buy"]},
+    source = {"columns": {"rating": "rating", "behavior": "behavior"}, "behaviors": ["buy"]}
+    res = run(f, tmp_path / "o", source=source,
               clean={"min_rating": 3}, strata={"q": 0.5})
     r = res.report
     assert (filt(r, "behaviors")["removed_rows"], filt(r, "behaviors")["removed_users"]) == (3, 1)

@@ -1,8 +1,14 @@
-"""``prepare`` end to end on the real datasets (../shared/data; skipped when absent)."""
+"""``prepare`` end to end on the real datasets (../shared/data; skipped when absent).
+
+Beauty runs through the CLI entry (``add_prepare_args``/``run_prepare``, what ``ray-pinet prepare``
+calls) with ``configs/prepare/beauty.yaml``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_pinet.config_base import from_dict
+from ray_pinet.data.cli_args import add_prepare_args, run_prepare
 from ray_pinet.data.config import PrepareConfig
 from ray_pinet.data.pipeline import prepare
-from tests.conftest import shared_file
+from ray_pinet.data.prepared import load_meta
+from tests.conftest import REPO, shared_file
 from tests.data.helpers import filt
 
 BEAUTY = "amazon-iclrec/Beauty.txt"
@@ -28,8 +36,17 @@ def _prepare(fmt: str, path, out, **sections):
 
 @pytest.fixture(scope="module")
 def beauty(ray_cluster, tmp_path_factory):
-    path = shared_file(BEAUTY)
-    return _prepare("amazon_seq", path, tmp_path_factory.mktemp("beauty") / "out")
+    out = tmp_path_factory.mktemp("beauty") / "out"
+    args = add_prepare_args(argparse.ArgumentParser()).parse_args([
+        "--config", str(REPO / "configs/prepare/beauty.yaml"), "--path", str(shared_file(BEAUTY)),
+        "--output", str(out), "--set", "num_buckets=4", "--no-progress",
+    ])
+    assert run_prepare(args) == 0
+    return SimpleNamespace(
+        output=out,
+        report=json.loads((out / "report.json").read_text()),
+        strata=json.loads((out / "strata.json").read_text()),
+    )
 
 
 def test_beauty_end_to_end_counts_and_strata(beauty):
@@ -53,7 +70,10 @@ def test_beauty_end_to_end_counts_and_strata(beauty):
     act, st = users["activeness"].to_numpy(), users["stratum"].to_numpy()
     assert act[st == 1].min() >= act[st == 0].max()
     cfg = json.loads((out / "prepare_config.json").read_text())
-    assert cfg["source"]["format"] == "amazon_seq" and cfg["strata"]["q"] == 0.2
+    assert cfg["source"]["format"] == "amazon_seq" and cfg["strata"]["q"] == 0.2 and cfg["num_buckets"] == 4
+    meta = load_meta(out)
+    assert (meta.num_users, meta.num_items, meta.num_strata, meta.max_len) == (22_363, 12_101, 2, 50)
+    assert meta.user_share == strata["priors"]["user_share"] and meta.split_files("train")
     for split in ("valid", "test"):
         assert pq.read_table(out / split).num_rows == 22_363
     train = pq.read_table(out / "train")

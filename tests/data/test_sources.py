@@ -43,7 +43,8 @@ def test_magazine_item_first_and_taobao_behaviours():
     mag, _ = read_all(shared_file("amazon2018-magazine-subscriptions/Magazine_Subscriptions.csv"), "amazon2018_csv")
     first = shared_file("amazon2018-magazine-subscriptions/Magazine_Subscriptions.csv").read_text().split("\n")[0]
     item, user, rating, ts = first.split(",")
-    assert mag.slice(0, 1).to_pylist()[0] == {"user_id": user, "item_id": item, "timestamp": int(ts), "rating": float(rating)}
+    expected = {"user_id": user, "item_id": item, "timestamp": int(ts), "rating": float(rating)}
+    assert mag.slice(0, 1).to_pylist()[0] == expected
     _, stats = read_all(shared_file("taobao-userbehavior-head/UserBehavior_head.csv"), "taobao_csv")
     assert dict(stats.behaviors) == {"pv": 75_693, "cart": 4_494, "fav": 2_351, "buy": 1_749}
 

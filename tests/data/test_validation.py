@@ -103,7 +103,8 @@ def test_blank_line_is_reported_with_its_line_number(tmp_path):
 
 
 def test_unparsable_timestamp(tmp_path):
-    f = write_csv(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp", ["1,2,4.0,10", "1,3,4.0,11", "1,4,4.0,12", "2,5,3.0,2020-01-01"])
+    f = write_csv(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp",
+                  ["1,2,4.0,10", "1,3,4.0,11", "1,4,4.0,12", "2,5,3.0,2020-01-01"])
     with pytest.raises(DataError, match="unparsable timestamp") as exc:
         read(f, "movielens_csv")
     check(exc, f, "timestamp", 5, "2020-01-01")
@@ -111,7 +112,8 @@ def test_unparsable_timestamp(tmp_path):
     with pytest.raises(DataError, match="ISO-8601") as exc:
         read(iso, timestamp_unit="iso")
     check(exc, iso, "timestamp", 3, "yesterday")
-    ok = write_csv(tmp_path / "ok.csv", "user_id,item_id,timestamp", ["1,2,1970-01-01T00:01:05.9", "1,3,1970-01-01 00:00:02+00:00"])
+    ok = write_csv(tmp_path / "ok.csv", "user_id,item_id,timestamp",
+                   ["1,2,1970-01-01T00:01:05.9", "1,3,1970-01-01 00:00:02+00:00"])
     assert read(ok, timestamp_unit="iso")[0]["timestamp"].to_pylist() == [65, 2]
 
 

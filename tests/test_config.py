@@ -1,0 +1,50 @@
+"""Config validation: unknown keys and bad values stop with the dotted key; overrides parse."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_pinet.cli import main
+from ray_pinet.config import TrainConfig
+from ray_pinet.config_base import ConfigError
+
+
+def test_defaults_round_trip():
+    cfg = TrainConfig()
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_unknown_key_names_the_dotted_path():
+    with pytest.raises(ConfigError, match=r"'optim.bogus'.*valid keys: batch_size"):
+        TrainConfig.from_yaml(None, ["optim.bogus=1"])
+    with pytest.raises(ConfigError, match="'nope'"):
+        TrainConfig.from_dict({"nope": 1})
+
+
+@pytest.mark.parametrize("override,match", [
+    ("ga.prior=median", "ga.prior"),
+    ("optim.batch_size=abc", "optim.batch_size"),
+    ("run.num_workers=0", "num_workers"),
+    ("method=separate", "method"),
+])
+def test_bad_values_are_rejected(override, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_yaml(None, [override])
+
+
+def test_din_needs_candidates_and_bce():
+    with pytest.raises(ConfigError, match="din"):
+        TrainConfig.from_yaml(None, ["model.backbone=din"])
+    cfg = TrainConfig.from_yaml(None, ["model.backbone=din", "loss=bce", "eval.candidates=100"])
+    assert cfg.model.backbone == "din"
+
+
+def test_overrides_are_typed_yaml():
+    cfg = TrainConfig.from_yaml(None, ["optim.lr=5e-4", "stage2.freeze_backbone=false", "ga.alpha=-0.5"])
+    assert cfg.optim.lr == 5e-4 and cfg.stage2.freeze_backbone is False and cfg.ga.alpha == -0.5
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["train", "--set", "optim.bogus=1", "--print-config"]) == 2
+    assert "optim.bogus" in capsys.readouterr().err
