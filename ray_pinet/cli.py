@@ -24,6 +24,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke-test", action="store_true",
                    help="a tiny run (2 epochs, small model) to check the installation end to end")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--retrain-stage1", action="store_true",
+                   help="with --method joint --method pinet: train pinet's stage 1 even when it "
+                        "equals joint training (by default pinet then starts from joint's backbone)")
     p.add_argument("--json", metavar="PATH", help="write the final metrics of every method to this JSON file")
 
 
@@ -52,6 +55,13 @@ def run_train(args: argparse.Namespace) -> int:
             args.config, overrides + [f"method={method}"]
             + ([f"run.name={cfg.run.name}-{method}"] if len(methods) > 1 else [])
         )
+        if (method == "pinet" and "joint" in results and mcfg.stage1_is_joint
+                and not args.retrain_stage1 and not mcfg.run.init_from):
+            # Stage 1 with the interaction-share prior is joint training: same data, model and
+            # schedule give the same backbone, so pinet starts from the joint run's.
+            mcfg.run.init_from = results["joint"].checkpoint_path
+            print(f"pinet stage 1 = joint training (ga.prior={mcfg.ga.prior}, alpha={mcfg.ga.alpha}): "
+                  f"starting from the joint backbone ({mcfg.run.init_from}); --retrain-stage1 to retrain")
         print(f"\n=== {method}: {mcfg.model.backbone} on {mcfg.data.path} "
               f"({mcfg.run.num_workers} worker(s), run {mcfg.run.name}) ===", flush=True)
         res = fit(mcfg)

@@ -114,6 +114,12 @@ class RunSection:
     max_failures: int = 0
     progress: bool = True
     collective_timeout_s: int = 600
+    # Checkpoint directory (holding state.pt) of a finished run whose trained backbone starts
+    # this pinet run: stage 1 is skipped. `train --method joint --method pinet` sets it to the
+    # joint run when pinet's stage 1 would be joint training (ga prior power/alpha=0 or
+    # interaction_share): same data, model and schedule give the same backbone, so it is
+    # trained once. The path must be readable by every worker (shared storage on a cluster).
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -145,6 +151,9 @@ class TrainConfig:
             )
         if not math.isfinite(self.ga.alpha):
             raise ConfigError("ga.alpha must be finite")
+        if self.run.init_from and self.method != "pinet":
+            raise ConfigError("run.init_from starts pinet's stage 2 from a trained backbone; "
+                              f"method is {self.method!r}")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -158,6 +167,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    @property
+    def stage1_is_joint(self) -> bool:
+        """True when pinet's stage 1 computes exactly joint training's gradient: the GA prior is
+        the batch's interaction share (power with alpha = 0, or interaction_share itself)."""
+        return self.ga.prior == "interaction_share" or (self.ga.prior == "power" and self.ga.alpha == 0.0)
 
     @property
     def uses_plugins(self) -> bool:

@@ -48,3 +48,12 @@ def test_overrides_are_typed_yaml():
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["train", "--set", "optim.bogus=1", "--print-config"]) == 2
     assert "optim.bogus" in capsys.readouterr().err
+
+
+def test_init_from_is_for_pinet_only_and_stage1_equivalence():
+    with pytest.raises(ConfigError, match="init_from"):
+        TrainConfig.from_dict({"method": "joint", "run": {"init_from": "runs/x"}})
+    assert TrainConfig.from_dict({"ga": {"prior": "power", "alpha": 0.0}}).stage1_is_joint
+    assert TrainConfig.from_dict({"ga": {"prior": "interaction_share"}}).stage1_is_joint
+    assert not TrainConfig.from_dict({"ga": {"prior": "power", "alpha": 0.5}}).stage1_is_joint
+    assert not TrainConfig.from_dict({"ga": {"prior": "user_share"}}).stage1_is_joint

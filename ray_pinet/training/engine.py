@@ -97,6 +97,7 @@ class Engine:
         log: Callable[[dict, int], None] = lambda m, s: None,
         say: Callable[[str], None] = print,
         resume_state: Optional[dict] = None,
+        init_backbone: Optional[dict] = None,
     ):
         self.cfg, self.meta = cfg, meta
         self.rank, self.world = rank_and_world()
@@ -120,6 +121,11 @@ class Engine:
         self.opt_state: dict[str, Any] = {}
         if resume_state is not None:
             self._restore(resume_state)
+        elif init_backbone is not None:
+            # Stage 1 was trained by another run (run.init_from): take its backbone as is.
+            self.model.backbone.load_state_dict(init_backbone)
+            self.state.stage1_done = True
+            self.say("stage 1: backbone taken from run.init_from; training starts at stage 2")
 
     # -- checkpoint state ----------------------------------------------------------------------
     def snapshot(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict:

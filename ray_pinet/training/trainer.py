@@ -106,6 +106,23 @@ def _check_compatible(cfg: TrainConfig, meta: RunMeta, path: Path) -> None:
         )
 
 
+def check_init_from(cfg: TrainConfig, meta: RunMeta) -> None:
+    """run.init_from must be a finished checkpoint of the same model on the same data."""
+    state = Path(cfg.run.init_from) / STATE_FILE
+    if not state.exists():
+        raise ValueError(f"run.init_from={cfg.run.init_from!r}: no {STATE_FILE} there")
+    snap = torch.load(state, map_location="cpu", weights_only=False)
+    other = TrainConfig.from_dict(snap["config"])
+    if other.model != cfg.model:
+        raise ValueError(f"run.init_from={cfg.run.init_from!r} holds model {other.model}, this run has {cfg.model}")
+    if Path(other.data.path).resolve() != Path(cfg.data.path).resolve() or snap["meta"]["num_items"] != meta.num_items:
+        raise ValueError(f"run.init_from={cfg.run.init_from!r} was trained on {other.data.path}, "
+                         f"this run reads {cfg.data.path}")
+    if snap["engine"].get("stage", 1) != 3:
+        raise ValueError(f"run.init_from={cfg.run.init_from!r} is not a finished run (stage "
+                         f"{snap['engine'].get('stage')}): finish or resume it first")
+
+
 def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
     import ray
     import ray.data
@@ -118,6 +135,8 @@ def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
     path = ensure_prepared(cfg, progress=progress)
     meta = load_run_meta(path)
     _check_compatible(cfg, meta, path)
+    if cfg.run.init_from:
+        check_init_from(cfg, meta)
     if not ray.is_initialized():
         init_local_ray()
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())

@@ -67,6 +67,13 @@ def _read_shard(name: str) -> pa.Table:
     return pa.concat_tables(parts)
 
 
+def load_backbone_state(checkpoint_dir: str) -> dict:
+    """The backbone weights (``backbone.`` keys, prefix removed) of a run's checkpoint."""
+    snap = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in snap["model"].items() if k.startswith(prefix)}
+
+
 def mlflow_key(key: str) -> str:
     # MLflow metric names allow letters, digits, _ - . / and spaces, not '@'.
     return key.replace("@", "_at_")
@@ -121,12 +128,17 @@ def train_func(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    init_backbone = None
+    if resume is None and cfg.run.init_from:
+        init_backbone = load_backbone_state(cfg.run.init_from)
+
     engine = Engine(
         cfg, meta, _read_shard("train"), _read_shard("valid"), _read_shard("test"),
         report=report,
         log=_mlflow_logger(config.get("mlflow")) if rank == 0 else (lambda m, s: None),
         say=lambda s: print(f"[ray-pinet] {s}", flush=True),
         resume_state=resume,
+        init_backbone=init_backbone,
     )
     if resume is not None and rank == 0:
         print(f"[ray-pinet] resumed at stage {engine.state.stage}, epoch {engine.state.epoch} "

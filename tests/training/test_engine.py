@@ -40,7 +40,7 @@ def eval_table(p: ex.Problem, seed: int) -> pa.Table:
     })
 
 
-def make_engine(overrides=None, resume=None, reports=None):
+def make_engine(overrides=None, resume=None, reports=None, init_backbone=None):
     d = {
         "method": "pinet",
         "model": {"dim": 16, "num_blocks": 1, "dropout": 0.0, "max_len": P.max_len},
@@ -49,6 +49,9 @@ def make_engine(overrides=None, resume=None, reports=None):
         "run": {"progress": False},
     }
     for k, v in (overrides or {}).items():
+        if "." not in k:
+            d[k] = v
+            continue
         sec, key = k.split(".")
         d.setdefault(sec, {})[key] = v
     cfg = TrainConfig.from_dict(d)
@@ -56,7 +59,8 @@ def make_engine(overrides=None, resume=None, reports=None):
                    user_share=[0.8, 0.2], interaction_share=[0.5, 0.5])
     reports = [] if reports is None else reports
     return Engine(cfg, meta, ex.synthetic_train_table(P), eval_table(P, 1), eval_table(P, 2),
-                  report=lambda m, s: reports.append((m, s)), say=lambda s: None, resume_state=resume)
+                  report=lambda m, s: reports.append((m, s)), say=lambda s: None, resume_state=resume,
+                  init_backbone=init_backbone)
 
 
 def test_engine_runs_both_stages_and_reports_every_epoch():
@@ -121,3 +125,17 @@ def test_compose_plugin_states_takes_each_stratum_from_its_best_epoch():
     for k, v in out.items():
         if owner(k) is not None:
             assert torch.all(v == (1.0, 2.0)[owner(k)]), k
+
+
+def test_init_backbone_skips_stage1_and_starts_from_the_given_backbone():
+    """run.init_from: pinet's stage 1 = joint, so pinet may start from joint's trained backbone.
+    Its stage-1 test scores then equal joint's final ones exactly, and only stage 2 trains."""
+    joint_reports = []
+    joint_final = make_engine({"method": "joint"}, reports=joint_reports).run()
+    backbone = {k[len("backbone."):]: v for k, v in joint_reports[-1][1]["model"].items()
+                if k.startswith("backbone.")}
+    reports = []
+    final = make_engine(reports=reports, init_backbone=backbone).run()
+    assert [m.get("stage") for m, _ in reports[:-1]] == [2.0, 2.0, 2.0]  # no stage-1 epoch
+    for name in ("tail", "head", "all"):
+        assert final[f"stage1_test/{name}/ndcg@10"] == joint_final[f"test/{name}/ndcg@10"]

@@ -1,6 +1,7 @@
-"""End to end on real data: bundled ml-latest-small -> prepare -> 2-worker pinet on Ray Train ->
-MLflow run with config, per-stratum metrics, plots, stratum statistics and a servable model;
-rerunning the same run name resumes instead of retraining."""
+"""End to end on real data, the README's main job in miniature: bundled ml-latest-small -> prepare
+-> 2-worker joint, then pinet starting from joint's backbone (its stage 1 is joint training) on
+Ray Train -> MLflow runs with config, per-stratum metrics, plots, stratum statistics and a
+servable model; rerunning the same command resumes instead of retraining."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ def trained(ray_cluster, tmp_path_factory):
         "train", "--config", str(REPO / "configs/ml-latest-small.yaml"),
         "--set", f"data.path={tmp / 'prepared'}",
         "--set", f"data.prepare={REPO / 'configs/prepare/ml-latest-small.yaml'}",
-        "--set", f"run.storage_path={tmp / 'runs'}", "--set", "run.name=e2e-pinet",
+        "--set", f"run.storage_path={tmp / 'runs'}", "--set", "run.name=e2e",
         "--set", "run.num_workers=2", "--set", "run.cpus_per_worker=0.5", "--set", "run.progress=false",
         "--set", "model.dim=16", "--set", "model.num_blocks=1",
         "--set", "optim.max_epochs=2", "--set", "stage2.max_epochs=1",
-        "--set", f"tracking.tracking_uri={uri}", "--set", "method=pinet",
+        "--set", f"tracking.tracking_uri={uri}", "--method", "joint", "--method", "pinet",
         "--json", str(tmp / "final.json"),
     ]
     # The prepare config writes relative to the repo; run from there.
@@ -40,11 +41,12 @@ def trained(ray_cluster, tmp_path_factory):
         assert main(args) == 0
     finally:
         os.chdir(cwd)
-    return tmp, uri, args, json.loads((tmp / "final.json").read_text())["pinet"]
+    both = json.loads((tmp / "final.json").read_text())
+    return tmp, uri, args, both["pinet"], both["joint"]
 
 
 def test_final_metrics_per_stratum(trained):
-    _, _, _, final = trained
+    _, _, _, final, _ = trained
     for s in ("tail", "head", "all"):
         for m in ("ndcg@10", "hr@10", "auc", "gauc"):
             assert 0.0 <= final[f"test/{s}/{m}"] <= 1.0
@@ -55,10 +57,18 @@ def test_final_metrics_per_stratum(trained):
     assert final["test/all/auc"] > 0.6
 
 
+def test_pinet_starts_from_the_joint_backbone(trained):
+    _, _, _, pinet, joint = trained
+    # stage 1 was not retrained: the backbone-only scores of pinet are joint's final scores
+    for s in ("tail", "head", "all"):
+        assert pinet[f"stage1_test/{s}/ndcg@10"] == pytest.approx(joint[f"test/{s}/ndcg@10"], abs=1e-12)
+        assert pinet[f"stage1_test/{s}/auc"] == pytest.approx(joint[f"test/{s}/auc"], abs=1e-12)
+
+
 def test_mlflow_run_holds_config_metrics_plots_and_model(trained):
     from mlflow.tracking import MlflowClient
 
-    tmp, uri, _, _ = trained
+    tmp, uri, _, _, _ = trained
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ray-pinet")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`ray_pinet.run_name` = 'e2e-pinet'")
@@ -72,7 +82,8 @@ def test_mlflow_run_holds_config_metrics_plots_and_model(trained):
                  "plots/test_metrics_by_stratum.png", "data/strata.json", "data/report.json"):
         assert name in arts, (name, arts)
     hist = client.get_metric_history(run.info.run_id, "val/tail/ndcg_at_10")
-    assert len(hist) >= 3  # stage-1 and stage-2 epochs
+    assert len(hist) >= 1  # stage-2 epochs (stage 1 is the joint run's)
+    assert "checkpoint" in run.data.params["run.init_from"]
     cfg = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp))).read_text())
     assert cfg["run"]["num_workers"] == 2
 
@@ -97,10 +108,12 @@ def test_mlflow_run_holds_config_metrics_plots_and_model(trained):
 def test_rerun_with_same_name_resumes(trained, capsys):
     import os
 
-    tmp, _, args, final = trained
+    tmp, _, args, final, _ = trained
     os.chdir(REPO)
     assert main(args) == 0
-    again = json.loads((tmp / "final.json").read_text())["pinet"]
+    both = json.loads((tmp / "final.json").read_text())
+    again = both["pinet"]
+    assert both["joint"]["train_seconds"] == pytest.approx(trained[4]["train_seconds"])
     # resumed from the finished checkpoint: same model, same test metrics, no retraining
     assert again["test/all/ndcg@10"] == pytest.approx(final["test/all/ndcg@10"], abs=1e-9)
     assert again["train_seconds"] == pytest.approx(final["train_seconds"])
