@@ -106,6 +106,26 @@ def _check_compatible(cfg: TrainConfig, meta: RunMeta, path: Path) -> None:
         )
 
 
+def read_splits(path: Path) -> dict:
+    """The three prepared splits as Ray Datasets (read lazily, sharded in ``ShardBySampleId``).
+
+    Ray 2.60's DataSourceV2 Parquet reader plans each execution with a ListFiles task that took
+    8 s per dataset on a 2-core node (6 executions per 2-worker fit: ~60 s before the first
+    step, benchmarks/results/ingest.md); the V1 reader lists on the driver and its executions
+    take 0.1-0.5 s once workers are warm. The flag is read when the dataset is planned, so it
+    is set here, on the driver, for these reads only.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
 def check_init_from(cfg: TrainConfig, meta: RunMeta) -> None:
     """run.init_from must be a finished checkpoint of the same model on the same data."""
     state = Path(cfg.run.init_from) / STATE_FILE
@@ -156,7 +176,7 @@ def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
                     mu.log_artifact(uri, run_id, path / name, "data")
         mlflow_info = {"tracking_uri": uri, "run_id": run_id}
 
-    datasets = {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
+    datasets = read_splits(path)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info},
