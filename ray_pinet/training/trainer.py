@@ -113,17 +113,20 @@ def read_splits(path: Path) -> dict:
     8 s per dataset on a 2-core node (6 executions per 2-worker fit: ~60 s before the first
     step, benchmarks/results/ingest.md); the V1 reader lists on the driver and its executions
     take 0.1-0.5 s once workers are warm. The flag is read when the dataset is planned, so it
-    is set here, on the driver, for these reads only.
+    is set here, on the driver, for these reads only. Each Dataset deep-copies the context when
+    it is created, so the workers' shard iterators also get no progress bars: theirs never
+    closed and were redrawn into the console for the whole run; rank 0 prints one line per
+    epoch instead.
     """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
+    previous = ctx.use_datasource_v2, ctx.enable_progress_bars
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     try:
         return {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
     finally:
-        ctx.use_datasource_v2 = previous
+        ctx.use_datasource_v2, ctx.enable_progress_bars = previous
 
 
 def check_init_from(cfg: TrainConfig, meta: RunMeta) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Optional
 
@@ -136,11 +137,13 @@ def train_func(config: dict[str, Any]) -> None:
         cfg, meta, _read_shard("train"), _read_shard("valid"), _read_shard("test"),
         report=report,
         log=_mlflow_logger(config.get("mlflow")) if rank == 0 else (lambda m, s: None),
-        say=lambda s: print(f"[ray-pinet] {s}", flush=True),
+        # Train V2 patches print() into its logger and, when stdout is wrapped, also tees it:
+        # every line reached the console twice. sys.__stdout__ takes exactly one of the paths.
+        say=lambda s: print(f"[ray-pinet] {s}", flush=True, file=sys.__stdout__),
         resume_state=resume,
         init_backbone=init_backbone,
     )
     if resume is not None and rank == 0:
         print(f"[ray-pinet] resumed at stage {engine.state.stage}, epoch {engine.state.epoch} "
-              f"(world size {world})", flush=True)
+              f"(world size {world})", flush=True, file=sys.__stdout__)
     engine.run()
