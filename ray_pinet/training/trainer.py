@@ -56,7 +56,11 @@ def init_local_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env)
     else:
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, runtime_env=env)
+        # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls
+        # (without it: a warning every few seconds and no clean-up of orphaned placement
+        # groups) and the Ray dashboard users expect; loopback only.
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env=env)
 
 
 def ensure_prepared(cfg: TrainConfig, progress: bool = True) -> Path:
