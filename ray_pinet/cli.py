@@ -1,4 +1,4 @@
-"""``ray-pinet``: prepare | synth | train | compare-quick.
+"""``ray-pinet``: prepare | synth | train | compare.
 
 ``main(argv)`` is importable so tests call the CLI in-process (no subprocess, no sys.argv).
 """
@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ray_pinet.config import METHODS
 from ray_pinet.config_base import ConfigError
 
 
@@ -18,7 +19,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="train config YAML (configs/*.yaml); defaults when omitted")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=5e-4 (repeatable)")
-    p.add_argument("--method", action="append", choices=["joint", "pinet"],
+    p.add_argument("--method", action="append", choices=list(METHODS),
                    help="train these methods one after the other and print their comparison "
                         "(repeatable; default: the config's method)")
     p.add_argument("--smoke-test", action="store_true",
@@ -64,7 +65,8 @@ def run_train(args: argparse.Namespace) -> int:
                   f"starting from the joint backbone ({mcfg.run.init_from}); --retrain-stage1 to retrain")
         print(f"\n=== {method}: {mcfg.model.backbone} on {mcfg.data.path} "
               f"({mcfg.run.num_workers} worker(s), run {mcfg.run.name}) ===", flush=True)
-        res = fit(mcfg)
+        base = results["joint"].checkpoint_path if method == "finetune" and "joint" in results else None
+        res = fit(mcfg, base_checkpoint=base)
         results[method] = res
         k = mcfg.eval.k
         print(f"\n{method} — test metrics per stratum")
@@ -99,6 +101,71 @@ def comparison_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="train config YAML: the shared settings of every cell")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every cell (repeatable)")
+    p.add_argument("--methods", nargs="+", default=["joint", "pinet", "separate", "finetune", "reweight", "transfer"],
+                   choices=list(METHODS), help="methods to compare (joint is always included)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD:key=value,...",
+                   help="an extra cell (ablation), e.g. pinet-uniform=pinet:ga.prior=uniform (repeatable)")
+    p.add_argument("--backbones", nargs="+", default=None, help="default: the config's model.backbone")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--name", default=None, help="grid name (run names, MLflow parent run); default: config name")
+    p.add_argument("--output", default=None, help="report directory (default reports/<name>)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny cells (2 epochs, small model), 2 seeds")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from ray_pinet.compare.grid import build_cells, run_grid
+    from ray_pinet.compare.report import write_report
+    from ray_pinet.config import TrainConfig
+    from ray_pinet.tracking import mlflow_utils as mu
+
+    overrides = list(args.set)
+    seeds = args.seeds
+    if args.smoke_test:
+        overrides = SMOKE_OVERRIDES + ["finetune.max_epochs=1", "transfer.inner_steps=2"] + overrides
+        seeds = seeds[:2]
+    base = TrainConfig.from_yaml(args.config, overrides)  # validates the shared settings early
+    cells = build_cells(args.methods, args.variant)
+    for c in cells:  # and every cell's overrides, before hours of training
+        TrainConfig.from_yaml(args.config, overrides + [f"method={c.method}"] + c.overrides)
+    backbones = args.backbones or [base.model.backbone]
+    name = args.name or f"compare-{base.run.name}"
+    output = Path(args.output or f"reports/{name}")
+    command = "ray-pinet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "ray-pinet compare"
+    print(f"compare {name}: {len(cells)} cells x {len(backbones)} backbone(s) x {len(seeds)} seed(s) "
+          f"-> {output}", flush=True)
+    uri = parent = None
+    if base.tracking.enabled:
+        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,
+                                      str(Path(base.run.storage_path).expanduser().resolve()))
+        parent, _ = mu.start_or_resume_run(
+            uri, base.tracking.experiment, name,
+            {"config": args.config, "overrides": overrides, "cells": [c.__dict__ for c in cells],
+             "backbones": backbones, "seeds": seeds},
+            tags={"kind": "compare"},
+        )
+    try:
+        results = run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent)
+        files = write_report(results, output, f"ray-pinet compare: {name}", command)
+    except BaseException:
+        if uri and parent:
+            mu.finish_run(uri, parent, status="FAILED")
+        raise
+    if uri and parent:
+        for f in files.values():
+            mu.log_artifact(uri, parent, f, "report")
+        mu.finish_run(uri, parent)
+    print("\n" + files["report.md"].read_text())
+    print(f"report: {output}/report.md, {output}/report.html" + (f"; MLflow parent run {parent}" if parent else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ray_pinet.data.cli_args import add_prepare_args, add_synth_args
 
@@ -110,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_prepare_args(sub.add_parser("prepare", help="raw behaviour log -> strata + leave-one-out samples"))
     add_synth_args(sub.add_parser("synth", help="write a seeded synthetic long-tail log"))
-    _add_train_args(sub.add_parser("train", help="train joint / pinet on Ray Train, tracked in MLflow"))
+    _add_train_args(sub.add_parser("train", help="train joint / pinet / baselines on Ray Train, tracked in MLflow"))
+    _add_compare_args(sub.add_parser("compare", help="methods x backbones x seeds -> head/tail report"))
     return parser
 
 
@@ -129,6 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_synth(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "compare":
+            return run_compare(args)
     except ConfigError as exc:
         print(f"ray-pinet: config error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,11 @@ from typing import Any, Literal, Optional
 from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ray_pinet.models.config import ModelConfig, PluginConfig
 
-METHODS = ("joint", "pinet")
+# joint / pinet: one backbone. reweight: joint with static per-stratum sample weights (to the
+# user-share prior). transfer: Yin et al. (methods.md §2). separate / finetune: one backbone per
+# stratum (K runs of the trainer on one stratum's rows each, `training/per_stratum.py`).
+METHODS = ("joint", "pinet", "separate", "finetune", "reweight", "transfer")
+PER_STRATUM_METHODS = ("separate", "finetune")
 
 
 @dataclass
@@ -24,6 +28,10 @@ class DataSection:
     path: str = "prepared/ml-latest-small"
     # Optional prepare config: when `path` does not hold prepared data yet, train runs prepare first.
     prepare: Optional[str] = None
+    # Train on these strata's rows only (None = all). Evaluation always covers every stratum.
+    # `separate` and `finetune` set it per stratum; exact under data-parallel training (the
+    # global batches are drawn from the selected ids, identically on every rank).
+    train_strata: Optional[list[int]] = None
 
 
 @dataclass
@@ -68,6 +76,58 @@ class Stage2Config:
 
 
 @dataclass
+class FinetuneConfig:
+    """``finetune`` (baseline): joint training, then one copy of the backbone per stratum trained
+    on that stratum's rows only (no GA), selected on that stratum's validation metric."""
+
+    lr: float = 1e-4
+    max_epochs: int = 20
+    patience: int = 2
+    max_minutes: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.max_epochs < 1:
+            raise ConfigError("finetune.lr must be > 0 and finetune.max_epochs >= 1")
+
+
+@dataclass
+class ReweightConfig:
+    """``reweight`` (baseline): static per-stratum weights w_s = (n_s / C_s)^power, n_s the
+    stratum's share of training users and C_s its share of training interactions (strata.json);
+    the loss is the w-weighted mean over the global batch. power 1 = reweighted to the
+    user-share prior (tail up-weighted); 0 = joint."""
+
+    power: float = 1.0
+
+
+@dataclass
+class TransferConfig:
+    """``transfer`` (baseline): Yin et al., KDD 2020, methods.md §2 (first-order Reptile over user
+    tasks + head/tail discriminator behind gradient reversal).
+
+    One iteration: ``trajectories`` parallel inner loops of ``inner_steps`` tasks each (a task =
+    ``users_per_task`` training rows of distinct users), fresh inner Adam (``inner_lr``) per
+    trajectory; outer update θ ← θ + outer_lr · mean_j(θ_k^j − θ_0). One epoch visits every
+    training row once. ``trajectories`` must be a multiple of the worker count: trajectory j
+    takes rows with sample_id ≡ j (mod trajectories), so it lives on one rank, whatever W.
+    """
+
+    inner_steps: int = 5
+    inner_lr: float = 1e-3
+    outer_lr: float = 1.0
+    users_per_task: int = 1
+    trajectories: int = 4
+    adv_weight: float = 0.1  # λ; 0 disables the adversarial part
+    disc_hidden: int = 0  # 0 = model.dim
+
+    def validate(self) -> None:
+        if min(self.inner_steps, self.users_per_task, self.trajectories) < 1:
+            raise ConfigError("transfer.inner_steps, users_per_task and trajectories must be >= 1")
+        if self.inner_lr <= 0 or self.outer_lr <= 0 or self.adv_weight < 0:
+            raise ConfigError("transfer.inner_lr and outer_lr must be > 0, adv_weight >= 0")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -90,6 +150,9 @@ class EvalConfig:
     batch_size: int = 256
     # Model selection (early stopping) uses this validation metric of the "all" slice.
     select_metric: Literal["ndcg", "hr", "auc", "gauc"] = "ndcg"
+    # The slice whose validation metric selects the model: "all", or a stratum name (tail, head,
+    # b0..). `separate` / `finetune` select each stratum's model on its own stratum.
+    select_slice: str = "all"
     # 0 = rank the full catalogue (history items masked); >0 = the prepared sampled candidates.
     candidates: int = 0
 
@@ -120,6 +183,9 @@ class RunSection:
     # interaction_share): same data, model and schedule give the same backbone, so it is
     # trained once. The path must be readable by every worker (shared storage on a cluster).
     init_from: Optional[str] = None
+    # Checkpoint directory of a finished run whose backbone *initialises* stage 1 (which then
+    # trains as usual): how `finetune` continues from joint's backbone.
+    warm_start: Optional[str] = None
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -130,7 +196,7 @@ class RunSection:
 
 @dataclass
 class TrainConfig:
-    method: Literal["joint", "pinet"] = "pinet"
+    method: Literal["joint", "pinet", "separate", "finetune", "reweight", "transfer"] = "pinet"
     loss: Literal["ce", "bce"] = "ce"
     data: DataSection = field(default_factory=DataSection)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,6 +205,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def validate(self) -> None:
@@ -151,6 +220,18 @@ class TrainConfig:
             )
         if not math.isfinite(self.ga.alpha):
             raise ConfigError("ga.alpha must be finite")
+        if self.data.train_strata is not None and (
+                not self.data.train_strata or min(self.data.train_strata) < 0):
+            raise ConfigError(f"data.train_strata must be a non-empty list of stratum ids >= 0, "
+                              f"got {self.data.train_strata}")
+        if self.run.warm_start and self.run.init_from:
+            raise ConfigError("run.warm_start and run.init_from exclude each other")
+        if self.method == "transfer" and self.model.backbone == "din":
+            raise ConfigError("transfer needs a sequence backbone (sasrec, gru4rec): its "
+                              "discriminator reads the sequence state")
+        if self.method == "transfer" and self.transfer.trajectories % self.run.num_workers:
+            raise ConfigError(f"transfer.trajectories={self.transfer.trajectories} must be a multiple "
+                              f"of run.num_workers={self.run.num_workers}")
         if self.run.init_from and self.method != "pinet":
             raise ConfigError("run.init_from starts pinet's stage 2 from a trained backbone; "
                               f"method is {self.method!r}")

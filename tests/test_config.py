@@ -26,7 +26,9 @@ def test_unknown_key_names_the_dotted_path():
     ("ga.prior=median", "ga.prior"),
     ("optim.batch_size=abc", "optim.batch_size"),
     ("run.num_workers=0", "num_workers"),
-    ("method=separate", "method"),
+    ("method=ensemble", "method"),
+    ("transfer.trajectories=0", "trajectories"),
+    ("data.train_strata=[]", "train_strata"),
 ])
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ray_pinet.training.collectives import all_reduce_sum_
+
 PURPOSE_EPOCH_ORDER = 11
 
 
@@ -104,6 +106,16 @@ class TrainRows:
     def __len__(self) -> int:
         return len(self.sample_id)
 
+    def global_ids_in_strata(self, strata: list[int], num_samples: int) -> np.ndarray:
+        """Sorted global sample ids of the rows in ``strata``, the same array on every rank.
+        Collective: one SUM all-reduce of an int64[N] indicator (8 bytes per training row,
+        once per run)."""
+        flags = torch.zeros(num_samples, dtype=torch.int64)
+        keep = torch.isin(self.stratum, torch.as_tensor(list(strata), dtype=torch.int64))
+        flags[self.sample_id[keep]] = 1
+        all_reduce_sum_(flags)
+        return flags.nonzero().squeeze(1).numpy()
+
     def take(self, global_ids: torch.Tensor) -> TrainBatch:
         mine = global_ids[global_ids % self.world == self.rank]
         local = mine // self.world
@@ -116,10 +128,16 @@ class TrainRows:
         )
 
 
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
-    """Global batches of sample ids for one epoch; identical on every rank and for every W."""
-    order = np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(num_samples)
-    for start in range(0, num_samples, batch_size):
+def epoch_batches(
+    num_samples: int, batch_size: int, seed: int, epoch: int, ids: Optional[np.ndarray] = None
+) -> Iterator[torch.Tensor]:
+    """Global batches of sample ids for one epoch; identical on every rank and for every W.
+    ``ids``: visit only these global sample ids (sorted; e.g. one stratum's rows)."""
+    if ids is None:
+        order = np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(num_samples)
+    else:
+        order = np.asarray(ids)[np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(len(ids))]
+    for start in range(0, len(order), batch_size):
         yield torch.from_numpy(order[start : start + batch_size].astype(np.int64))
 
 

@@ -27,7 +27,9 @@ from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, str
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import EvalRows, TrainRows
 from ray_pinet.training.collectives import all_reduce_max_, broadcast_module_, rank_and_world
+from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.training.loop import prior_settings, run_epoch
+from ray_pinet.training.transfer_epoch import transfer_epoch
 
 ReportFn = Callable[[dict, Optional[dict]], None]
 
@@ -98,6 +100,7 @@ class Engine:
         say: Callable[[str], None] = print,
         resume_state: Optional[dict] = None,
         init_backbone: Optional[dict] = None,
+        warm_backbone: Optional[dict] = None,
     ):
         self.cfg, self.meta = cfg, meta
         self.rank, self.world = rank_and_world()
@@ -116,7 +119,22 @@ class Engine:
             cfg.model, meta.num_items, self.K, cfg.stage2.plugin if cfg.uses_plugins else None
         )
         self.model.use_plugins = False
+        # transfer's stratum discriminator (training only: it is not part of the served model).
+        self.disc = (Discriminator(cfg.model.dim, self.K, cfg.transfer.disc_hidden)
+                     if cfg.method == "transfer" else None)
         broadcast_module_(self.model)  # identical start on every rank (the seed already does it)
+        if self.disc is not None:
+            broadcast_module_(self.disc)
+        if cfg.eval.select_slice not in slice_names(self.K):
+            raise ValueError(f"eval.select_slice={cfg.eval.select_slice!r} is not one of {slice_names(self.K)}")
+        self.train_ids = None  # None = every training row
+        if cfg.data.train_strata is not None:
+            bad = [s for s in cfg.data.train_strata if s >= self.K]
+            if bad:
+                raise ValueError(f"data.train_strata {bad}: the data has {self.K} strata (0..{self.K - 1})")
+            self.train_ids = self.train_rows.global_ids_in_strata(cfg.data.train_strata, meta.num_train_samples)
+            self.say(f"training on strata {cfg.data.train_strata}: {len(self.train_ids):,} of "
+                     f"{meta.num_train_samples:,} training rows")
         self.state = EngineState()
         self.opt_state: dict[str, Any] = {}
         if resume_state is not None:
@@ -126,6 +144,9 @@ class Engine:
             self.model.backbone.load_state_dict(init_backbone)
             self.state.stage1_done = True
             self.say("stage 1: backbone taken from run.init_from; training starts at stage 2")
+        elif warm_backbone is not None:
+            self.model.backbone.load_state_dict(warm_backbone)
+            self.say("stage 1 starts from the backbone of run.warm_start")
 
     # -- checkpoint state ----------------------------------------------------------------------
     def snapshot(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
@@ -133,6 +154,7 @@ class Engine:
             "engine": copy.deepcopy(self.state.__dict__),
             "model": copy.deepcopy(self.model.state_dict()),
             "use_plugins": self.model.use_plugins,
+            "aux": None if self.disc is None else copy.deepcopy(self.disc.state_dict()),
             "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()},
             "config": self.cfg.to_dict(),
             "meta": self.meta.__dict__,
@@ -142,6 +164,8 @@ class Engine:
         self.state = EngineState(**snap["engine"])
         self.model.load_state_dict(snap["model"])
         self.model.use_plugins = snap.get("use_plugins", False)
+        if self.disc is not None and snap.get("aux") is not None:
+            self.disc.load_state_dict(snap["aux"])
         self.opt_state = snap.get("optimizers", {})
 
     # -- helpers ---------------------------------------------------------------------------
@@ -198,16 +222,21 @@ class Engine:
         opt = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         if "stage1" in self.opt_state:
             opt.load_state_dict(self.opt_state["stage1"])
-        prior_kind, alpha = prior_settings(cfg, cfg.method)
-        sel = metric_key("all", cfg.eval.select_metric, cfg.eval.k)
+        prior_kind, alpha, shares = prior_settings(cfg, cfg.method, self.meta.user_share,
+                                                   self.meta.interaction_share)
+        sel = metric_key(cfg.eval.select_slice, cfg.eval.select_metric, cfg.eval.k)
         t_start = time.perf_counter()
         while self.state.epoch < cfg.optim.max_epochs and not self.state.stage1_done:
             epoch = self.state.epoch
-            stats = run_epoch(
-                self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
-                epoch, self.K, self.meta.user_share, prior_kind, alpha, use_plugins=False,
-                progress=self._progress(1, epoch),
-            )
+            if self.disc is not None:
+                stats = transfer_epoch(self.model, self.disc, self.train_rows, self.meta.num_train_samples,
+                                       cfg, epoch, progress=self._progress(1, epoch))
+            else:
+                stats = run_epoch(
+                    self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
+                    epoch, self.K, shares, prior_kind, alpha, use_plugins=False,
+                    progress=self._progress(1, epoch), ids=self.train_ids,
+                )
             metrics = {"stage": 1.0, "epoch": float(epoch), **stats.as_metrics("train")}
             improved = False
             if (epoch + 1) % cfg.eval.every == 0:
@@ -283,7 +312,8 @@ class Engine:
             groups.append({"params": backbone, "lr": cfg.optim.lr * s2.backbone_lr_scale,
                            "weight_decay": cfg.optim.weight_decay})
             params = plugin_params + backbone
-            prior_kind, alpha = prior_settings(cfg, cfg.method)
+            prior_kind, alpha, _ = prior_settings(cfg, cfg.method, self.meta.user_share,
+                                                  self.meta.interaction_share)
         opt = torch.optim.Adam(groups)
         if "stage2" in self.opt_state:
             opt.load_state_dict(self.opt_state["stage2"])
@@ -294,6 +324,7 @@ class Engine:
             stats = run_epoch(
                 self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
                 10_000 + epoch, K, self.meta.user_share, prior_kind, alpha, use_plugins=True,
+                ids=self.train_ids,
                 progress=self._progress(2, epoch),
             )
             val = self._evaluate(self.valid_rows)

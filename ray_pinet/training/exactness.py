@@ -26,12 +26,14 @@ from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import TrainRows
 from ray_pinet.training.collectives import flatten_grads, rank_and_world
 from ray_pinet.training.ga_step import ga_backward
+from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.training.loop import run_epoch
+from ray_pinet.training.transfer_epoch import transfer_epoch
 
 VARIANTS = [
     (prior, alpha, reduce, unit)
     for prior, alpha in (("user_share", 0.0), ("uniform", 0.0), ("interaction_share", 0.0), ("power", 0.5),
-                         ("power", -1.0))
+                         ("power", -1.0), ("reweight", 0.0))
     for reduce in ("loss_weighted", "stratum_sums")
     for unit in ("position", "user")
 ]
@@ -70,6 +72,7 @@ def synthetic_train_table(p: Problem, num_negatives: int = 2) -> pa.Table:
 
 
 def _cfg(p: Problem, overrides: Optional[dict] = None) -> TrainConfig:
+    """A small model config; ``overrides`` are dotted keys ("optim.lr") or top-level ("method")."""
     d: dict[str, Any] = {
         "loss": p.loss,
         "model": {"backbone": p.backbone, "dim": 16, "num_blocks": 1, "dropout": 0.0, "max_len": p.max_len},
@@ -79,6 +82,9 @@ def _cfg(p: Problem, overrides: Optional[dict] = None) -> TrainConfig:
     if p.backbone == "din":
         d["eval"] = {"candidates": 5}
     for k, v in (overrides or {}).items():
+        if "." not in k:
+            d[k] = v
+            continue
         sec, key = k.split(".")
         d.setdefault(sec, {})[key] = v
     return TrainConfig.from_dict(d)
@@ -127,6 +133,24 @@ def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
         run_epoch(model, params, [make_opt(params)], rows, p.num_rows, cfg, 0, p.num_strata,
                   _user_share(p), "power", 0.5, use_plugins=False)
         out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+    # `separate` / `finetune`: an epoch over one stratum's rows only (ids shared by all-reduce).
+    cfg = _cfg(p)
+    model = _model(p, cfg)
+    params = list(model.backbone_parameters())
+    ids = rows.global_ids_in_strata([p.num_strata - 1], p.num_rows)
+    out["stratum_ids"] = torch.from_numpy(ids)
+    run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, p.num_rows, cfg, 0, p.num_strata,
+              _user_share(p), "interaction_share", 0.0, use_plugins=False, ids=ids)
+    out["epoch_params/one_stratum"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+    # `transfer`: one epoch of Reptile + adversarial discriminator (inner Adam per trajectory).
+    cfg = _cfg(p, {"method": "transfer", "transfer.trajectories": 2, "transfer.inner_steps": 3,
+                   "transfer.users_per_task": 2})
+    model = _model(p, cfg)
+    torch.manual_seed(p.seed + 1)
+    disc = Discriminator(cfg.model.dim, p.num_strata)
+    transfer_epoch(model, disc, rows, p.num_rows, cfg, 0)
+    out["epoch_params/transfer"] = torch.cat(
+        [q.detach().reshape(-1) for q in list(model.backbone_parameters()) + list(disc.parameters())]).clone()
     return out
 
 

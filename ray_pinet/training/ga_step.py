@@ -34,10 +34,14 @@ class GAStepInfo:
 
 
 def stratum_prior(kind: str, num_strata: int, user_share, counts: torch.Tensor, alpha: float) -> torch.Tensor:
-    """GA priors plus ``stratum_mean`` (π_s = 1 for every present stratum): with it each
+    """GA priors plus ``reweight`` (π_s ∝ N_s r_s: every unit of stratum s weighs r_s in a
+    weighted mean over the global batch) and ``stratum_mean`` (π_s = 1 for every present stratum): with it each
     stratum's units are averaged on their own, which is what per-stratum plugins train on."""
     if kind == "stratum_mean":
         return (counts > 0).to(torch.float64)
+    if kind == "reweight":  # ``user_share`` holds the static weights r_s here (loop.prior_settings)
+        out = counts.to(torch.float64) * torch.as_tensor(list(user_share), dtype=torch.float64)
+        return out / out.sum() if float(out.sum()) > 0 else out
     return _ga_prior(kind, num_strata, user_share, counts, alpha)
 
 

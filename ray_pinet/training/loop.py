@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ray_pinet.config import TrainConfig
@@ -42,11 +43,21 @@ class EpochStats:
         }
 
 
-def prior_settings(cfg: TrainConfig, method: str) -> tuple[str, float]:
-    """``joint`` is GA with the interaction_share prior: the pooled mean over units."""
-    if method == "joint":
-        return "interaction_share", 0.0
-    return cfg.ga.prior, cfg.ga.alpha
+def prior_settings(
+    cfg: TrainConfig, method: str, user_share: Sequence[float], interaction_share: Sequence[float]
+) -> tuple[str, float, list[float]]:
+    """(prior kind, alpha, per-stratum shares) of ``ga_backward`` for a method's stage 1.
+
+    ``joint`` (and the per-stratum baselines, which are joint runs on one stratum's rows) is GA
+    with the interaction_share prior: the pooled mean over units. ``reweight`` is the pooled
+    mean with static per-stratum weights r_s = (n_s / C_s)^power: π_s ∝ N_s · r_s (ga_step).
+    """
+    if method == "reweight":
+        r = [(n / c) ** cfg.reweight.power if c > 0 else 0.0 for n, c in zip(user_share, interaction_share)]
+        return "reweight", 0.0, r
+    if method == "pinet":
+        return cfg.ga.prior, cfg.ga.alpha, list(user_share)
+    return "interaction_share", 0.0, list(user_share)
 
 
 def run_epoch(
@@ -64,19 +75,20 @@ def run_epoch(
     use_plugins: bool,
     after_backward: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    ids: Optional[np.ndarray] = None,
 ) -> EpochStats:
-    """One pass over the global batches. ``after_backward(counts, prior)`` may rescale or
+    """One pass over the global batches (of ``ids`` only, when given). ``after_backward(counts, prior)`` may rescale or
     zero gradients (stage 2 per-plugin normalisation) before the optimizer steps."""
     model.train()
     stats = EpochStats()
     t_epoch = time.perf_counter()
-    steps = num_steps(num_samples, cfg.optim.batch_size)
+    steps = num_steps(num_samples if ids is None else len(ids), cfg.optim.batch_size)
     unit_totals = torch.zeros(num_strata, dtype=torch.float64)
     # Dropout masks come from the rank's own generator, re-seeded per (seed, epoch, rank) so a
     # resumed run replays the same masks.
     rank, _ = rank_and_world()
     torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
-    for step, ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch)):
+    for step, ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids)):
         batch = rows.take(ids)
         t0 = time.perf_counter()
         n_local = len(batch)
@@ -113,7 +125,7 @@ def run_epoch(
             progress(step + 1, steps)
     totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64))
     stats.positions = int(totals[0])
-    stats.rows = num_samples
+    stats.rows = num_samples if ids is None else len(ids)
     stats.stratum_units = unit_totals.tolist()
     stats.seconds = time.perf_counter() - t_epoch
     return stats

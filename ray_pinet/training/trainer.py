@@ -133,24 +133,41 @@ def read_splits(path: Path) -> dict:
         ctx.use_datasource_v2, ctx.enable_progress_bars = previous
 
 
-def check_init_from(cfg: TrainConfig, meta: RunMeta) -> None:
-    """run.init_from must be a finished checkpoint of the same model on the same data."""
-    state = Path(cfg.run.init_from) / STATE_FILE
+def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> None:
+    """run.init_from / run.warm_start must be a finished checkpoint of the same model on the
+    same data."""
+    where = getattr(cfg.run, key)
+    state = Path(where) / STATE_FILE
     if not state.exists():
-        raise ValueError(f"run.init_from={cfg.run.init_from!r}: no {STATE_FILE} there")
+        raise ValueError(f"run.{key}={where!r}: no {STATE_FILE} there")
     snap = torch.load(state, map_location="cpu", weights_only=False)
     other = TrainConfig.from_dict(snap["config"])
     if other.model != cfg.model:
-        raise ValueError(f"run.init_from={cfg.run.init_from!r} holds model {other.model}, this run has {cfg.model}")
+        raise ValueError(f"run.{key}={where!r} holds model {other.model}, this run has {cfg.model}")
     if Path(other.data.path).resolve() != Path(cfg.data.path).resolve() or snap["meta"]["num_items"] != meta.num_items:
-        raise ValueError(f"run.init_from={cfg.run.init_from!r} was trained on {other.data.path}, "
+        raise ValueError(f"run.{key}={where!r} was trained on {other.data.path}, "
                          f"this run reads {cfg.data.path}")
     if snap["engine"].get("stage", 1) != 3:
-        raise ValueError(f"run.init_from={cfg.run.init_from!r} is not a finished run (stage "
+        raise ValueError(f"run.{key}={where!r} is not a finished run (stage "
                          f"{snap['engine'].get('stage')}): finish or resume it first")
 
 
-def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
+def fit(
+    cfg: TrainConfig,
+    progress: Optional[bool] = None,
+    parent_run_id: Optional[str] = None,
+    tags: Optional[dict[str, str]] = None,
+    base_checkpoint: Optional[str] = None,
+) -> FitResult:
+    """Train one run of ``cfg`` on Ray Train and log it to MLflow (a child of ``parent_run_id``
+    when given). ``separate`` / ``finetune`` are K runs, one per stratum: see ``per_stratum``
+    (``base_checkpoint``: the joint run that ``finetune`` starts from; trained first if None)."""
+    from ray_pinet.config import PER_STRATUM_METHODS
+
+    if cfg.method in PER_STRATUM_METHODS:
+        from ray_pinet.training.per_stratum import fit_per_stratum
+
+        return fit_per_stratum(cfg, base_checkpoint, progress=progress, parent_run_id=parent_run_id, tags=tags)
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -164,6 +181,8 @@ def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
     _check_compatible(cfg, meta, path)
     if cfg.run.init_from:
         check_init_from(cfg, meta)
+    if cfg.run.warm_start:
+        check_init_from(cfg, meta, "warm_start")
     if not ray.is_initialized():
         init_local_ray()
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
@@ -175,7 +194,8 @@ def fit(cfg: TrainConfig, progress: Optional[bool] = None) -> FitResult:
         uri = mu.resolve_tracking_uri(cfg.tracking.tracking_uri, storage)
         run_id, resumed = mu.start_or_resume_run(
             uri, cfg.tracking.experiment, cfg.run.name, config_dict,
-            tags={"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path)},
+            tags={"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
+            parent_run_id=parent_run_id,
         )
         if not resumed:
             for name in ("strata.json", "report.json", "prepare_config.json"):

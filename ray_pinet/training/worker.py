@@ -129,9 +129,11 @@ def train_func(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
-    init_backbone = None
+    init_backbone = warm_backbone = None
     if resume is None and cfg.run.init_from:
         init_backbone = load_backbone_state(cfg.run.init_from)
+    if resume is None and cfg.run.warm_start:
+        warm_backbone = load_backbone_state(cfg.run.warm_start)
 
     engine = Engine(
         cfg, meta, _read_shard("train"), _read_shard("valid"), _read_shard("test"),
@@ -142,6 +144,7 @@ def train_func(config: dict[str, Any]) -> None:
         say=lambda s: print(f"[ray-pinet] {s}", flush=True, file=sys.__stdout__),
         resume_state=resume,
         init_backbone=init_backbone,
+        warm_backbone=warm_backbone,
     )
     if resume is not None and rank == 0:
         print(f"[ray-pinet] resumed at stage {engine.state.stage}, epoch {engine.state.epoch} "

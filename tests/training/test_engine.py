@@ -40,7 +40,7 @@ def eval_table(p: ex.Problem, seed: int) -> pa.Table:
     })
 
 
-def make_engine(overrides=None, resume=None, reports=None, init_backbone=None):
+def make_engine(overrides=None, resume=None, reports=None, init_backbone=None, warm_backbone=None):
     d = {
         "method": "pinet",
         "model": {"dim": 16, "num_blocks": 1, "dropout": 0.0, "max_len": P.max_len},
@@ -60,7 +60,7 @@ def make_engine(overrides=None, resume=None, reports=None, init_backbone=None):
     reports = [] if reports is None else reports
     return Engine(cfg, meta, ex.synthetic_train_table(P), eval_table(P, 1), eval_table(P, 2),
                   report=lambda m, s: reports.append((m, s)), say=lambda s: None, resume_state=resume,
-                  init_backbone=init_backbone)
+                  init_backbone=init_backbone, warm_backbone=warm_backbone)
 
 
 def test_engine_runs_both_stages_and_reports_every_epoch():
@@ -139,3 +139,35 @@ def test_init_backbone_skips_stage1_and_starts_from_the_given_backbone():
     assert [m.get("stage") for m, _ in reports[:-1]] == [2.0, 2.0, 2.0]  # no stage-1 epoch
     for name in ("tail", "head", "all"):
         assert final[f"stage1_test/{name}/ndcg@10"] == joint_final[f"test/{name}/ndcg@10"]
+
+
+def test_transfer_trains_resumes_and_checkpoints_its_discriminator():
+    over = {"method": "transfer", "transfer.trajectories": 2, "transfer.inner_steps": 3, "optim.max_epochs": 2}
+    reports = []
+    full = make_engine(over, reports=reports).run()
+    assert [m.get("stage") for m, _ in reports[:-1]] == [1.0, 1.0]  # no stage 2
+    snap = reports[0][1]
+    assert snap["aux"] is not None and any(k.startswith("net.") for k in snap["aux"])
+    resumed = make_engine(over, resume=snap).run()
+    for k, v in full.items():
+        if k.startswith(("test/", "final_val/")):
+            assert resumed[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_train_strata_and_warm_start():
+    """One stratum's rows only, selected on that stratum; warm start from a trained backbone
+    (what separate/finetune run per stratum)."""
+    over = {"method": "joint", "data.train_strata": [1], "eval.select_slice": "head", "optim.max_epochs": 2}
+    reports = []
+    eng = make_engine(over, reports=reports)
+    head = (ex.synthetic_train_table(P).column("stratum").to_numpy() == 1).nonzero()[0]
+    assert eng.train_ids.tolist() == head.tolist()
+    eng.run()
+    backbone = {k[len("backbone."):]: v for k, v in reports[-1][1]["model"].items() if k.startswith("backbone.")}
+    warm = make_engine({**over, "optim.max_epochs": 1}, warm_backbone=backbone)
+    for k, v in warm.model.backbone.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    with pytest.raises(ValueError, match="select_slice"):
+        make_engine({**over, "eval.select_slice": "middle"})
+    with pytest.raises(ValueError, match="train_strata"):
+        make_engine({**over, "data.train_strata": [2]})

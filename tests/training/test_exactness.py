@@ -105,3 +105,37 @@ def test_two_workers_equal_one_process(single, distributed):
     a, b = distributed["epoch_params/adam"][live], single["epoch_params/adam"][live]
     diff = (a - b).abs().max().item()
     assert diff < 1e-5, f"Adam: after one epoch on 2 workers the parameters differ by {diff:.2e}"
+
+
+def test_one_stratum_epoch_and_transfer_epoch_are_worker_count_independent(single, distributed):
+    """`separate`/`finetune` train on one stratum's ids; `transfer` runs Reptile trajectories
+    that live on one rank each: 2 workers end where 1 process ends."""
+    table = ex.synthetic_train_table(P)
+    head = (table.column("stratum").to_numpy() == P.num_strata - 1).nonzero()[0]
+    assert torch.equal(single["stratum_ids"], torch.from_numpy(head))
+    assert torch.equal(distributed["stratum_ids"], single["stratum_ids"])
+    init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
+    # transfer's inner Adam turns float noise on zero-gradient coordinates into lr-sized steps
+    # (see the Adam note above): compare on the coordinates SGD moves (+ all discriminator ones).
+    live = (single["epoch_params/sgd"] - init).abs() > 1e-6
+    n_disc = single["epoch_params/transfer"].numel() - init.numel()
+    masks = {"epoch_params/one_stratum": torch.ones_like(live),
+             "epoch_params/transfer": torch.cat([live, torch.ones(n_disc, dtype=torch.bool)])}
+    for key, mask in masks.items():
+        moved = (single[key][: init.numel()] - init).abs().max().item()
+        assert moved > 1e-3, f"{key}: the epoch did not train ({moved:.1e})"
+        diff = (distributed[key][mask] - single[key][mask]).abs().max().item()
+        assert diff < 1e-5, f"{key}: 2 workers differ from 1 process by {diff:.2e}"
+
+
+def test_reweight_prior_is_a_static_weighted_mean():
+    counts = torch.tensor([30.0, 10.0], dtype=torch.float64)
+    r = [0.8 / 0.4, 0.2 / 0.6]  # n_s / C_s
+    pi = stratum_prior("reweight", 2, r, counts, 0.0)
+    # every tail unit weighs r_0, every head unit r_1, normalised over the batch
+    w = pi / counts
+    assert float(w[0] / w[1]) == pytest.approx(r[0] / r[1])
+    assert float(pi.sum()) == pytest.approx(1.0)
+    # power 0 (r = 1) is the pooled mean = interaction_share
+    assert torch.allclose(stratum_prior("reweight", 2, [1.0, 1.0], counts, 0.0),
+                          stratum_prior("interaction_share", 2, [0.8, 0.2], counts, 0.0))

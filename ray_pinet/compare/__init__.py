@@ -1,0 +1,1 @@
+"""``ray-pinet compare``: a grid of methods x backbones x seeds on one dataset, and its report."""

@@ -1,0 +1,128 @@
+"""The compare grid: which runs to make, in which order, and resuming a grid that stopped.
+
+A cell is (label, method, overrides) x backbone x seed. Per (backbone, seed) the ``joint``
+cell runs first: it is the baseline every change is measured against, and its trained
+backbone is reused where a method's first stage *is* joint training (``pinet`` with the
+interaction-share prior starts stage 2 from it, ``finetune`` fine-tunes it), exactly as
+``train --method joint --method pinet`` does. Finished cells are appended to
+``<output>/cells.jsonl``; rerunning the same command skips them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ray_pinet.config import METHODS, TrainConfig
+from ray_pinet.config_base import ConfigError
+
+
+@dataclass
+class Cell:
+    label: str  # row name in the report: a method, or a variant "pinet-uniform"
+    method: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CellResult:
+    label: str
+    backbone: str
+    seed: int
+    method: str
+    final: dict
+    run_id: Optional[str]
+    checkpoint: Optional[str]
+    overrides: list[str]
+
+
+def parse_variant(text: str) -> Cell:
+    """``LABEL=METHOD:key=value,key=value`` -> Cell (e.g. ``pinet-uniform=pinet:ga.prior=uniform``)."""
+    if "=" not in text:
+        raise ConfigError(f"--variant {text!r}: expected LABEL=METHOD[:key=value,...]")
+    label, rest = text.split("=", 1)
+    method, _, sets = rest.partition(":")
+    if method not in METHODS:
+        raise ConfigError(f"--variant {text!r}: method {method!r} is not one of {list(METHODS)}")
+    overrides = [s.strip() for s in sets.split(",") if s.strip()] if sets else []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"--variant {text!r}: override {o!r} is not key=value")
+    return Cell(label.strip(), method, overrides)
+
+
+def build_cells(methods: list[str], variants: list[str]) -> list[Cell]:
+    cells = [Cell(m, m) for m in methods]
+    cells += [parse_variant(v) for v in variants]
+    labels = [c.label for c in cells]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"compare: duplicate cell labels {dup}")
+    if "joint" not in labels:
+        cells.insert(0, Cell("joint", "joint"))  # the reference of every comparison
+    return sorted(cells, key=lambda c: c.label != "joint")
+
+
+def load_done(path: Path) -> dict[tuple, CellResult]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = CellResult(**json.loads(line))
+                done[(r.label, r.backbone, r.seed)] = r
+    return done
+
+
+def run_grid(
+    config: Optional[str],
+    overrides: list[str],
+    cells: list[Cell],
+    backbones: list[str],
+    seeds: list[int],
+    name: str,
+    output: Path,
+    parent_run_id: Optional[str] = None,
+) -> list[CellResult]:
+    from ray_pinet.training.trainer import fit
+
+    output.mkdir(parents=True, exist_ok=True)
+    log = output / "cells.jsonl"
+    done = load_done(log)
+    results = []
+    total = len(cells) * len(backbones) * len(seeds)
+    n = 0
+    for backbone in backbones:
+        for seed in seeds:
+            joint_ckpt = None
+            for cell in cells:
+                n += 1
+                key = (cell.label, backbone, seed)
+                if key in done:
+                    print(f"[compare {n}/{total}] {cell.label} {backbone} seed {seed}: done earlier, skipped")
+                    results.append(done[key])
+                    if cell.label == "joint":
+                        joint_ckpt = done[key].checkpoint
+                    continue
+                cfg = TrainConfig.from_yaml(config, overrides + [
+                    f"method={cell.method}", f"model.backbone={backbone}", f"run.seed={seed}",
+                    f"run.name={name}-{backbone}-s{seed}-{cell.label}",
+                ] + cell.overrides)
+                base = None
+                if joint_ckpt and cell.method == "pinet" and cfg.stage1_is_joint and not cfg.run.init_from:
+                    cfg.run.init_from = joint_ckpt
+                if cell.method == "finetune":
+                    base = joint_ckpt
+                print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
+                res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base,
+                          tags={"compare": name, "cell": cell.label, "seed": str(seed)})
+                r = CellResult(cell.label, backbone, seed, cell.method,
+                               {k: v for k, v in res.final.items() if isinstance(v, (int, float))},
+                               res.run_id, res.checkpoint_path, cell.overrides)
+                if cell.label == "joint":
+                    joint_ckpt = res.checkpoint_path
+                with log.open("a") as f:
+                    f.write(json.dumps(asdict(r)) + "\n")
+                results.append(r)
+    return results

@@ -1,0 +1,170 @@
+"""The compare report: mean ± std over seeds, change against ``joint``, paired tests, a plot.
+
+Statistics. For each cell, slice and metric the seeds' test values give mean ± sample std.
+The change against joint is the relative difference of the means. Significance is a paired
+two-sided t-test over seeds (cell and joint share the seed, hence the data order and the
+initialisation), scipy's ``ttest_rel``; with fewer than 2 paired seeds, or identical values,
+p is reported as "-". 3 seeds give 2 degrees of freedom: only large, consistent changes reach
+p < 0.05.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ray_pinet.compare.grid import CellResult
+
+METRICS = ("ndcg@10", "hr@10", "auc", "gauc")
+
+
+def slices_of(results: Sequence[CellResult]) -> list[str]:
+    keys = results[0].final
+    names = []
+    for k in keys:
+        if k.startswith("test/") and k.endswith("/users"):
+            names.append(k.split("/")[1])
+    order = [n for n in names if n != "all"] + ["all"]
+    return order
+
+
+def long_table(results: Sequence[CellResult], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """One row per (label, backbone, seed, slice, metric) with the test value."""
+    rows = []
+    for r in results:
+        for s in slices_of(results):
+            for m in metrics:
+                v = r.final.get(f"test/{s}/{m}")
+                if v is not None:
+                    rows.append({"label": r.label, "backbone": r.backbone, "seed": r.seed,
+                                 "slice": s, "metric": m, "value": float(v)})
+    return pd.DataFrame(rows)
+
+
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
+    if len(a) < 2 or len(a) != len(b):
+        return math.nan
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if np.allclose(d, d[0]) and d.std() == 0:  # constant difference: t undefined
+        return math.nan
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel(a, b).pvalue)
+
+
+def summary(df: pd.DataFrame, reference: str = "joint") -> pd.DataFrame:
+    """One row per (label, backbone, slice, metric): mean, std, n, change vs reference, p."""
+    out = []
+    for (label, backbone, sl, metric), g in df.groupby(["label", "backbone", "slice", "metric"], sort=False):
+        ref = df[(df.label == reference) & (df.backbone == backbone) & (df.slice == sl) & (df.metric == metric)]
+        paired = g.merge(ref[["seed", "value"]], on="seed", suffixes=("", "_ref"))
+        mean, ref_mean = g.value.mean(), ref.value.mean() if len(ref) else math.nan
+        out.append({
+            "label": label, "backbone": backbone, "slice": sl, "metric": metric,
+            "mean": mean, "std": g.value.std(ddof=1) if len(g) > 1 else math.nan, "n": len(g),
+            "change": (mean - ref_mean) / ref_mean if ref_mean else math.nan,
+            "p": math.nan if label == reference else paired_p(paired.value.tolist(), paired.value_ref.tolist()),
+        })
+    return pd.DataFrame(out)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join("-" if (isinstance(v, float) and math.isnan(v)) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt_ms(mean: float, std: float) -> str:
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _fmt_change(change: float, p: float) -> str:
+    if math.isnan(change):
+        return "-"
+    star = "*" if not math.isnan(p) and p < 0.05 else ""
+    return f"{100 * change:+.1f}%{star}" + ("" if math.isnan(p) else f" (p={p:.3f})")
+
+
+def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """``absolute``: mean ± std per slice/metric; ``change``: relative change vs joint and p."""
+    absolute, change = [], []
+    for backbone in summ.backbone.unique():
+        for label in labels:
+            sub = summ[(summ.label == label) & (summ.backbone == backbone)]
+            if sub.empty:
+                continue
+            a = {"method": label, "backbone": backbone, "seeds": int(sub.n.max())}
+            c = {"method": label, "backbone": backbone}
+            for sl in slices:
+                for m in METRICS:
+                    row = sub[(sub.slice == sl) & (sub.metric == m)]
+                    if row.empty:
+                        continue
+                    row = row.iloc[0]
+                    a[f"{sl} {m}"] = _fmt_ms(row["mean"], row["std"])
+                    if m in ("ndcg@10", "auc"):
+                        c[f"{sl} {m}"] = _fmt_change(row["change"], row["p"])
+            absolute.append(a)
+            change.append(c)
+    return {"absolute": pd.DataFrame(absolute), "change": pd.DataFrame(change)}
+
+
+def plot(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], path: Path, metric: str = "ndcg@10") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(summ.backbone.unique())
+    fig, axes = plt.subplots(1, len(backbones), figsize=(1.6 + 1.4 * len(labels) * len(slices) / 2, 3.6),
+                             squeeze=False)
+    width = 0.8 / max(len(labels), 1)
+    for ax, backbone in zip(axes[0], backbones):
+        for i, label in enumerate(labels):
+            sub = summ[(summ.label == label) & (summ.backbone == backbone) & (summ.metric == metric)]
+            means = [float(sub[sub.slice == s]["mean"].iloc[0]) if (sub.slice == s).any() else 0.0 for s in slices]
+            stds = [float(np.nan_to_num(sub[sub.slice == s]["std"].iloc[0])) if (sub.slice == s).any() else 0.0
+                    for s in slices]
+            ax.bar(np.arange(len(slices)) + i * width - 0.4 + width / 2, means, width, yerr=stds, capsize=2,
+                   label=label)
+        ax.set_xticks(np.arange(len(slices)), slices)
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(backbone)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: Sequence[CellResult], output: Path, title: str, command: str) -> dict[str, Path]:
+    """report.md, report.html, results.csv (every seed), summary.csv and ndcg.png in ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    df = long_table(results)
+    summ = summary(df)
+    slices = slices_of(results)
+    labels = list(dict.fromkeys(r.label for r in results))
+    t = tables(summ, slices, labels)
+    df.to_csv(output / "results.csv", index=False)
+    summ.to_csv(output / "summary.csv", index=False)
+    plot(summ, slices, labels, output / "ndcg.png")
+    seeds = sorted({r.seed for r in results})
+    note = (f"Test split; mean ± std over seeds {seeds}; models selected on validation only. "
+            "Change = relative difference of the means against `joint` (same backbone); "
+            "p = paired two-sided t-test over seeds; * = p < 0.05.")
+    md = [f"# {title}", "", f"`{command}`", "", note, "", "## Test metrics", "",
+          markdown(t["absolute"]), "", "## Change against joint (NDCG@10, AUC)", "",
+          markdown(t["change"]), "", "![NDCG@10 per slice](ndcg.png)", ""]
+    (output / "report.md").write_text("\n".join(md))
+    html = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>",
+            f"<h1>{title}</h1><p><code>{command}</code></p><p>{note}</p>",
+            "<h2>Test metrics</h2>", t["absolute"].to_html(index=False),
+            "<h2>Change against joint (NDCG@10, AUC)</h2>", t["change"].to_html(index=False),
+            "<img src='ndcg.png'></body></html>"]
+    (output / "report.html").write_text("\n".join(html))
+    return {n: output / n for n in ("report.md", "report.html", "results.csv", "summary.csv", "ndcg.png")}

@@ -1,0 +1,135 @@
+"""``separate`` and ``finetune``: one backbone per stratum, as K runs of the same trainer.
+
+Run s is a ``joint`` run on stratum s's training rows only (``data.train_strata = [s]``, exact
+under data-parallel training: the global batches are drawn from those ids on every rank) whose
+model is selected on stratum s's validation metric (``eval.select_slice``). ``finetune`` starts
+each from a trained joint backbone (``run.warm_start``) with the ``finetune`` schedule;
+``separate`` starts from scratch. The K models are combined into a ``StratumEnsemble`` that
+routes each user to their stratum's model, evaluated on the whole validation/test sets and
+logged to an MLflow run that is the parent of the K runs.
+
+Evaluating the ensemble happens on the driver in one process: it holds K small models and
+reads the evaluation splits once (full-ranking cost as in one worker). The per-stratum runs
+themselves train on the cluster like any other run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.evaluation.protocol import evaluate, slice_names
+from ray_pinet.models.ensemble import StratumEnsemble
+from ray_pinet.training.batches import EvalRows
+
+
+def _sub_config(cfg: TrainConfig, stratum: int, name: str, base_checkpoint: Optional[str]) -> TrainConfig:
+    d = copy.deepcopy(cfg.to_dict())
+    d["method"] = "joint"
+    d["data"]["train_strata"] = [stratum]
+    d["eval"]["select_slice"] = name
+    d["run"]["name"] = f"{cfg.run.name}-{name}"
+    d["run"]["init_from"] = None
+    if cfg.method == "finetune":
+        d["run"]["warm_start"] = base_checkpoint
+        ft = cfg.finetune
+        d["optim"].update(lr=ft.lr, max_epochs=ft.max_epochs, patience=ft.patience, max_minutes=ft.max_minutes)
+        d["eval"]["every"] = 1
+    return TrainConfig.from_dict(d)
+
+
+def base_joint_config(cfg: TrainConfig) -> TrainConfig:
+    """The joint run that ``finetune`` starts from when none is given."""
+    d = copy.deepcopy(cfg.to_dict())
+    d["method"] = "joint"
+    d["run"]["name"] = f"{cfg.run.name}-base-joint"
+    d["run"]["init_from"] = d["run"]["warm_start"] = None
+    return TrainConfig.from_dict(d)
+
+
+def fit_per_stratum(
+    cfg: TrainConfig,
+    base_checkpoint: Optional[str] = None,
+    progress: Optional[bool] = None,
+    parent_run_id: Optional[str] = None,
+    tags: Optional[dict[str, str]] = None,
+):
+    from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.training.trainer import (
+        FitResult, STATE_FILE, ensure_prepared, fit, load_run_meta, rebuild_model,
+    )
+
+    progress = cfg.run.progress if progress is None else progress
+    path = ensure_prepared(cfg, progress=progress)
+    meta = load_run_meta(path)
+    K = meta.num_strata
+    names = slice_names(K)[:K]
+    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = mu.resolve_tracking_uri(cfg.tracking.tracking_uri, storage)
+        run_id, _ = mu.start_or_resume_run(
+            uri, cfg.tracking.experiment, cfg.run.name, cfg.to_dict(),
+            tags={"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
+            parent_run_id=parent_run_id,
+        )
+    t0 = time.perf_counter()
+    extra: dict = {}
+    try:
+        if cfg.method == "finetune" and base_checkpoint is None:
+            print(f"finetune: training its joint base first ({cfg.run.name}-base-joint)", flush=True)
+            base = fit(base_joint_config(cfg), progress=progress, parent_run_id=run_id)
+            base_checkpoint = base.checkpoint_path
+            extra["base_train_seconds"] = base.final.get("train_seconds", 0.0)
+        subs = []
+        for s, name in enumerate(names):
+            sub_cfg = _sub_config(cfg, s, name, base_checkpoint)
+            print(f"\n--- {cfg.method}: stratum {name} ({sub_cfg.run.name}) ---", flush=True)
+            subs.append(fit(sub_cfg, progress=progress, parent_run_id=run_id,
+                            tags={"parent_method": cfg.method, "stratum": name}))
+        members = []
+        for sub in subs:
+            snap = torch.load(Path(sub.checkpoint_path) / STATE_FILE, map_location="cpu", weights_only=False)
+            members.append(rebuild_model(snap)[0])
+        model = StratumEnsemble(members).eval()
+        L = cfg.model.max_len
+        final: dict[str, float] = {}
+        for split, prefix in (("valid", "final_val"), ("test", "test")):
+            rows = EvalRows(pq.read_table(path / split), L)
+            metrics = evaluate(model, rows, K, k=cfg.eval.k, batch_size=cfg.eval.batch_size,
+                               candidates=cfg.eval.candidates > 0)
+            final.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+        final["train_seconds"] = float(sum(sub.final.get("train_seconds", 0.0) for sub in subs))
+        final["wall_seconds"] = time.perf_counter() - t0
+        model_uri = None
+        if uri and run_id:
+            mu.log_metrics(uri, run_id, final, step=0)
+            with tempfile.TemporaryDirectory() as tmp:
+                f = Path(tmp) / "final_metrics.json"
+                f.write_text(json.dumps({**final, "members": [s.checkpoint_path for s in subs]},
+                                        indent=2, sort_keys=True))
+                mu.log_artifact(uri, run_id, f, None)
+            if cfg.tracking.log_model:
+                from ray_pinet.serving import ScoringModule
+
+                example = np.zeros((2, 1 + L), dtype=np.int64)
+                example[:, 0] = [0, K - 1]
+                example[:, -3:] = [[1, 2, 3], [3, 2, 1]]
+                model_uri = mu.log_scoring_model(uri, run_id, ScoringModule(model, cfg.stage2.unseen_stratum), example)
+            mu.finish_run(uri, run_id)
+    except BaseException:
+        if uri and run_id:
+            mu.finish_run(uri, run_id, status="FAILED")
+        raise
+    extra["members"] = [sub.checkpoint_path for sub in subs]
+    extra["member_finals"] = [sub.final for sub in subs]
+    return FitResult(cfg, final, [], None, run_id, uri, model_uri=model_uri, meta=meta, extra=extra)

@@ -1,0 +1,121 @@
+"""One epoch of ``transfer`` (Yin et al., methods.md §2): first-order Reptile over user tasks with
+an adversarial stratum discriminator, data-parallel and exact for any worker count.
+
+Per outer iteration every rank runs the inner loops of its trajectories (``trajectory_ids``):
+from the shared start θ_0, ``inner_steps`` tasks, each one Adam step (fresh Adam per trajectory,
+§2.4) on L_rec + L_disc with the encoder behind gradient reversal. One SUM all-reduce carries
+[Σ_j (θ_k^j − θ_0) | trajectories run | loss sum | positions]; every rank then applies
+θ ← θ_0 + β · Σ_j(θ_k^j − θ_0) / #trajectories run. The set of trajectories and each one's tasks
+do not depend on W, so W workers compute the one-process update up to float summation order.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.methods.transfer import Discriminator, grad_reverse, num_iterations, trajectory_ids
+from ray_pinet.training.batches import TrainRows
+from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
+from ray_pinet.training.loop import EpochStats
+
+
+@torch.no_grad()
+def copy_into_(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None:
+    """Copy a flat vector into the parameters' own storage. (torch's vector_to_parameters
+    rebinds ``p.data`` to views of ``vec``: later in-place optimizer steps would then write
+    into θ_0 itself.)"""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.copy_(vec[offset : offset + n].view_as(p))
+        offset += n
+
+
+def task_loss(model, disc: Discriminator, batch, cfg: TrainConfig) -> tuple[torch.Tensor, int]:
+    """(L_rec + L_disc with gradient reversal into the encoder, positions) for one task."""
+    states = None
+    if cfg.loss == "ce":  # one encoder pass serves both losses
+        states = model.states(batch.inputs)
+        valid = (batch.inputs != 0) & (batch.targets != 0)
+        logits = model.full_logits(states[valid], None, skip_padding=True)
+        loss_vec = F.cross_entropy(logits, batch.targets[valid] - 1, reduction="none")
+    else:
+        loss_vec, _ = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, cfg.loss)
+    loss = loss_vec.mean() if loss_vec.numel() else loss_vec.sum()
+    if cfg.transfer.adv_weight > 0:
+        # The state after the last item (rows are left-padded, so column -1 is the newest item).
+        h = (model.states(batch.inputs) if states is None else states)[:, -1]
+        logits = disc(grad_reverse(h, cfg.transfer.adv_weight))
+        loss = loss + F.cross_entropy(logits, batch.stratum)
+    return loss, int(loss_vec.numel())
+
+
+def transfer_epoch(
+    model: torch.nn.Module,
+    disc: Discriminator,
+    rows: TrainRows,
+    num_samples: int,
+    cfg: TrainConfig,
+    epoch: int,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> EpochStats:
+    t = cfg.transfer
+    rank, world = rank_and_world()
+    model.train()
+    disc.train()
+    params = [p for p in list(model.backbone_parameters()) + list(disc.parameters()) if p.requires_grad]
+    torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
+    trajs = trajectory_ids(num_samples, t.trajectories, cfg.run.seed, epoch)
+    mine = [j for j in range(t.trajectories) if j % world == rank]
+    per_iter = t.inner_steps * t.users_per_task
+    iters = num_iterations(num_samples, t.trajectories, per_iter)
+    stats = EpochStats()
+    t_epoch = time.perf_counter()
+    for it in range(iters):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            theta0 = parameters_to_vector(params).clone()
+        delta = torch.zeros(theta0.shape, dtype=torch.float64)
+        ran = loss_sum = positions = 0.0
+        for j in mine:
+            ids = trajs[j][it * per_iter : (it + 1) * per_iter]
+            if len(ids) == 0:
+                continue
+            copy_into_(params, theta0)
+            inner = torch.optim.Adam(params, lr=t.inner_lr)  # state reset per trajectory (§2.4)
+            for start in range(0, len(ids), t.users_per_task):
+                batch = rows.take(torch.from_numpy(ids[start : start + t.users_per_task]))
+                loss, n_pos = task_loss(model, disc, batch, cfg)
+                inner.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                    inner.step()
+                loss_sum += float(loss.detach())
+                positions += n_pos
+            with torch.no_grad():
+                delta += (parameters_to_vector(params) - theta0).to(torch.float64)
+            ran += 1
+        t1 = time.perf_counter()
+        buf = torch.cat([delta, torch.tensor([ran, loss_sum, positions], dtype=torch.float64)])
+        all_reduce_sum_(buf)
+        total_ran = float(buf[-3])
+        with torch.no_grad():
+            step = (buf[:-3] / max(total_ran, 1.0)).to(theta0.dtype)
+            copy_into_(params, theta0 + t.outer_lr * step)
+        stats.loss += float(buf[-2]) / max(total_ran * t.inner_steps, 1.0)
+        stats.steps += 1
+        stats.positions += int(buf[-1])
+        stats.time_forward_backward += t1 - t0
+        stats.time_allreduce_step += time.perf_counter() - t1
+        if progress is not None:
+            progress(it + 1, iters)
+    stats.rows = num_samples
+    stats.seconds = time.perf_counter() - t_epoch
+    return stats

@@ -1,0 +1,59 @@
+"""The compare report's statistics and files, on hand-made cell results (no training)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats
+
+from ray_pinet.compare.grid import CellResult, build_cells, parse_variant
+from ray_pinet.compare.report import paired_p, summary, long_table, write_report
+from ray_pinet.config_base import ConfigError
+
+
+def cell(label, seed, tail, head):
+    final = {}
+    for s, v in (("tail", tail), ("head", head), ("all", (4 * tail + head) / 5)):
+        final.update({f"test/{s}/ndcg@10": v, f"test/{s}/hr@10": 2 * v, f"test/{s}/auc": 0.5 + v,
+                      f"test/{s}/gauc": 0.5 + v, f"test/{s}/users": 10.0})
+    return CellResult(label, "sasrec", seed, label, final, None, None, [])
+
+
+RESULTS = [cell("joint", s, t, h) for s, t, h in ((0, .050, .070), (1, .052, .071), (2, .049, .069))] + \
+          [cell("pinet", s, t, h) for s, t, h in ((0, .055, .070), (1, .058, .072), (2, .054, .069))]
+
+
+def test_summary_means_changes_and_paired_t_test():
+    summ = summary(long_table(RESULTS)).set_index(["label", "slice", "metric"])
+    row = summ.loc[("pinet", "tail", "ndcg@10")]
+    assert row["mean"] == pytest.approx((.055 + .058 + .054) / 3)
+    assert row["std"] == pytest.approx(stats.tstd([.055, .058, .054]))
+    joint_mean = (.050 + .052 + .049) / 3
+    assert row["change"] == pytest.approx(row["mean"] / joint_mean - 1)
+    assert row["p"] == pytest.approx(stats.ttest_rel([.055, .058, .054], [.050, .052, .049]).pvalue)
+    assert row["p"] < 0.05
+    assert math.isnan(summ.loc[("joint", "tail", "ndcg@10")]["p"])
+    assert math.isnan(paired_p([1.0], [0.5]))  # one seed: no test
+    assert math.isnan(paired_p([1.0, 2.0], [0.5, 1.5]))  # constant difference: t undefined
+
+
+def test_write_report_files(tmp_path):
+    files = write_report(RESULTS, tmp_path, "demo", "ray-pinet compare --demo")
+    md = files["report.md"].read_text()
+    assert "| pinet | sasrec | 3 |" in md
+    assert f"{100 * (.167 / .151 - 1):+.1f}%*" in md  # tail ndcg change of pinet, significant
+    assert "<table" in files["report.html"].read_text()
+    assert files["ndcg.png"].stat().st_size > 1000
+    assert len(files["results.csv"].read_text().splitlines()) == 1 + 6 * 3 * 4
+
+
+def test_variants_and_cells():
+    c = parse_variant("pinet-uniform=pinet:ga.prior=uniform,stage2.enabled=false")
+    assert (c.label, c.method, c.overrides) == ("pinet-uniform", "pinet", ["ga.prior=uniform", "stage2.enabled=false"])
+    cells = build_cells(["pinet", "separate"], ["p2=pinet:ga.alpha=0.5"])
+    assert [x.label for x in cells] == ["joint", "pinet", "separate", "p2"]
+    with pytest.raises(ConfigError, match="method"):
+        parse_variant("x=nope:a=b")
+    with pytest.raises(ConfigError, match="duplicate"):
+        build_cells(["pinet"], ["pinet=pinet:ga.alpha=1"])
