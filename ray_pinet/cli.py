@@ -114,6 +114,8 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="grid name (run names, MLflow parent run); default: config name")
     p.add_argument("--output", default=None, help="report directory (default reports/<name>)")
     p.add_argument("--smoke-test", action="store_true", help="tiny cells (2 epochs, small model), 2 seeds")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the cells finished so far (<output>/cells.jsonl); train nothing")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -137,9 +139,23 @@ def run_compare(args: argparse.Namespace) -> int:
     backbones = args.backbones or [base.model.backbone]
     name = args.name or f"compare-{base.run.name}"
     output = Path(args.output or f"reports/{name}")
-    command = "ray-pinet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "ray-pinet compare"
+    command = "ray-pinet " + " ".join(shlex.quote(a) for a in args.argv)
     print(f"compare {name}: {len(cells)} cells x {len(backbones)} backbone(s) x {len(seeds)} seed(s) "
           f"-> {output}", flush=True)
+    if args.report_only:
+        from ray_pinet.compare.grid import load_done
+
+        if (output / "command.txt").exists():  # the grid's own command, not this one
+            command = (output / "command.txt").read_text().strip()
+        done = load_done(output / "cells.jsonl")
+        if not done:
+            print(f"ray-pinet compare: no finished cells in {output / 'cells.jsonl'}", file=sys.stderr)
+            return 1
+        files = write_report(list(done.values()), output, f"ray-pinet compare: {name}", command)
+        print(files["report.md"].read_text())
+        return 0
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "command.txt").write_text(command + "\n")
     uri = parent = None
     if base.tracking.enabled:
         uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,
@@ -185,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, for reports
     try:
         if args.command == "prepare":
             from ray_pinet.data.cli_args import run_prepare

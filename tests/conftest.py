@@ -42,3 +42,27 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def small_run_args(tmp: Path, uri: str) -> list[str]:
+    """--set flags of the end-to-end tests: the bundled ml-latest-small prepared into ``tmp``,
+    a tiny SASRec, runs and the MLflow store under ``tmp``."""
+    return [
+        "--config", str(REPO / "configs/ml-latest-small.yaml"),
+        "--set", f"data.path={tmp / 'prepared'}",
+        "--set", f"data.prepare={REPO / 'configs/prepare/ml-latest-small.yaml'}",
+        "--set", f"run.storage_path={tmp / 'runs'}", "--set", "run.progress=false",
+        "--set", "model.dim=16", "--set", "model.num_blocks=1", "--set", f"tracking.tracking_uri={uri}",
+    ]
+
+
+def run_cli_in_repo(args: list[str]) -> int:
+    """``ray-pinet ARGS`` in-process from the repo root (prepare configs write relative to it)."""
+    from ray_pinet.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return main(args)
+    finally:
+        os.chdir(cwd)

@@ -51,9 +51,13 @@ def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if np.allclose(d, d[0]) and d.std() == 0:  # constant difference: t undefined
         return math.nan
+    import warnings
+
     from scipy.stats import ttest_rel
 
-    return float(ttest_rel(a, b).pvalue)
+    with warnings.catch_warnings():  # near-identical differences: scipy warns, p is still defined
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttest_rel(a, b).pvalue)
 
 
 def summary(df: pd.DataFrame, reference: str = "joint") -> pd.DataFrame:

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_pinet.cli import main
+from tests.conftest import run_cli_in_repo, small_run_args
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -22,25 +21,12 @@ def trained(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     args = [
-        "train", "--config", str(REPO / "configs/ml-latest-small.yaml"),
-        "--set", f"data.path={tmp / 'prepared'}",
-        "--set", f"data.prepare={REPO / 'configs/prepare/ml-latest-small.yaml'}",
-        "--set", f"run.storage_path={tmp / 'runs'}", "--set", "run.name=e2e",
-        "--set", "run.num_workers=2", "--set", "run.cpus_per_worker=0.5", "--set", "run.progress=false",
-        "--set", "model.dim=16", "--set", "model.num_blocks=1",
+        "train", *small_run_args(tmp, uri), "--set", "run.name=e2e",
+        "--set", "run.num_workers=2", "--set", "run.cpus_per_worker=0.5",
         "--set", "optim.max_epochs=2", "--set", "stage2.max_epochs=1",
-        "--set", f"tracking.tracking_uri={uri}", "--method", "joint", "--method", "pinet",
-        "--json", str(tmp / "final.json"),
+        "--method", "joint", "--method", "pinet", "--json", str(tmp / "final.json"),
     ]
-    # The prepare config writes relative to the repo; run from there.
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert main(args) == 0
-    finally:
-        os.chdir(cwd)
+    assert run_cli_in_repo(args) == 0
     both = json.loads((tmp / "final.json").read_text())
     return tmp, uri, args, both["pinet"], both["joint"]
 
@@ -106,11 +92,8 @@ def test_mlflow_run_holds_config_metrics_plots_and_model(trained):
 
 
 def test_rerun_with_same_name_resumes(trained, capsys):
-    import os
-
     tmp, _, args, final, _ = trained
-    os.chdir(REPO)
-    assert main(args) == 0
+    assert run_cli_in_repo(args) == 0
     both = json.loads((tmp / "final.json").read_text())
     again = both["pinet"]
     assert both["joint"]["train_seconds"] == pytest.approx(trained[4]["train_seconds"])
