@@ -88,6 +88,7 @@ def run_grid(
     from ray_pinet.training.trainer import fit
 
     output.mkdir(parents=True, exist_ok=True)
+    base_data = Path(TrainConfig.from_yaml(config, overrides).data.path).resolve()
     log = output / "cells.jsonl"
     done = load_done(log)
     results = []
@@ -110,9 +111,13 @@ def run_grid(
                     f"run.name={name}-{backbone}-s{seed}-{cell.label}",
                 ] + cell.overrides)
                 base = None
-                if joint_ckpt and cell.method == "pinet" and cfg.stage1_is_joint and not cfg.run.init_from:
+                # joint's backbone is reused only on the data it was trained on (a variant may
+                # point data.path at other strata, e.g. K = 4 buckets: it trains its own).
+                same_data = Path(cfg.data.path).resolve() == base_data
+                if (joint_ckpt and same_data and cell.method == "pinet" and cfg.stage1_is_joint
+                        and not cfg.run.init_from):
                     cfg.run.init_from = joint_ckpt
-                if cell.method == "finetune":
+                if cell.method == "finetune" and same_data:
                     base = joint_ckpt
                 print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
                 res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base,

@@ -146,9 +146,27 @@ def plot(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], path:
     plt.close(fig)
 
 
+def with_stage1_rows(results: Sequence[CellResult]) -> list[CellResult]:
+    """Add a "<label>/no-plugins" row for every pinet cell whose stage-1 backbone (its
+    ``stage1_test/*`` scores, plugins bypassed) is not joint's own: the plugins-off ablation
+    comes for free. (With a joint-equivalent stage 1 it would repeat the joint row.)"""
+    joint = {(r.backbone, r.seed): r.final for r in results if r.label == "joint"}
+    out = list(results)
+    for r in results:
+        s1 = {"test/" + k[len("stage1_test/"):]: v for k, v in r.final.items() if k.startswith("stage1_test/")}
+        if not s1 or r.label == "joint":
+            continue
+        ref = joint.get((r.backbone, r.seed), {})
+        if all(ref.get(k) == v for k, v in s1.items()):
+            continue
+        out.append(CellResult(f"{r.label}/no-plugins", r.backbone, r.seed, r.method, s1, r.run_id, None, r.overrides))
+    return out
+
+
 def write_report(results: Sequence[CellResult], output: Path, title: str, command: str) -> dict[str, Path]:
     """report.md, report.html, results.csv (every seed), summary.csv and ndcg.png in ``output``."""
     output.mkdir(parents=True, exist_ok=True)
+    results = with_stage1_rows(results)
     df = long_table(results)
     summ = summary(df)
     slices = slices_of(results)

@@ -57,3 +57,16 @@ def test_variants_and_cells():
         parse_variant("x=nope:a=b")
     with pytest.raises(ConfigError, match="duplicate"):
         build_cells(["pinet"], ["pinet=pinet:ga.alpha=1"])
+
+
+def test_stage1_rows_only_where_stage1_is_not_joint():
+    from ray_pinet.compare.report import with_stage1_rows
+
+    joint = cell("joint", 0, .05, .07)
+    same = cell("pinet", 0, .06, .07)
+    same.final.update({"stage1_" + k: v for k, v in joint.final.items()})
+    other = cell("pinet-us", 0, .06, .07)
+    other.final.update({"stage1_" + k: v * 0.9 for k, v in joint.final.items()})
+    rows = with_stage1_rows([joint, same, other])
+    assert [r.label for r in rows] == ["joint", "pinet", "pinet-us", "pinet-us/no-plugins"]
+    assert rows[-1].final["test/tail/ndcg@10"] == pytest.approx(.045)
