@@ -66,11 +66,14 @@ def summary(df: pd.DataFrame, reference: str = "joint") -> pd.DataFrame:
     for (label, backbone, sl, metric), g in df.groupby(["label", "backbone", "slice", "metric"], sort=False):
         ref = df[(df.label == reference) & (df.backbone == backbone) & (df.slice == sl) & (df.metric == metric)]
         paired = g.merge(ref[["seed", "value"]], on="seed", suffixes=("", "_ref"))
-        mean, ref_mean = g.value.mean(), ref.value.mean() if len(ref) else math.nan
+        # the change is measured on the seeds both have (a grid still running has fewer)
+        mean = g.value.mean()
+        ref_mean = paired.value_ref.mean() if len(paired) else math.nan
+        paired_mean = paired.value.mean() if len(paired) else math.nan
         out.append({
             "label": label, "backbone": backbone, "slice": sl, "metric": metric,
             "mean": mean, "std": g.value.std(ddof=1) if len(g) > 1 else math.nan, "n": len(g),
-            "change": (mean - ref_mean) / ref_mean if ref_mean else math.nan,
+            "change": (paired_mean - ref_mean) / ref_mean if ref_mean else math.nan,
             "p": math.nan if label == reference else paired_p(paired.value.tolist(), paired.value_ref.tolist()),
         })
     return pd.DataFrame(out)

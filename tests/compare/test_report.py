@@ -70,3 +70,12 @@ def test_stage1_rows_only_where_stage1_is_not_joint():
     rows = with_stage1_rows([joint, same, other])
     assert [r.label for r in rows] == ["joint", "pinet", "pinet-us", "pinet-us/no-plugins"]
     assert rows[-1].final["test/tail/ndcg@10"] == pytest.approx(.045)
+
+
+def test_change_uses_only_the_seeds_both_cells_have():
+    """A grid still running has fewer seeds for later cells: the change must be paired."""
+    partial = [r for r in RESULTS if not (r.label == "pinet" and r.seed == 2)]
+    summ = summary(long_table(partial)).set_index(["label", "slice", "metric"])
+    row = summ.loc[("pinet", "tail", "ndcg@10")]
+    assert row["change"] == pytest.approx(((.055 + .058) / 2) / ((.050 + .052) / 2) - 1)
+    assert row["n"] == 2
