@@ -47,7 +47,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from ray_pinet.training.trainer import fit, format_table
+    from ray_pinet.training.trainer import fit, format_table, reuse_joint
 
     methods = args.method or [cfg.method]
     results = {}
@@ -56,16 +56,17 @@ def run_train(args: argparse.Namespace) -> int:
             args.config, overrides + [f"method={method}"]
             + ([f"run.name={cfg.run.name}-{method}"] if len(methods) > 1 else [])
         )
-        if (method == "pinet" and "joint" in results and mcfg.stage1_is_joint
-                and not args.retrain_stage1 and not mcfg.run.init_from):
-            # Stage 1 with the interaction-share prior is joint training: same data, model and
-            # schedule give the same backbone, so pinet starts from the joint run's.
-            mcfg.run.init_from = results["joint"].checkpoint_path
+        joint = results.get("joint")
+        had_init = mcfg.run.init_from
+        # Stage 1 with the interaction-share prior is joint training: same data, model and
+        # schedule give the same backbone, so pinet starts from the joint run's (finetune too).
+        base = reuse_joint(mcfg, joint and joint.checkpoint_path, joint and joint.config.data.path,
+                           retrain_stage1=args.retrain_stage1)
+        if mcfg.run.init_from and not had_init:
             print(f"pinet stage 1 = joint training (ga.prior={mcfg.ga.prior}, alpha={mcfg.ga.alpha}): "
                   f"starting from the joint backbone ({mcfg.run.init_from}); --retrain-stage1 to retrain")
         print(f"\n=== {method}: {mcfg.model.backbone} on {mcfg.data.path} "
               f"({mcfg.run.num_workers} worker(s), run {mcfg.run.name}) ===", flush=True)
-        base = results["joint"].checkpoint_path if method == "finetune" and "joint" in results else None
         res = fit(mcfg, base_checkpoint=base)
         results[method] = res
         k = mcfg.eval.k

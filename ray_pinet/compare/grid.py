@@ -85,10 +85,10 @@ def run_grid(
     output: Path,
     parent_run_id: Optional[str] = None,
 ) -> list[CellResult]:
-    from ray_pinet.training.trainer import fit
+    from ray_pinet.training.trainer import fit, reuse_joint
 
     output.mkdir(parents=True, exist_ok=True)
-    base_data = Path(TrainConfig.from_yaml(config, overrides).data.path).resolve()
+    base_data = TrainConfig.from_yaml(config, overrides).data.path  # joint cells' data
     log = output / "cells.jsonl"
     done = load_done(log)
     results = []
@@ -110,15 +110,7 @@ def run_grid(
                     f"method={cell.method}", f"model.backbone={backbone}", f"run.seed={seed}",
                     f"run.name={name}-{backbone}-s{seed}-{cell.label}",
                 ] + cell.overrides)
-                base = None
-                # joint's backbone is reused only on the data it was trained on (a variant may
-                # point data.path at other strata, e.g. K = 4 buckets: it trains its own).
-                same_data = Path(cfg.data.path).resolve() == base_data
-                if (joint_ckpt and same_data and cell.method == "pinet" and cfg.stage1_is_joint
-                        and not cfg.run.init_from):
-                    cfg.run.init_from = joint_ckpt
-                if cell.method == "finetune" and same_data:
-                    base = joint_ckpt
+                base = reuse_joint(cfg, joint_ckpt, base_data)
                 print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
                 res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base,
                           tags={"compare": name, "cell": cell.label, "seed": str(seed)})

@@ -24,19 +24,26 @@ def per_position_losses(
     negs: torch.Tensor | None,
     stratum: torch.Tensor | None,
     loss: Literal["ce", "bce"],
+    states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss_vec Float[P], row_index Long[P]) over the P valid positions, row-major order.
 
     - ``ce``: full-softmax cross-entropy over items 1..M (the padding column is never computed),
       only at valid positions (states -> gather -> full_logits). Dot-product backbones only.
+      ``states`` Float[B, L, d] = ``model.states(inputs, stratum)`` when the caller already has
+      them (transfer's discriminator reads the same pass).
     - ``bce``: -log σ(s⁺) - Σ_j log(1 - σ(s⁻_j)) over negs Long[B, L, n] via ``model.score``.
     """
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
     valid = (inputs != 0) & (targets != 0)
     row_index, pos_index = valid.nonzero(as_tuple=True)
+    if states is not None and loss != "ce":
+        raise ValueError("precomputed states are used by loss 'ce' only")
     if loss == "ce":
-        states = model.states(inputs, stratum)[row_index, pos_index]
+        if states is None:
+            states = model.states(inputs, stratum)
+        states = states[row_index, pos_index]
         logits = model.full_logits(states, None if stratum is None else stratum[row_index], skip_padding=True)
         return F.cross_entropy(logits, targets[valid].long() - 1, reduction="none"), row_index
     if loss == "bce":

@@ -133,10 +133,10 @@ def epoch_batches(
 ) -> Iterator[torch.Tensor]:
     """Global batches of sample ids for one epoch; identical on every rank and for every W.
     ``ids``: visit only these global sample ids (sorted; e.g. one stratum's rows)."""
-    if ids is None:
-        order = np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(num_samples)
-    else:
-        order = np.asarray(ids)[np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(len(ids))]
+    order = np.random.default_rng([seed, PURPOSE_EPOCH_ORDER, epoch]).permutation(
+        num_samples if ids is None else len(ids))
+    if ids is not None:
+        order = np.asarray(ids)[order]
     for start in range(0, len(order), batch_size):
         yield torch.from_numpy(order[start : start + batch_size].astype(np.int64))
 

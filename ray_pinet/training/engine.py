@@ -24,10 +24,10 @@ import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, stratum_name
+from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import EvalRows, TrainRows
 from ray_pinet.training.collectives import all_reduce_max_, broadcast_module_, rank_and_world
-from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.training.loop import prior_settings, run_epoch
 from ray_pinet.training.transfer_epoch import transfer_epoch
 
@@ -307,13 +307,13 @@ class Engine:
             for p in backbone:
                 p.requires_grad_(False)
             params = plugin_params
-            prior_kind, alpha = "stratum_mean", 0.0
+            prior_kind, alpha, shares = "stratum_mean", 0.0, self.meta.user_share
         else:
             groups.append({"params": backbone, "lr": cfg.optim.lr * s2.backbone_lr_scale,
                            "weight_decay": cfg.optim.weight_decay})
             params = plugin_params + backbone
-            prior_kind, alpha, _ = prior_settings(cfg, cfg.method, self.meta.user_share,
-                                                  self.meta.interaction_share)
+            prior_kind, alpha, shares = prior_settings(cfg, cfg.method, self.meta.user_share,
+                                                       self.meta.interaction_share)
         opt = torch.optim.Adam(groups)
         if "stage2" in self.opt_state:
             opt.load_state_dict(self.opt_state["stage2"])
@@ -323,7 +323,7 @@ class Engine:
             epoch = self.state.epoch
             stats = run_epoch(
                 self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
-                10_000 + epoch, K, self.meta.user_share, prior_kind, alpha, use_plugins=True,
+                10_000 + epoch, K, shares, prior_kind, alpha, use_plugins=True,
                 ids=self.train_ids,
                 progress=self._progress(2, epoch),
             )

@@ -22,11 +22,11 @@ import torch
 from ray_pinet.config import TrainConfig
 from ray_pinet.methods.ga import unit_losses
 from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import TrainRows
 from ray_pinet.training.collectives import flatten_grads, rank_and_world
 from ray_pinet.training.ga_step import ga_backward
-from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.training.loop import run_epoch
 from ray_pinet.training.transfer_epoch import transfer_epoch
 

@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.evaluation.protocol import evaluate, slice_names
@@ -65,7 +63,7 @@ def fit_per_stratum(
 ):
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.training.trainer import (
-        FitResult, STATE_FILE, ensure_prepared, fit, load_run_meta, rebuild_model,
+        FitResult, ensure_prepared, fit, load_run_meta, load_state, log_served_model, rebuild_model,
     )
 
     progress = cfg.run.progress if progress is None else progress
@@ -96,10 +94,7 @@ def fit_per_stratum(
             print(f"\n--- {cfg.method}: stratum {name} ({sub_cfg.run.name}) ---", flush=True)
             subs.append(fit(sub_cfg, progress=progress, parent_run_id=run_id,
                             tags={"parent_method": cfg.method, "stratum": name}))
-        members = []
-        for sub in subs:
-            snap = torch.load(Path(sub.checkpoint_path) / STATE_FILE, map_location="cpu", weights_only=False)
-            members.append(rebuild_model(snap)[0])
+        members = [rebuild_model(load_state(sub.checkpoint_path))[0] for sub in subs]
         model = StratumEnsemble(members).eval()
         L = cfg.model.max_len
         final: dict[str, float] = {}
@@ -119,12 +114,7 @@ def fit_per_stratum(
                                         indent=2, sort_keys=True))
                 mu.log_artifact(uri, run_id, f, None)
             if cfg.tracking.log_model:
-                from ray_pinet.serving import ScoringModule
-
-                example = np.zeros((2, 1 + L), dtype=np.int64)
-                example[:, 0] = [0, K - 1]
-                example[:, -3:] = [[1, 2, 3], [3, 2, 1]]
-                model_uri = mu.log_scoring_model(uri, run_id, ScoringModule(model, cfg.stage2.unseen_stratum), example)
+                model_uri = log_served_model(cfg, K, model, uri, run_id)
             mu.finish_run(uri, run_id)
     except BaseException:
         if uri and run_id:

@@ -21,7 +21,7 @@ import torch
 from ray_pinet.config import TrainConfig
 from ray_pinet.evaluation.protocol import slice_names
 from ray_pinet.training.engine import RunMeta
-from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, train_func
+from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, load_state, train_func
 
 SPLITS = ("train", "valid", "test")
 
@@ -140,7 +140,7 @@ def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> 
     state = Path(where) / STATE_FILE
     if not state.exists():
         raise ValueError(f"run.{key}={where!r}: no {STATE_FILE} there")
-    snap = torch.load(state, map_location="cpu", weights_only=False)
+    snap = load_state(where)
     other = TrainConfig.from_dict(snap["config"])
     if other.model != cfg.model:
         raise ValueError(f"run.{key}={where!r} holds model {other.model}, this run has {cfg.model}")
@@ -230,7 +230,7 @@ def fit(
     if ckpt is None:
         raise RuntimeError(f"run {cfg.run.name!r} ended without a checkpoint")
     with ckpt.as_directory() as d:
-        snap = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+        snap = load_state(d)
     history = snap["engine"]["history"]
     final = {k: v for k, v in history[-1].items() if k != "step"}
     out = FitResult(cfg, final, history, ckpt.path, run_id, uri, meta=meta)
@@ -255,7 +255,6 @@ def rebuild_model(snap: dict):
 
 
 def _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id) -> Optional[str]:
-    from ray_pinet.serving import ScoringModule
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.tracking.plots import plot_activeness, plot_final_bars, plot_stratum_curves
 
@@ -275,12 +274,32 @@ def _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id) -> Opti
             mu.log_artifact(uri, run_id, tmp / f, "plots" if f.endswith(".png") else None)
     if not cfg.tracking.log_model:
         return None
-    model, _, _ = rebuild_model(snap)
-    module = ScoringModule(model, unseen_stratum=cfg.stage2.unseen_stratum)
+    return log_served_model(cfg, meta.num_strata, rebuild_model(snap)[0], uri, run_id)
+
+
+def log_served_model(cfg: TrainConfig, num_strata: int, model, uri: str, run_id: str) -> str:
+    """Log ``model`` wrapped in ``ScoringModule`` (with an input example) to the run; its URI."""
+    from ray_pinet.serving import ScoringModule
+    from ray_pinet.tracking import mlflow_utils as mu
+
     example = np.zeros((2, 1 + cfg.model.max_len), dtype=np.int64)
-    example[:, 0] = [0, meta.num_strata - 1]
+    example[:, 0] = [0, num_strata - 1]
     example[:, -3:] = [[1, 2, 3], [3, 2, 1]]
-    return mu.log_scoring_model(uri, run_id, module, example)
+    return mu.log_scoring_model(uri, run_id, ScoringModule(model, cfg.stage2.unseen_stratum), example)
+
+
+def reuse_joint(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_data: Optional[str],
+                retrain_stage1: bool = False) -> Optional[str]:
+    """Reuse a finished joint run where a method's first stage is joint training on the same
+    data: pinet with a joint-equivalent stage 1 starts stage 2 from its backbone
+    (``cfg.run.init_from`` is set in place, unless ``retrain_stage1``); ``finetune`` fine-tunes
+    it (returned, for ``fit``'s ``base_checkpoint``). A run on other data (e.g. K = 4 buckets)
+    trains its own."""
+    if not joint_checkpoint or not joint_data or Path(cfg.data.path).resolve() != Path(joint_data).resolve():
+        return None
+    if cfg.method == "pinet" and cfg.stage1_is_joint and not cfg.run.init_from and not retrain_stage1:
+        cfg.run.init_from = joint_checkpoint
+    return joint_checkpoint if cfg.method == "finetune" else None
 
 
 def format_table(final: dict[str, float], num_strata: int, k: int = 10, prefix: str = "test") -> str:

@@ -40,19 +40,15 @@ def copy_into_(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None:
 
 def task_loss(model, disc: Discriminator, batch, cfg: TrainConfig) -> tuple[torch.Tensor, int]:
     """(L_rec + L_disc with gradient reversal into the encoder, positions) for one task."""
-    states = None
-    if cfg.loss == "ce":  # one encoder pass serves both losses
-        states = model.states(batch.inputs)
-        valid = (batch.inputs != 0) & (batch.targets != 0)
-        logits = model.full_logits(states[valid], None, skip_padding=True)
-        loss_vec = F.cross_entropy(logits, batch.targets[valid] - 1, reduction="none")
-    else:
-        loss_vec, _ = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, cfg.loss)
+    adversarial = cfg.transfer.adv_weight > 0
+    states = model.states(batch.inputs) if adversarial else None
+    # With loss ce one encoder pass serves both losses.
+    loss_vec, _ = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, cfg.loss,
+                                      states=states if cfg.loss == "ce" else None)
     loss = loss_vec.mean() if loss_vec.numel() else loss_vec.sum()
-    if cfg.transfer.adv_weight > 0:
+    if adversarial:
         # The state after the last item (rows are left-padded, so column -1 is the newest item).
-        h = (model.states(batch.inputs) if states is None else states)[:, -1]
-        logits = disc(grad_reverse(h, cfg.transfer.adv_weight))
+        logits = disc(grad_reverse(states[:, -1], cfg.transfer.adv_weight))
         loss = loss + F.cross_entropy(logits, batch.stratum)
     return loss, int(loss_vec.numel())
 

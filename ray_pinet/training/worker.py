@@ -68,9 +68,14 @@ def _read_shard(name: str) -> pa.Table:
     return pa.concat_tables(parts)
 
 
+def load_state(checkpoint_dir: str) -> dict:
+    """The engine snapshot (``state.pt``) of a checkpoint directory, on the CPU."""
+    return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+
+
 def load_backbone_state(checkpoint_dir: str) -> dict:
     """The backbone weights (``backbone.`` keys, prefix removed) of a run's checkpoint."""
-    snap = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    snap = load_state(checkpoint_dir)
     prefix = "backbone."
     return {k[len(prefix):]: v for k, v in snap["model"].items() if k.startswith(prefix)}
 
@@ -115,7 +120,7 @@ def train_func(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+            resume = load_state(d)
 
     def report(metrics: dict, snap: Optional[dict]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
