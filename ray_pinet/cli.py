@@ -1,4 +1,4 @@
-"""``ray-pinet``: prepare | synth | train | compare.
+"""``ray-pinet``: prepare | synth | train | compare | tune.
 
 ``main(argv)`` is importable so tests call the CLI in-process (no subprocess, no sys.argv).
 """
@@ -183,6 +183,40 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/*.yaml)")
+    p.add_argument("--config", help="base train config YAML (configs/*.yaml): what every trial starts from")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value for the reference and every trial (repeatable)")
+    p.add_argument("--name", default=None, help="sweep name (default tune-<space>-<dataset>); rerun to resume")
+    p.add_argument("--storage", default="runs/tune", help="sweep directory root (Tune state, runs, report)")
+    p.add_argument("--register-as", default=None,
+                   help="MLflow registered model name for the winner (default ray-pinet-<dataset>)")
+    p.add_argument("--reference-checkpoint", default=None,
+                   help="a finished joint run's checkpoint to use as the reference instead of training one")
+    p.add_argument("--no-defaults-trial", action="store_true",
+                   help="do not evaluate the base config's values as the first trial")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="tiny model, 2 epochs per stage: checks the sweep machinery end to end")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from ray_pinet.tuning.sweep import run_sweep
+
+    overrides = list(args.set)
+    if args.smoke_test:
+        overrides = SMOKE_OVERRIDES + overrides
+    summary = run_sweep(args.space, args.config, overrides, name=args.name, storage=args.storage,
+                        register_as=args.register_as, reference_checkpoint=args.reference_checkpoint,
+                        include_defaults=not args.no_defaults_trial)
+    sweep = summary["sweep_dir"]
+    print("\n" + open(f"{sweep}/report.md").read())
+    print(f"sweep directory: {sweep}")
+    if summary["registered"]:
+        print(f"registered: {summary['registered']['uri']}")
+    return 0 if summary["best"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ray_pinet.data.cli_args import add_prepare_args, add_synth_args
 
@@ -196,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_args(sub.add_parser("synth", help="write a seeded synthetic long-tail log"))
     _add_train_args(sub.add_parser("train", help="train joint / pinet / baselines on Ray Train, tracked in MLflow"))
     _add_compare_args(sub.add_parser("compare", help="methods x backbones x seeds -> head/tail report"))
+    _add_tune_args(sub.add_parser("tune", help="Ray Tune sweep (ASHA) over strata, plugins and GA prior; "
+                                               "registers the best model in MLflow"))
     return parser
 
 
@@ -218,6 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_train(args)
         if args.command == "compare":
             return run_compare(args)
+        if args.command == "tune":
+            return run_tune(args)
     except ConfigError as exc:
         print(f"ray-pinet: config error: {exc}", file=sys.stderr)
         return 2

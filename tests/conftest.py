@@ -35,7 +35,11 @@ def ray_cluster():
         # still gets scheduled (see ../shared/docs/ray-notes.md §6).
         ray.init(
             num_cpus=4,
-            include_dashboard=False,
+            # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls:
+            # without it the worker placement group of a trial that Tune stops early is not
+            # removed, and the next trial waits for CPUs forever (found in the tune e2e test).
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             object_store_memory=1_500_000_000,
             log_to_driver=False,
             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}},

@@ -46,7 +46,9 @@ def run_tasks(
     from tqdm import tqdm
 
     ensure_ray()
-    remote = ray.remote(num_cpus=1, max_retries=0)(_timed)
+    # "DEFAULT" scheduling: inside a Tune trial the caller runs in the trial's placement group,
+    # whose tiny bundle would otherwise capture (and refuse) these 1-CPU tasks.
+    remote = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="DEFAULT")(_timed)
     refs = [remote.remote(fn, *args) for args in arg_list]
     where = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)

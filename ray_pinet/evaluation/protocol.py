@@ -60,6 +60,38 @@ def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+def user_outcomes(model, rows: EvalRows, k: int = 10, batch_size: int = 256,
+                  candidates: bool = False) -> dict[str, torch.Tensor]:
+    """Per-row outcomes of one rank's evaluation rows, in row order: hit@k and NDCG@k
+    (Float64), the target's and the sampled negative's scores (Float64), the stratum (Long).
+    Every metric of ``finalize`` is a function of these, so any regrouping of users (another
+    stratification, ``tuning/objective.py``) gives exactly what ``evaluate`` would."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list] = {"hit": [], "ndcg": [], "pos": [], "neg": [], "stratum": []}
+    for batch in rows.batches(batch_size):
+        rank, pos, neg = batch_ranks(model, batch, k, candidates)
+        hit, ndcg = hr_ndcg_at_k(rank, k)
+        for name, v in (("hit", hit), ("ndcg", ndcg), ("pos", pos.to(torch.float64)),
+                        ("neg", neg.to(torch.float64)), ("stratum", batch.stratum)):
+            parts[name].append(v)
+    model.train(was_training)
+    return {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64 if name == "stratum" else torch.float64)
+            for name, v in parts.items()}
+
+
+def local_stats(out: dict[str, torch.Tensor], stratum: torch.Tensor, num_strata: int):
+    """([K, len(STATS)] sums, [n, 3] (pos, neg, stratum) rows) of per-row outcomes grouped by
+    ``stratum``: the additive part and the gathered part of ``finalize``'s input."""
+    stats = torch.zeros(num_strata, len(STATS), dtype=torch.float64)
+    pos, neg = out["pos"], out["neg"]
+    gauc = (pos > neg).to(torch.float64) + 0.5 * (pos == neg).to(torch.float64)
+    for col, v in ((0, torch.ones_like(out["hit"])), (1, out["hit"]), (2, out["ndcg"]), (3, gauc)):
+        stats[:, col].index_add_(0, stratum, v)
+    return stats, torch.stack([pos, neg, stratum.to(torch.float64)], dim=1)
+
+
+@torch.no_grad()
 def evaluate(
     model,
     rows: EvalRows,
@@ -69,28 +101,9 @@ def evaluate(
     candidates: bool = False,
 ) -> dict[str, float]:
     """Metrics ``{"<slice>/<metric>": value}`` for every stratum and "all". Collective."""
-    was_training = model.training
-    model.eval()
-    stats = torch.zeros(num_strata, len(STATS), dtype=torch.float64)
-    pos_all, neg_all, str_all = [], [], []
-    for batch in rows.batches(batch_size):
-        rank, pos, neg = batch_ranks(model, batch, k, candidates)
-        hit, ndcg = hr_ndcg_at_k(rank, k)
-        gauc = (pos > neg).to(torch.float64) + 0.5 * (pos == neg).to(torch.float64)
-        s = batch.stratum
-        for col, v in ((0, torch.ones_like(hit)), (1, hit), (2, ndcg), (3, gauc)):
-            stats[:, col].index_add_(0, s, v)
-        pos_all.append(pos.to(torch.float64))
-        neg_all.append(neg.to(torch.float64))
-        str_all.append(s)
-    model.train(was_training)
+    out = user_outcomes(model, rows, k, batch_size, candidates)
+    stats, local = local_stats(out, out["stratum"], num_strata)
     all_reduce_sum_(stats)
-    local = torch.stack(
-        [torch.cat(pos_all) if pos_all else torch.zeros(0, dtype=torch.float64),
-         torch.cat(neg_all) if neg_all else torch.zeros(0, dtype=torch.float64),
-         (torch.cat(str_all) if str_all else torch.zeros(0, dtype=torch.int64)).to(torch.float64)],
-        dim=1,
-    )
     gathered = all_gather_rows(local)
     return finalize(stats, gathered, num_strata, k)
 

@@ -110,3 +110,14 @@ def log_scoring_model(uri: str, run_id: str, module, input_example, registered_m
         )
     # start_run(run_id) ends the run as FINISHED on exit; the caller decides the final status.
     return info.model_uri
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> Optional[str]:
+    """The id of the latest run tagged with ``run_name`` (None if there is none)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None

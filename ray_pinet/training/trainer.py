@@ -158,10 +158,13 @@ def fit(
     parent_run_id: Optional[str] = None,
     tags: Optional[dict[str, str]] = None,
     base_checkpoint: Optional[str] = None,
+    callbacks: Optional[list] = None,
 ) -> FitResult:
     """Train one run of ``cfg`` on Ray Train and log it to MLflow (a child of ``parent_run_id``
     when given). ``separate`` / ``finetune`` are K runs, one per stratum: see ``per_stratum``
-    (``base_checkpoint``: the joint run that ``finetune`` starts from; trained first if None)."""
+    (``base_checkpoint``: the joint run that ``finetune`` starts from; trained first if None).
+    ``callbacks``: ``ray.train.UserCallback``s of the Train run (a Tune trial forwards its
+    reports with one)."""
     from ray_pinet.config import PER_STRATUM_METHODS
 
     if cfg.method in PER_STRATUM_METHODS:
@@ -216,6 +219,7 @@ def fit(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         dataset_config=ShardBySampleId.make(),

@@ -1,0 +1,245 @@
+"""Declarative search spaces (``tune_spaces/*.yaml``): parsed, validated and turned into Ray Tune
+domains.
+
+A space file::
+
+    method: pinet
+    objective: {slice: tail, metric: ndcg, measure: lift, guard_tolerance: 0.005}
+    search: {algorithm: random, num_samples: 12, max_concurrent: 1, seed: 0}
+    scheduler: {kind: asha, grace_period: 2, reduction_factor: 2}
+    fixed:                      # applied to every trial and to the reference joint run
+      optim.max_epochs: 10
+    space:
+      prepare.strata.q: {uniform: [0.05, 0.4]}
+      stage2.plugin.adapter_hidden: {choice: [[32], [64], [128]]}
+      ga.prior: {choice: [interaction_share, user_share]}
+
+Keys are dotted train-config keys (``optim.lr``) or ``prepare.`` + a prepare-config key under
+``strata`` / ``samples`` (a trial with its own stratification or history length gets its own
+prepared copy of the data). ``model.max_len`` also sets ``prepare.samples.max_len`` (they must
+agree). Clean/source keys are refused: they would change which users are evaluated, and trials
+are only comparable on the same users. Every value a domain can produce at its ends is resolved
+into a full config on load, so a typo or an out-of-range bound fails before any trial starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml
+
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+PREPARE_SECTIONS = ("strata", "samples")
+
+
+@dataclass
+class ObjectiveSpec:
+    """What a trial is scored by (on validation only; docs/design.md "Tuning").
+
+    slice: the stratum to improve (tail = stratum 0, or s0..s{K-1}); metric at eval.k.
+    measure: ``lift`` = relative change against the reference joint model *on the same users*
+    (a trial with another threshold has another tail population, so absolute tail metrics of two
+    trials are not comparable); ``absolute`` = the metric itself.
+    guard_tolerance: every other stratum must keep at least reference x (1 - tolerance) of the
+    same metric; a trial that breaks it is infeasible: reported, never chosen.
+    """
+
+    slice: str = "tail"
+    metric: Literal["ndcg", "hr", "auc", "gauc"] = "ndcg"
+    measure: Literal["lift", "absolute"] = "lift"
+    guard_tolerance: float = 0.005
+
+    def validate(self) -> None:
+        if not 0.0 <= self.guard_tolerance < 1.0:
+            raise ConfigError(f"guard_tolerance must be in [0, 1), got {self.guard_tolerance}")
+
+
+@dataclass
+class SearchSpec:
+    algorithm: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    # Trials to sample (random/optuna/hyperopt); with grid domains, repeats of the whole grid.
+    num_samples: int = 8
+    # Trials at once; 0 = as many as the cluster's CPUs fit. 1 on a small machine: a trial's
+    # workers already use every core.
+    max_concurrent: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 0:
+            raise ConfigError("num_samples must be >= 1 and max_concurrent >= 0")
+
+
+@dataclass
+class SchedulerSpec:
+    """ASHA on the objective, one iteration per validation report (one per epoch)."""
+
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+    def validate(self) -> None:
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError("grace_period must be >= 1 and reduction_factor >= 2")
+
+
+@dataclass
+class TrialSpec:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class TuneSpace:
+    method: Literal["joint", "pinet", "reweight"] = "pinet"
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    trial: TrialSpec = field(default_factory=TrialSpec)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.space:
+            raise ConfigError("space: at least one key to search over")
+        for key, dom in self.space.items():
+            _check_domain(key, dom)
+        if self.search.algorithm == "grid" and any(_kind(d) not in ("grid", None) for d in self.space.values()):
+            raise ConfigError("search.algorithm grid: every space entry must be {grid: [...]} or a constant")
+
+
+def _kind(dom: Any) -> Optional[str]:
+    if isinstance(dom, dict) and len(dom) == 1 and next(iter(dom)) in DOMAINS:
+        return next(iter(dom))
+    return None  # a constant
+
+
+def _check_domain(key: str, dom: Any) -> None:
+    kind = _kind(dom)
+    if isinstance(dom, dict) and kind is None:
+        raise ConfigError(f"space.{key}: {dom!r} is not a domain; use one of "
+                          f"{', '.join('{' + d + ': ...}' for d in DOMAINS)} or a constant")
+    if kind is None:
+        return
+    args = dom[kind]
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"space.{key}: {kind} needs a non-empty list, got {args!r}")
+        return
+    n = 3 if kind == "quniform" else 2
+    if not isinstance(args, list) or len(args) != n or not all(isinstance(a, (int, float)) for a in args):
+        raise ConfigError(f"space.{key}: {kind} needs [low, high{', q' if n == 3 else ''}], got {args!r}")
+    lo, hi = args[0], args[1]
+    if not lo < hi:
+        raise ConfigError(f"space.{key}: {kind} needs low < high, got {args!r}")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"space.{key}: loguniform needs low > 0, got {args!r}")
+
+
+def extreme_values(dom: Any) -> list[Any]:
+    """Values a domain can produce at its ends (what load-time validation resolves)."""
+    kind = _kind(dom)
+    if kind is None:
+        return [dom]
+    args = dom[kind]
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":  # Ray's randint excludes the upper bound
+        return [int(args[0]), int(args[1]) - 1]
+    return [args[0], args[1]]
+
+
+def to_tune_domain(dom: Any):
+    from ray import tune
+
+    kind = _kind(dom)
+    if kind is None:
+        return dom
+    args = dom[kind]
+    if kind == "choice":
+        return tune.choice(args)
+    if kind == "grid":
+        return tune.grid_search(args)
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "randint":
+        return tune.randint(int(args[0]), int(args[1]))
+    return tune.quniform(*args)
+
+
+def param_space(space: TuneSpace) -> dict[str, Any]:
+    """Ray Tune's param_space: one flat entry per dotted key (Tune would otherwise nest them)."""
+    return {key: to_tune_domain(dom) for key, dom in space.space.items()}
+
+
+def split_overrides(values: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Trial values -> (train-config overrides, prepare-config overrides), both ``key=value``."""
+    import json
+
+    train, prep = [], []
+    for key, value in values.items():
+        text = json.dumps(value)
+        if key.startswith("prepare."):
+            prep.append(f"{key[len('prepare.'):]}={text}")
+        else:
+            train.append(f"{key}={text}")
+            if key == "model.max_len":
+                prep.append(f"samples.max_len={text}")
+    return train, prep
+
+
+def _check_key(key: str) -> None:
+    if key.startswith("prepare."):
+        section = key.split(".")[1] if key.count(".") >= 2 else ""
+        if section not in PREPARE_SECTIONS:
+            raise ConfigError(
+                f"space/fixed key {key!r}: only prepare.strata.* and prepare.samples.* can vary "
+                "between trials (source and cleaning decide which users are evaluated)")
+    if key in ("method", "data.path", "data.prepare", "run.name", "run.storage_path", "run.seed"):
+        raise ConfigError(f"space/fixed key {key!r} is set by the sweep itself")
+
+
+def resolve_trial(base_config: Optional[str], base_overrides: list[str], values: dict[str, Any],
+                  method: str):
+    """(TrainConfig, PrepareConfig or None) of one trial: the base config + ``values``. The
+    prepare config is None when the base config names no ``data.prepare`` and no prepare key
+    varies."""
+    from ray_pinet.config import TrainConfig
+    from ray_pinet.data.config import PrepareConfig
+
+    train_o, prep_o = split_overrides(values)
+    cfg = TrainConfig.from_yaml(base_config, base_overrides + train_o + [f"method={method}"])
+    if not cfg.data.prepare:
+        if prep_o:
+            raise ConfigError("the space varies prepare.* keys (or model.max_len) but the base config "
+                              "has no data.prepare to re-prepare the data from")
+        return cfg, None
+    prep = from_dict(PrepareConfig, apply_overrides(load_yaml(cfg.data.prepare), prep_o))
+    if prep.samples.max_len != cfg.model.max_len:
+        raise ConfigError(f"model.max_len={cfg.model.max_len} but prepare samples.max_len="
+                          f"{prep.samples.max_len}: vary model.max_len (it sets both)")
+    return cfg, prep
+
+
+def load_space(path: str | Path, base_config: Optional[str], base_overrides: list[str]) -> TuneSpace:
+    """Parse and validate a space file against the base train config (every key and every end
+    value of every domain is resolved into a full trial config)."""
+    raw = load_yaml(path)
+    try:
+        space = from_dict(TuneSpace, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        for key in list(space.fixed) + list(space.space):
+            _check_key(key)
+        fixed = dict(space.fixed)
+        for key, dom in space.space.items():
+            for v in extreme_values(dom):
+                resolve_trial(base_config, base_overrides, {**fixed, key: v}, space.method)
+        resolve_trial(base_config, base_overrides, fixed, space.method)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return space
