@@ -194,6 +194,7 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="MLflow registered model name for the winner (default ray-pinet-<dataset>)")
     p.add_argument("--reference-checkpoint", default=None,
                    help="a finished joint run's checkpoint to use as the reference instead of training one")
+    p.add_argument("--num-samples", type=int, default=None, help="override the space's search.num_samples")
     p.add_argument("--no-defaults-trial", action="store_true",
                    help="do not evaluate the base config's values as the first trial")
     p.add_argument("--smoke-test", action="store_true",
@@ -208,7 +209,8 @@ def run_tune(args: argparse.Namespace) -> int:
         overrides = SMOKE_OVERRIDES + overrides
     summary = run_sweep(args.space, args.config, overrides, name=args.name, storage=args.storage,
                         register_as=args.register_as, reference_checkpoint=args.reference_checkpoint,
-                        include_defaults=not args.no_defaults_trial)
+                        include_defaults=not args.no_defaults_trial, num_samples=args.num_samples,
+                        smoke=args.smoke_test)
     sweep = summary["sweep_dir"]
     print("\n" + open(f"{sweep}/report.md").read())
     print(f"sweep directory: {sweep}")

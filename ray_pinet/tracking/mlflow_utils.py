@@ -40,7 +40,11 @@ def experiment_id(uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name)
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database, not in ./mlruns of whatever directory we run from.
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def start_or_resume_run(

@@ -301,7 +301,8 @@ def reference_run(setup: SweepSetup, reference_checkpoint: Optional[str]) -> dic
 
 def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name: Optional[str] = None,
               storage: str = "runs/tune", register_as: Optional[str] = None,
-              reference_checkpoint: Optional[str] = None, include_defaults: bool = True) -> dict:
+              reference_checkpoint: Optional[str] = None, include_defaults: bool = True,
+              num_samples: Optional[int] = None, smoke: bool = False) -> dict:
     """Run (or resume) a sweep; returns the summary written to ``<sweep>/summary.json``."""
     import ray
     from ray import tune
@@ -314,6 +315,11 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
     from ray_pinet.tuning.space import load_space, param_space
 
     space = load_space(space_path, config, overrides)
+    if num_samples:
+        space.search.num_samples = int(num_samples)
+    if smoke:  # the space's own epoch budget would win over the base config's smoke overrides
+        space.fixed.update({"optim.max_epochs": 2, "stage2.max_epochs": 1, "optim.max_minutes": 0})
+        space.search.num_samples = min(space.search.num_samples, 2)
     base = TrainConfig.from_yaml(config, overrides)
     name = name or f"tune-{Path(space_path).stem}-{Path(base.data.path).name}"
     sweep_dir = Path(storage).expanduser().resolve() / name
@@ -324,7 +330,9 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
 
     uri = parent = None
     if base.tracking.enabled:
-        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, str(sweep_dir.parent))
+        # The same default store as `train` and `compare` (<run.storage_path>/mlflow.db).
+        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,
+                                      str(Path(base.run.storage_path).expanduser().resolve()))
         # A rerun of a finished sweep reopens its parent run rather than starting a second one.
         parent = mu.find_run(uri, base.tracking.experiment, name)
         if parent is None:
@@ -353,7 +361,9 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
         else:
             scheduler = None
             if space.scheduler.kind == "asha":
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(probe),
+                # max_t above the last report: ASHA stops a trial that reaches max_t, and a
+                # trial stopped at its final report would be killed before its model is logged.
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(probe) + 1,
                                           grace_period=space.scheduler.grace_period,
                                           reduction_factor=space.scheduler.reduction_factor)
             tuner = tune.Tuner(
@@ -372,6 +382,8 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
         for r in rows:
             if uri:
                 r.run_id = mu.find_run(uri, base.tracking.experiment, f"{name}-{r.trial_id}")
+                if r.run_id and not r.finished:  # Tune killed it (ASHA) mid-run: close its run
+                    mu.finish_run(uri, r.run_id, status="FAILED" if r.error else "KILLED")
         best = best_trial(rows)
         summary = {"name": name, "sweep_dir": str(sweep_dir), "reference": reference,
                    "trials": [dataclasses.asdict(r) for r in rows],
