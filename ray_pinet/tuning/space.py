@@ -24,6 +24,7 @@ into a full config on load, so a typo or an out-of-range bound fails before any 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -150,6 +151,23 @@ def extreme_values(dom: Any) -> list[Any]:
     return [args[0], args[1]]
 
 
+def _structured(dom: Any) -> bool:
+    """A choice/grid over lists or mappings (e.g. adapter widths [[32], [64]]). Tune reads list
+    values of ``points_to_evaluate`` as nested specs, so such values travel as JSON strings."""
+    kind = _kind(dom)
+    return kind in ("choice", "grid") and any(isinstance(v, (list, dict)) for v in dom[kind])
+
+
+def encode_value(dom: Any, value: Any) -> Any:
+    return json.dumps(value) if _structured(dom) else value
+
+
+def decode_values(space: "TuneSpace", values: dict[str, Any]) -> dict[str, Any]:
+    """Trial values as the config expects them (JSON-encoded structured choices decoded)."""
+    return {k: json.loads(v) if _structured(space.space.get(k)) and isinstance(v, str) else v
+            for k, v in values.items()}
+
+
 def to_tune_domain(dom: Any):
     from ray import tune
 
@@ -157,6 +175,8 @@ def to_tune_domain(dom: Any):
     if kind is None:
         return dom
     args = dom[kind]
+    if _structured(dom):
+        args = [json.dumps(v) for v in args]
     if kind == "choice":
         return tune.choice(args)
     if kind == "grid":
@@ -177,8 +197,6 @@ def param_space(space: TuneSpace) -> dict[str, Any]:
 
 def split_overrides(values: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Trial values -> (train-config overrides, prepare-config overrides), both ``key=value``."""
-    import json
-
     train, prep = [], []
     for key, value in values.items():
         text = json.dumps(value)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ray_pinet.config_base import to_dict
-from ray_pinet.tuning.space import TuneSpace, resolve_trial
+from ray_pinet.tuning.space import TuneSpace, decode_values, encode_value, resolve_trial
 
 
 @dataclass
@@ -153,7 +153,7 @@ def trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     print(f"[ray-pinet] trial {trial_id}: {config}  (cluster CPUs free {free:g} of {total:g}; "
           f"removed {orphans} orphaned placement group(s))", flush=True)
     space = setup.tune_space
-    cfg = run_config(setup, dict(config), f"{setup.name}-{trial_id}", space.method)
+    cfg = run_config(setup, decode_values(space, dict(config)), f"{setup.name}-{trial_id}", space.method)
     strata = json.loads((Path(cfg.data.path) / "strata.json").read_text())
     K = int(strata["num_strata"])
     users = pq.read_table(Path(cfg.data.path) / "users.parquet", columns=["user_id", "stratum"]).to_pandas()
@@ -179,8 +179,9 @@ def default_point(setup: SweepSetup) -> dict[str, Any]:
     flat = flatten(cfg.to_dict())
     pflat = flatten(to_dict(prep)) if prep is not None else {}
     point = {}
-    for key in space.space:
-        point[key] = pflat[key[len("prepare."):]] if key.startswith("prepare.") else flat[key]
+    for key, dom in space.space.items():
+        value = pflat[key[len("prepare."):]] if key.startswith("prepare.") else flat[key]
+        point[key] = encode_value(dom, value)
     return point
 
 

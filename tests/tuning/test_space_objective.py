@@ -103,3 +103,26 @@ def test_objective_tail_and_head_name_the_end_buckets_of_k_strata():
     r = obj.score({"val/s0/ndcg@10": 0.11, "val/s1/ndcg@10": 0.1, "val/s2/ndcg@10": 0.1,
                    "val/s3/ndcg@10": 0.09}, "val")
     assert r["feasible"] == 0.0  # s3 lost 10% > 0.5%
+
+
+def test_list_valued_choices_travel_as_json_and_come_back():
+    # Tune reads list values in points_to_evaluate as nested specs (a crash found on the real
+    # sweep), so structured choices are JSON strings inside Tune and decoded for the trial.
+    from ray.tune.search.variant_generator import generate_variants
+
+    from ray_pinet.tuning.space import decode_values, encode_value
+    from ray_pinet.tuning.sweep import SweepSetup, default_point
+
+    space = load_space(REPO / "tune_spaces/pinet.yaml", BASE, [])
+    dom = space.space["stage2.plugin.adapter_hidden"]
+    tuned = param_space(space)["stage2.plugin.adapter_hidden"]
+    assert all(isinstance(c, str) for c in tuned.categories)
+    assert decode_values(space, {"stage2.plugin.adapter_hidden": encode_value(dom, [64])}) == \
+        {"stage2.plugin.adapter_hidden": [64]}
+    setup = SweepSetup("s", BASE, [], __import__("ray_pinet.config_base", fromlist=["to_dict"]).to_dict(space),
+                       "/tmp", None, None, "/tmp/x.parquet")
+    point = default_point(setup)
+    assert point["stage2.plugin.adapter_hidden"] == "[64]" and point["prepare.strata.q"] == 0.2
+    for _, variant in generate_variants({**param_space(space), **point}):
+        cfg, _ = resolve_trial(BASE, [], decode_values(space, variant), "pinet")
+        assert cfg.stage2.plugin.adapter_hidden == [64]
