@@ -1,4 +1,4 @@
-"""``ray-pinet``: prepare | synth | train | compare | tune.
+"""``ray-pinet``: prepare | synth | train | compare | tune | retrain | partition | submit.
 
 ``main(argv)`` is importable so tests call the CLI in-process (no subprocess, no sys.argv).
 """
@@ -74,12 +74,25 @@ def run_train(args: argparse.Namespace) -> int:
         print(format_table(res.final, res.meta.num_strata, k))
         if res.run_id:
             print(f"MLflow run {res.run_id} at {res.tracking_uri}")
+        if mcfg.tracking.register_as:
+            print(f"registered: {register_result(res)['uri']}")
     if len(results) > 1:
         print("\n" + comparison_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({m: r.final for m, r in results.items()}, f, indent=2, sort_keys=True)
     return 0
+
+
+def register_result(res) -> dict:
+    """Register a finished run's served model as ``tracking.register_as`` (idempotent)."""
+    from ray_pinet.tracking.registry import register_run
+
+    cfg = res.config
+    if not (res.run_id and res.model_uri):
+        raise ConfigError("tracking.register_as needs tracking.enabled=true and tracking.log_model=true")
+    return register_run(res.tracking_uri, res.run_id, cfg.tracking.register_as,
+                        {"method": cfg.method, "run_name": cfg.run.name}, cfg.data.path)
 
 
 def comparison_table(results: dict) -> str:
@@ -219,6 +232,65 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0 if summary["best"] else 1
 
 
+def _add_retrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="train config YAML (configs/*.yaml); its data.prepare gives the "
+                                    "cleaning, strata and samples settings applied to the partitions")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a train config value")
+    p.add_argument("--logs", required=True, help="root of the date=YYYY-MM-DD log partitions (history + new)")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help="registered model: warm start from its latest version, gate against it, register the candidate as it")
+    p.add_argument("--through", default=None, metavar="YYYY-MM-DD", help="use partitions up to this date (default: all)")
+    p.add_argument("--checkpoint", default=None, help="warm-start from this checkpoint directory instead of the registry")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="largest relative per-stratum loss of the gate metric that still registers (default 0.005)")
+    p.add_argument("--metric", default="ndcg", help="gate metric: ndcg, hr (at eval.k), auc or gauc")
+    p.add_argument("--force", action="store_true", help="retrain even when no partition is newer than the registered version")
+    p.add_argument("--prepare-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a prepare config value for the partitions (e.g. strata.q=0.3)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny model, 2 epochs per stage")
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from ray_pinet.retrain.run import REJECTED, RetrainOptions, retrain
+
+    overrides = (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.set)
+    opts = RetrainOptions(logs=args.logs, model_name=args.model, through=args.through, checkpoint=args.checkpoint,
+                          tolerance=args.tolerance, metric=args.metric, force=args.force,
+                          prepare_overrides=list(args.prepare_set))
+    summary = retrain(args.config, overrides, opts)
+    if summary.get("report_dir"):
+        print("\n" + open(f"{summary['report_dir']}/drift.md").read())
+        print(f"retrain report: {summary['report_dir']}")
+    print(f"decision: {summary['decision']}" + (f" ({summary['registered']})" if summary["registered"] else ""))
+    return REJECTED if summary["decision"] == "rejected" else 0
+
+
+def _add_partition_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="prepare config YAML naming the raw log (configs/prepare/*.yaml)")
+    p.add_argument("--output", required=True, help="root to write date=YYYY-MM-DD partitions into")
+    p.add_argument("--cut", action="append", required=True, metavar="YYYY-MM-DD",
+                   help="period boundary (repeatable, ascending): events before the first cut are the history "
+                        "partition, each later period one new partition")
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from ray_pinet.config_base import from_dict, load_yaml
+    from ray_pinet.data.config import PrepareConfig
+    from ray_pinet.data.sources import FileStats, read_file, resolve_inputs
+    from ray_pinet.retrain.partitions import date_range, write_partitions
+
+    cfg = from_dict(PrepareConfig, load_yaml(args.config))
+    fs, files = resolve_inputs(cfg.source.path)
+    table = pa.concat_tables([t for f in files for t in read_file(fs, f, cfg.source, FileStats(f))])
+    lo, hi = date_range(table)
+    print(f"{table.num_rows} events from {len(files)} file(s), {lo} .. {hi}")
+    for part, n in write_partitions(table, args.output, args.cut):
+        print(f"  {part.path}: {n} rows")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ray_pinet.data.cli_args import add_prepare_args, add_synth_args
 
@@ -234,30 +306,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_args(sub.add_parser("compare", help="methods x backbones x seeds -> head/tail report"))
     _add_tune_args(sub.add_parser("tune", help="Ray Tune sweep (ASHA) over strata, plugins and GA prior; "
                                                "registers the best model in MLflow"))
+    _add_retrain_args(sub.add_parser("retrain", help="new date partitions -> warm-started candidate -> "
+                                                     "per-stratum gate against the registered version"))
+    _add_partition_args(sub.add_parser("partition", help="split a raw log by time into date=YYYY-MM-DD "
+                                                         "partitions (history + new days) for retrain"))
+    from ray_pinet.submit import add_submit_args
+
+    add_submit_args(sub.add_parser("submit", help="run a command as a Ray Job (Jobs SDK), stream its logs, "
+                                                  "exit with its exit code: submit [OPTIONS] -- COMMAND ..."))
     return parser
+
+
+def _handler(command: str):
+    """The run function of a subcommand (imported lazily: `ray-pinet --help` stays fast)."""
+    if command in ("prepare", "synth"):
+        from ray_pinet.data import cli_args
+
+        return getattr(cli_args, f"run_{command}")
+    if command == "submit":
+        from ray_pinet.submit import run_submit_cli
+
+        return run_submit_cli
+    return {"train": run_train, "compare": run_compare, "tune": run_tune, "retrain": run_retrain,
+            "partition": run_partition}[command]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if not os.environ.get("RAY_ADDRESS"):  # one machine: gloo over loopback (see init_local_ray)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as typed, for reports
     try:
-        if args.command == "prepare":
-            from ray_pinet.data.cli_args import run_prepare
-
-            return run_prepare(args)
-        if args.command == "synth":
-            from ray_pinet.data.cli_args import run_synth
-
-            return run_synth(args)
-        if args.command == "train":
-            return run_train(args)
-        if args.command == "compare":
-            return run_compare(args)
-        if args.command == "tune":
-            return run_tune(args)
+        return _handler(args.command)(args)
     except ConfigError as exc:
         print(f"ray-pinet: config error: {exc}", file=sys.stderr)
         return 2
@@ -268,7 +350,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"ray-pinet: bad input: {exc}", file=sys.stderr)
             return 2
         raise
-    return 1
 
 
 if __name__ == "__main__":

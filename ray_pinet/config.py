@@ -164,6 +164,9 @@ class TrackingConfig:
     experiment: str = "ray-pinet"
     log_model: bool = True
     enabled: bool = True
+    # Registered-model name: when set, `train` registers the finished run's served model as a
+    # new version of it in the MLflow Model Registry (needs log_model). None: nothing registered.
+    register_as: Optional[str] = None
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ray_pinet.config_base import ConfigError
 
@@ -16,11 +16,12 @@ class SourceConfig:
 
     ``format`` picks an adapter; ``csv``/``parquet`` are the generic readers and use ``columns``
     to map canonical names to the file's names, e.g. ``{user_id: uid, item_id: sku, timestamp: ts}``.
-    ``path`` is a local file, a directory, a glob, or any pyarrow/fsspec URI.
+    ``path`` is a local file, a directory, a glob, or any pyarrow/fsspec URI, or a list of them
+    (read as their union).
     """
 
     format: str = "movielens_csv"
-    path: str = "data/ml-latest-small/ratings.csv"
+    path: Union[str, list[str]] = "data/ml-latest-small/ratings.csv"
     columns: dict[str, str] = field(default_factory=dict)
     has_header: bool = True  # generic csv only
     delimiter: str = ","  # generic csv only

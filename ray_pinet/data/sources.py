@@ -66,13 +66,22 @@ _MOVIELENS_CSV = {USER: "userId", ITEM: "movieId", RATING: "rating", TS: "timest
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_inputs(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem and the sorted list of data files for a local path/dir/glob or a URI.
+def resolve_inputs(path: str | list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the sorted list of data files for a local path/dir/glob or a URI, or
+    for a list of them (their union: how ``retrain`` names the date partitions it reads).
 
     Directories are listed recursively; names starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc``)
     are skipped. URIs go through pyarrow (``file://``, ``s3://``, ``gs://``, ``hdfs://``) and fall back
     to fsspec for other schemes and for globs.
     """
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise DataError("input is empty: source.path is an empty list")
+        resolved = [resolve_inputs(p) for p in path]
+        kinds = {type(fs).__name__ + getattr(fs, "type_name", "") for fs, _ in resolved}
+        if len(kinds) > 1:
+            raise DataError(f"source.path mixes filesystems ({sorted(kinds)}): list paths of one kind")
+        return resolved[0][0], sorted({f for _, files in resolved for f in files})
     if "://" in path:
         fs, root = _uri_filesystem(path)
     else:

@@ -17,6 +17,10 @@ from ray_pinet.models.plugins import HeadPlugins, SequencePlugins
 
 
 class RecModel(nn.Module):
+    # State-dict entries indexed by item (name -> axis of the M+1 item rows, row 0 = padding):
+    # what `retrain` remaps when a newer log brings a new item vocabulary.
+    ITEM_AXES = {"backbone.item_emb.weight": 0, "plugins.item_bias.weight": 1, "plugins.item_offset": 1}
+
     def __init__(
         self, backbone: nn.Module, plugins: SequencePlugins | HeadPlugins | None, num_strata: int
     ) -> None:

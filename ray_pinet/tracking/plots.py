@@ -74,3 +74,31 @@ def plot_activeness(activeness: np.ndarray, stratum: np.ndarray, path: str | Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_retrain(gate: dict, drift: dict, path: str | Path) -> Path:
+    """Retrain at a glance: the gate metric per slice (registered vs candidate) and the user
+    share of every stratum before and after the new data."""
+    path = Path(path)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    rows = gate["rows"]
+    x = np.arange(len(rows))
+    inc = [np.nan if r["incumbent"] is None else r["incumbent"] for r in rows]
+    a.bar(x - 0.2, inc, 0.4, label="registered", color="#8c8c8c")
+    a.bar(x + 0.2, [r["candidate"] for r in rows], 0.4, label="candidate",
+          color=["#55a868" if r["ok"] else "#c44e52" for r in rows])
+    a.set_xticks(x, [r["slice"] for r in rows])
+    a.set_title(f"newest holdout {gate['metric']}")
+    a.legend(fontsize=8)
+    strata = drift["strata"]
+    y = np.arange(len(strata))
+    b.bar(y - 0.2, [np.nan if s["old_user_share"] is None else s["old_user_share"] for s in strata], 0.4,
+          label="before", color="#8c8c8c")
+    b.bar(y + 0.2, [s["new_user_share"] for s in strata], 0.4, label="after", color="#4c72b0")
+    b.set_xticks(y, [s["stratum"] for s in strata])
+    b.set_title("user share per stratum")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -23,10 +23,12 @@ def stratum_tags(data_path: Optional[str]) -> dict[str, str]:
     return tags
 
 
-def register_best(uri: str, run_id: str, model_name: str, sweep: str, trial_dir: str,
-                  objective: float, data_path: Optional[str]) -> dict:
-    """Register ``runs:/<run_id>/model`` as a new version of ``model_name`` (once per sweep: a
-    resumed sweep finds the version it registered before). Returns name, version and tags."""
+def register_run(uri: str, run_id: str, model_name: str, tags: dict[str, str],
+                 data_path: Optional[str]) -> dict:
+    """Register ``runs:/<run_id>/model`` as a new version of ``model_name`` with ``tags`` plus the
+    stratification tags of ``data_path``. Idempotent: a rerun (resumed sweep, resubmitted job)
+    finds the version it registered before instead of adding another. Returns name, version,
+    models:/ URI and tags."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -35,7 +37,7 @@ def register_best(uri: str, run_id: str, model_name: str, sweep: str, trial_dir:
         existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
     except Exception:  # the registered model does not exist yet
         existing = []
-    tags = {"sweep": sweep, "objective": f"{objective:.6g}", "source_run": run_id, **stratum_tags(data_path)}
+    tags = {"source_run": run_id, **tags, **stratum_tags(data_path)}
     if existing:
         mv = existing[0]
     else:
@@ -44,4 +46,11 @@ def register_best(uri: str, run_id: str, model_name: str, sweep: str, trial_dir:
     for k, v in tags.items():
         client.set_model_version_tag(model_name, mv.version, k, v)
     return {"name": model_name, "version": str(mv.version), "uri": f"models:/{model_name}/{mv.version}",
-            "tags": tags, "sweep_dir": trial_dir}
+            "tags": tags}
+
+
+def register_best(uri: str, run_id: str, model_name: str, sweep: str, trial_dir: str,
+                  objective: float, data_path: Optional[str]) -> dict:
+    """A sweep's winner: registered with the sweep name and its objective value."""
+    out = register_run(uri, run_id, model_name, {"sweep": sweep, "objective": f"{objective:.6g}"}, data_path)
+    return {**out, "sweep_dir": trial_dir}

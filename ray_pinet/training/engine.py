@@ -62,6 +62,9 @@ class EngineState:
     stage1_test: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0  # training time of the whole run
     stage_elapsed_s: float = 0.0  # training time of the current stage (time limits)
+    # "stage S epoch E" each time the run was restarted from a checkpoint (worker failure,
+    # relaunch): the proof that a recovery lost at most the epoch in flight.
+    resumed_at: list[str] = field(default_factory=list)
 
 
 def compose_plugin_states(plugins: torch.nn.Module, best: dict[int, dict], num_strata: int) -> dict:
@@ -167,6 +170,7 @@ class Engine:
         if self.disc is not None and snap.get("aux") is not None:
             self.disc.load_state_dict(snap["aux"])
         self.opt_state = snap.get("optimizers", {})
+        self.state.resumed_at.append(f"stage {self.state.stage} epoch {self.state.epoch}")
 
     # -- helpers ---------------------------------------------------------------------------
     def _evaluate(self, rows: EvalRows) -> dict[str, float]:

@@ -48,14 +48,19 @@ def init_local_ray() -> None:
     """
     import ray
 
-    env = {"env_vars": {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-                        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-                        # Ray Data bars from every worker interleave into noise; the workers
-                        # print one line per epoch instead.
-                        "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    env_vars = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                # Ray Data bars from every worker interleave into noise; the workers print one
+                # line per epoch instead.
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
+        # A cluster: gloo must use the nodes' real interface (set GLOO_SOCKET_IFNAME in the node
+        # environment if it needs choosing: cluster/ manifests do), never loopback. Keys already
+        # in our environment came with the job's runtime_env, and Ray refuses a driver
+        # runtime_env that sets them again.
+        ray.init(runtime_env={"env_vars": {k: v for k, v in env_vars.items() if k not in os.environ}})
     else:
+        # One machine: gloo over loopback (its default interface lookup fails in containers).
+        env = {"env_vars": {**env_vars, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}}
         # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls
         # (without it: a warning every few seconds and no clean-up of orphaned placement
         # groups) and the Ray dashboard users expect; loopback only.
@@ -278,6 +283,8 @@ def _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id) -> Opti
             mu.log_artifact(uri, run_id, tmp / f, "plots" if f.endswith(".png") else None)
     if not cfg.tracking.log_model:
         return None
+    # The served model takes item indices: its vocabulary travels with it (retrain needs it too).
+    mu.log_artifact(uri, run_id, path / "items.parquet", "vocab")
     return log_served_model(cfg, meta.num_strata, rebuild_model(snap)[0], uri, run_id)
 
 

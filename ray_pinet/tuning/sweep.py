@@ -250,7 +250,9 @@ def collect(grid) -> list[TrialRow]:
             error=None if res.error is None else str(res.error).splitlines()[0][:300],
             curve=_curve(res),
         ))
-    return rows
+    # A restored ResultGrid lists trials in whatever order the experiment state
+    # holds them; sort so the summary and report read the same on every run.
+    return sorted(rows, key=lambda r: r.trial_id)
 
 
 def _curve(res) -> list:

@@ -1,0 +1,1 @@
+"""Daily retraining on date-partitioned logs (``ray-pinet retrain``, ``ray-pinet partition``)."""

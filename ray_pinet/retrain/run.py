@@ -1,0 +1,175 @@
+"""``ray-pinet retrain``: the daily job. New date partitions -> activeness recomputed over history
+plus new data -> candidate warm-started from the registered version -> both scored on the
+newest holdout per stratum -> registered only if no stratum regresses beyond the tolerance.
+A drift report (stratum shares, thresholds, metric deltas) goes to the candidate's MLflow run.
+
+Exit codes of the command: 0 = registered (or nothing new to train on), 3 = candidate rejected
+(the registered version stays), 2 = bad input/config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ray_pinet.config import TrainConfig
+from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml
+from ray_pinet.retrain.partitions import Partition, canonical_columns, discover, select
+
+GATE_METRICS = ("ndcg", "hr", "auc", "gauc")
+REJECTED = 3
+
+
+@dataclass
+class RetrainOptions:
+    logs: str  # root of the date=YYYY-MM-DD partitions
+    model_name: str  # registered model: warm start source, gate reference, where the candidate goes
+    through: Optional[str] = None  # last partition date to use (default: the newest)
+    checkpoint: Optional[str] = None  # warm-start from this checkpoint instead of the registry
+    tolerance: float = 0.005  # largest relative loss of any slice's gate metric that still registers
+    metric: str = "ndcg"
+    force: bool = False  # retrain even when there is no new partition
+    prepare_overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.metric not in GATE_METRICS:
+            raise ConfigError(f"--metric {self.metric!r} is not one of {list(GATE_METRICS)}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+
+
+def prepared_dir(base: TrainConfig, through: str) -> Path:
+    base_path = Path(base.data.path)
+    return base_path.parent / f"{base_path.name}-through-{through}"
+
+
+def prepare_partitions(base: TrainConfig, parts: list[Partition], out: Path, overrides: list[str],
+                       progress: bool) -> Path:
+    """Prepare history + new partitions into ``out`` with the base prepare config's cleaning,
+    strata and sample settings (activeness recomputed over all of them). Reused when ``out``
+    already holds exactly these partitions."""
+    from ray_pinet.data.config import PrepareConfig
+    from ray_pinet.data.pipeline import prepare
+
+    record = {"through": parts[-1].date, "partitions": [p.date for p in parts]}
+    marker = out / "partitions.json"
+    if (out / "strata.json").exists() and marker.exists() and json.loads(marker.read_text()) == record:
+        print(f"prepared data for {record['through']} already at {out}: reused", flush=True)
+        return out
+    if not base.data.prepare:
+        raise ConfigError("retrain needs data.prepare in the train config: its cleaning, strata and "
+                          "samples settings are applied to the partitions")
+    raw = load_yaml(base.data.prepare)
+    cols = canonical_columns(parts[0])
+    raw["source"] = {"format": "parquet", "path": [p.path for p in parts], "timestamp_unit": "s",
+                     "columns": {c: c for c in cols if c in ("user_id", "item_id", "timestamp", "rating", "behavior")}}
+    raw["output"] = str(out)
+    prepare(from_dict(PrepareConfig, apply_overrides(raw, overrides)), progress=progress)
+    marker.write_text(json.dumps(record, indent=2))
+    return out
+
+
+def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -> dict:
+    """Run one retrain; returns its summary (also written to <storage>/retrain/<run>/summary.json)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ray_pinet.evaluation.protocol import evaluate
+    from ray_pinet.models.registry import build_model
+    from ray_pinet.retrain import warm
+    from ray_pinet.retrain.gate import drift, gate, report_markdown
+    from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.tracking.plots import plot_retrain
+    from ray_pinet.tracking.registry import register_run
+    from ray_pinet.training.batches import EvalRows
+    from ray_pinet.training.trainer import fit, load_run_meta, rebuild_model
+    from ray_pinet.training.worker import load_state
+
+    opts.validate()
+    base = TrainConfig.from_yaml(config, overrides)
+    if not base.tracking.enabled or not base.tracking.log_model:
+        raise ConfigError("retrain registers models: tracking.enabled and tracking.log_model must be true")
+    if base.run.init_from or base.run.warm_start:
+        raise ConfigError("retrain chooses the warm start itself (--checkpoint or the registered "
+                          "version): leave run.init_from / run.warm_start unset")
+    storage = Path(base.run.storage_path).expanduser().resolve()
+    uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, str(storage))
+
+    parts = select(discover(opts.logs), opts.through)
+    through = parts[-1].date
+    inc = warm.from_checkpoint(opts.checkpoint) if opts.checkpoint else warm.from_registry(uri, opts.model_name)
+    new_parts = [p.date for p in parts if inc is None or inc.through is None or p.date > inc.through]
+    print(f"retrain through {through}: {len(parts)} partition(s), new since the incumbent: "
+          f"{new_parts or 'none'}; incumbent: {inc.source if inc else 'none (first training)'}", flush=True)
+    summary: dict = {"through": through, "partitions": [p.date for p in parts], "new_partitions": new_parts,
+                     "incumbent": inc.source if inc else None, "registered": None}
+    if inc is not None and not new_parts and not opts.force:
+        summary["decision"] = "up-to-date"
+        print(f"{inc.source} was trained through {inc.through}: nothing new (--force to retrain anyway)")
+        return summary
+
+    data = prepare_partitions(base, parts, prepared_dir(base, through), opts.prepare_overrides, base.run.progress)
+    cfg = TrainConfig.from_dict(apply_overrides(base.to_dict(), [
+        f"data.path={data}", "data.prepare=null", f"run.name={base.run.name}-through-{through}"]))
+    meta = load_run_meta(data)
+    new_ids = warm.item_ids(data / "items.parquet")
+
+    def fresh_model():
+        torch.manual_seed(cfg.run.seed)
+        return build_model(cfg.model, meta.num_items, meta.num_strata, cfg.stage2.plugin if cfg.uses_plugins else None)
+
+    if inc is not None:
+        if int(inc.strata["num_strata"]) != meta.num_strata:
+            raise ConfigError(f"the incumbent has {inc.strata['num_strata']} strata, the new data "
+                              f"{meta.num_strata}: retrain keeps the stratification's K")
+        template = fresh_model()
+        state, vocab = warm.remap_state(inc.model.state_dict(), inc.item_ids, template.state_dict(),
+                                        new_ids, template.ITEM_AXES)
+        cfg.run.warm_start = warm.write_warm_checkpoint(
+            state, cfg.to_dict(), meta.__dict__, storage / "retrain" / cfg.run.name / "warm_start")
+        summary["vocabulary"] = vocab.to_dict()
+        print(f"warm start from {inc.source}: {vocab.kept} items kept, {vocab.added} new, "
+              f"{vocab.dropped} gone", flush=True)
+
+    res = fit(cfg, tags={"retrain.through": through, "retrain.incumbent": summary["incumbent"] or "none"})
+
+    # Both models on the newest holdout (the new data's test split), one code path, new strata.
+    rows = EvalRows(pq.read_table(data / "test"), cfg.model.max_len)
+    k, cands = cfg.eval.k, cfg.eval.candidates > 0
+    cand_model = rebuild_model(load_state(res.checkpoint_path))[0]
+    cand = evaluate(cand_model, rows, meta.num_strata, k, candidates=cands)
+    inc_metrics = None
+    if inc is not None:
+        inc_model, _ = warm.on_vocabulary(inc, new_ids, fresh_model())
+        inc_metrics = evaluate(inc_model, rows, meta.num_strata, k, candidates=cands)
+    metric = f"{opts.metric}@{k}" if opts.metric in ("ndcg", "hr") else opts.metric
+    g = gate(inc_metrics, cand, meta.num_strata, metric, opts.tolerance)
+    summary.update({"gate": g.to_dict(), "drift": drift(inc.strata if inc else None, meta.strata),
+                    "candidate_run": res.run_id, "candidate": cand, "incumbent_metrics": inc_metrics,
+                    "data": str(data), "decision": "registered" if g.accepted else "rejected"})
+    if g.accepted:
+        reg = register_run(uri, res.run_id, opts.model_name, {
+            "data.through": through, "method": cfg.method, "run_name": cfg.run.name,
+            "retrain.parent": inc.source if inc else "none",
+            "retrain.gate": json.dumps({r.slice: None if r.change is None else round(r.change, 5) for r in g.rows})},
+            str(data))
+        summary["registered"] = reg["uri"]
+
+    out = storage / "retrain" / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    (out / "drift.json").write_text(json.dumps({"drift": summary["drift"], "gate": summary["gate"]}, indent=2))
+    (out / "drift.md").write_text(report_markdown(summary))
+    plot_retrain(summary["gate"], summary["drift"], out / "drift.png")
+    for f in ("summary.json", "drift.json", "drift.md", "drift.png"):
+        mu.log_artifact(uri, res.run_id, out / f, "retrain")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    client.set_tag(res.run_id, "retrain.decision", summary["decision"])
+    if not g.accepted:
+        client.set_tag(res.run_id, "retrain.rejected_because", "; ".join(g.reasons)[:5000])
+    summary["report_dir"] = str(out)
+    return summary
