@@ -103,7 +103,7 @@ def report_markdown(summary: dict) -> str:
         ch = "-" if r["change"] is None else f"{100 * r['change']:+.2f}%"
         lines.append(f"| {r['slice']} | {inc} | {r['candidate']:.4f} | {ch} | {'yes' if r['ok'] else 'NO'} |")
     lines += ["", "## Activeness drift", "",
-              f"Thresholds: {d['thresholds']['old']} -> {d['thresholds']['new']}; users "
+              f"Thresholds: {_thresholds(d['thresholds']['old'])} -> {_thresholds(d['thresholds']['new'])}; users "
               f"{d['users']['old']} -> {d['users']['new']}; interactions {d['interactions']['old']} -> "
               f"{d['interactions']['new']}.", "",
               "| stratum | users | user share | interactions | interaction share | activeness range |",
@@ -114,8 +114,18 @@ def report_markdown(summary: dict) -> str:
             return ("-" if o is None else fmt.format(o)) + " -> " + fmt.format(n)
         lines.append(f"| {s['stratum']} | {pair('users')} | {pair('user_share', '{:.3f}')} | "
                      f"{pair('interactions')} | {pair('interaction_share', '{:.3f}')} | "
-                     f"{pair('min_activeness')}..{s['new_max_activeness']} |")
+                     f"{_range(s, 'old')} -> {_range(s, 'new')} |")
     v = summary.get("vocabulary")
     if v:
         lines += ["", f"Items: {v['old_items']} -> {v['new_items']} ({v['added']} new, {v['dropped']} gone)."]
     return "\n".join(lines) + "\n"
+
+
+def _range(s: dict, which: str) -> str:
+    lo, hi = s.get(f"{which}_min_activeness"), s.get(f"{which}_max_activeness")
+    return "-" if lo is None else f"{lo}..{hi}"
+
+
+def _thresholds(t: Optional[dict]) -> str:
+    """The numbers of a strata.json ``thresholds`` (its prose ``rule`` left out)."""
+    return "-" if not t else ", ".join(f"{k}={v}" for k, v in t.items() if k != "rule")
