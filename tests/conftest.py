@@ -33,8 +33,12 @@ def ray_cluster():
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core box: Train workers take fractional CPUs and Ray Data
         # still gets scheduled (see ../shared/docs/ray-notes.md §6).
+        from ray_pinet.training.trainer import free_local_port
+
+        port = free_local_port(8265)
         ray.init(
             num_cpus=4,
+            dashboard_port=port,
             # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls:
             # without it the worker placement group of a trial that Tune stops early is not
             # removed, and the next trial waits for CPUs forever (found in the tune e2e test).
@@ -42,7 +46,10 @@ def ray_cluster():
             dashboard_host="127.0.0.1",
             object_store_memory=1_500_000_000,
             log_to_driver=False,
-            runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}},
+            # RAY_API_SERVER_ADDRESS: Train's placement-group cleaner must query this instance,
+            # not the tests/submit cluster that runs beside it (see init_local_ray).
+            runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo",
+                                      "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         )
     yield ray
     ray.shutdown()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from ray_pinet.evaluation.protocol import slice_names
 
 
@@ -20,6 +22,10 @@ class GateRow:
     candidate: float
     change: Optional[float]  # relative: (candidate - incumbent) / incumbent
     ok: bool
+    users: int = 0
+    # 95% paired-bootstrap interval of ``change`` over the slice's users (per-user metrics only):
+    # shows whether a rejection is more than the noise of a small slice. Informational.
+    ci95: Optional[tuple[float, float]] = None
 
 
 @dataclass
@@ -43,18 +49,37 @@ class GateResult:
 
 
 def gate(incumbent: Optional[dict[str, float]], candidate: dict[str, float], num_strata: int,
-         metric: str, tolerance: float) -> GateResult:
+         metric: str, tolerance: float, intervals: Optional[dict] = None) -> GateResult:
     """``incumbent`` / ``candidate``: evaluate() outputs ("<slice>/<metric>"). No incumbent (the
-    first training) passes."""
+    first training) passes. ``intervals``: slice -> 95% interval of the change (paired_intervals)."""
     out = GateResult(metric, tolerance)
     for s in slice_names(num_strata):
         c = candidate[f"{s}/{metric}"]
+        users = int(candidate.get(f"{s}/users", 0))
         i = None if incumbent is None else incumbent.get(f"{s}/{metric}")
         if i is None:
-            out.rows.append(GateRow(s, None, c, None, True))
+            out.rows.append(GateRow(s, None, c, None, True, users))
             continue
         change = (c - i) / i if i > 0 else (0.0 if c >= i else -1.0)
-        out.rows.append(GateRow(s, i, c, change, change >= -tolerance))
+        out.rows.append(GateRow(s, i, c, change, change >= -tolerance, users, (intervals or {}).get(s)))
+    return out
+
+
+def paired_intervals(incumbent: np.ndarray, candidate: np.ndarray, stratum: np.ndarray, num_strata: int,
+                     draws: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% bootstrap intervals of the relative change of a per-user metric's mean (same users
+    resampled for both models), per slice. Seeded."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, name in enumerate(slice_names(num_strata)):
+        sel = np.ones(len(stratum), bool) if name == "all" else stratum == i
+        a, b = incumbent[sel], candidate[sel]
+        if len(a) == 0:
+            continue
+        idx = rng.integers(0, len(a), size=(draws, len(a)))
+        ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)
+        rel = np.where(ma > 0, (mb - ma) / np.where(ma > 0, ma, 1.0), 0.0)
+        out[name] = (float(np.quantile(rel, 0.025)), float(np.quantile(rel, 0.975)))
     return out
 
 
@@ -97,11 +122,14 @@ def report_markdown(summary: dict) -> str:
     for r in g["reasons"]:
         lines.append(f"* regression: {r}")
     lines += ["", f"## {g['metric']} on the newest holdout (test split of the new data, new strata)", "",
-              "| slice | registered | candidate | change | ok |", "|---|---|---|---|---|"]
+              "| slice | users | registered | candidate | change | 95% interval of the change | ok |",
+              "|---|---|---|---|---|---|---|"]
     for r in g["rows"]:
         inc = "-" if r["incumbent"] is None else f"{r['incumbent']:.4f}"
         ch = "-" if r["change"] is None else f"{100 * r['change']:+.2f}%"
-        lines.append(f"| {r['slice']} | {inc} | {r['candidate']:.4f} | {ch} | {'yes' if r['ok'] else 'NO'} |")
+        ci = "-" if not r.get("ci95") else f"{100 * r['ci95'][0]:+.1f}% .. {100 * r['ci95'][1]:+.1f}%"
+        lines.append(f"| {r['slice']} | {r.get('users', '-')} | {inc} | {r['candidate']:.4f} | {ch} | {ci} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
     lines += ["", "## Activeness drift", "",
               f"Thresholds: {_thresholds(d['thresholds']['old'])} -> {_thresholds(d['thresholds']['new'])}; users "
               f"{d['users']['old']} -> {d['users']['new']}; interactions {d['interactions']['old']} -> "

@@ -76,10 +76,10 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     import pyarrow.parquet as pq
     import torch
 
-    from ray_pinet.evaluation.protocol import evaluate
+    from ray_pinet.evaluation.protocol import finalize, local_stats, user_outcomes
     from ray_pinet.models.registry import build_model
     from ray_pinet.retrain import warm
-    from ray_pinet.retrain.gate import drift, gate, report_markdown
+    from ray_pinet.retrain.gate import drift, gate, paired_intervals, report_markdown
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.tracking.plots import plot_retrain
     from ray_pinet.tracking.registry import register_run
@@ -137,15 +137,23 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
 
     # Both models on the newest holdout (the new data's test split), one code path, new strata.
     rows = EvalRows(pq.read_table(data / "test"), cfg.model.max_len)
-    k, cands = cfg.eval.k, cfg.eval.candidates > 0
-    cand_model = rebuild_model(load_state(res.checkpoint_path))[0]
-    cand = evaluate(cand_model, rows, meta.num_strata, k, candidates=cands)
-    inc_metrics = None
-    if inc is not None:
-        inc_model, _ = warm.on_vocabulary(inc, new_ids, fresh_model())
-        inc_metrics = evaluate(inc_model, rows, meta.num_strata, k, candidates=cands)
+    k, K = cfg.eval.k, meta.num_strata
+
+    def score(model):  # evaluate() without the collectives, keeping the per-user outcomes
+        out = user_outcomes(model, rows, k, cfg.eval.batch_size, cfg.eval.candidates > 0)
+        stats, local = local_stats(out, out["stratum"], K)
+        return finalize(stats, local, K, k), out
+
+    cand, cand_out = score(rebuild_model(load_state(res.checkpoint_path))[0])
+    inc_metrics = intervals = None
     metric = f"{opts.metric}@{k}" if opts.metric in ("ndcg", "hr") else opts.metric
-    g = gate(inc_metrics, cand, meta.num_strata, metric, opts.tolerance)
+    if inc is not None:
+        inc_metrics, inc_out = score(warm.on_vocabulary(inc, new_ids, fresh_model())[0])
+        per_user = {"ndcg": "ndcg", "hr": "hit"}.get(opts.metric)
+        if per_user:
+            intervals = paired_intervals(inc_out[per_user].numpy(), cand_out[per_user].numpy(),
+                                         cand_out["stratum"].numpy(), K, seed=cfg.run.seed)
+    g = gate(inc_metrics, cand, K, metric, opts.tolerance, intervals)
     summary.update({"gate": g.to_dict(), "drift": drift(inc.strata if inc else None, meta.strata),
                     "candidate_run": res.run_id, "candidate": cand, "incumbent_metrics": inc_metrics,
                     "data": str(data), "decision": "registered" if g.accepted else "rejected"})

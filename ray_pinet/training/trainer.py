@@ -60,12 +60,32 @@ def init_local_ray() -> None:
         ray.init(runtime_env={"env_vars": {k: v for k, v in env_vars.items() if k not in os.environ}})
     else:
         # One machine: gloo over loopback (its default interface lookup fails in containers).
-        env = {"env_vars": {**env_vars, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}}
         # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls
         # (without it: a warning every few seconds and no clean-up of orphaned placement
-        # groups) and the Ray dashboard users expect; loopback only.
+        # groups) and the Ray dashboard users expect; loopback only. The cleaner finds the State
+        # API by auto-detection, which with a second Ray instance on the machine picks the other
+        # one, does not find our controller there and removes our workers' placement group
+        # (seen: a retrain beside a `ray start --head` cluster died with "placement group was
+        # removed"); naming our dashboard in the workers' environment pins it to ours.
+        port = free_local_port(8265)
+        env = {"env_vars": {**env_vars, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env=env)
+                 dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
+
+
+def free_local_port(preferred: int) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else a free port the OS picks."""
+    import socket
+
+    for candidate in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free TCP port on 127.0.0.1")
 
 
 def ensure_prepared(cfg: TrainConfig, progress: bool = True) -> Path:

@@ -53,16 +53,23 @@ def write_report(summary: dict, space: TuneSpace, out: Path) -> list[Path]:
 
     def metric(t: dict, prefix: str, s: str) -> str:
         m = t["metrics"]
+        if prefix == "final_val" and not any(k.startswith("final_val/") for k in m):
+            prefix = "val"  # stopped early: its last validation report
+        if s in ("tail", "head") and f"{prefix}/{s}/users" not in m:
+            # K > 2 buckets: tail / head are the least / most active bucket (as in the objective)
+            buckets = sorted(int(k.split("/")[1][1:]) for k in m
+                             if k.startswith(f"{prefix}/s") and k.endswith("/users") and k.split("/")[1][1:].isdigit())
+            if buckets:
+                s = f"s{buckets[0] if s == 'tail' else buckets[-1]}"
         key = f"{prefix}/{s}/{k_metric}@10" if k_metric in ("ndcg", "hr") else f"{prefix}/{s}/{k_metric}"
-        if key not in m and prefix == "final_val":
-            key = key.replace("final_val/", "val/", 1)
         return _fmt(m.get(key))
 
     lines = [f"# ray-pinet tune: {summary['name']}", "",
              f"Objective: {space.objective.measure} of validation {space.objective.slice} {k_metric}"
              f" against the reference joint run on the same users; other strata must keep >= reference"
              f" x (1 - {space.objective.guard_tolerance}). Infeasible trials are listed, never chosen."
-             " Test metrics are shown, never used to choose.", "",
+             " Test metrics are shown, never used to choose. With K > 2 buckets, tail / head are the"
+             " least / most active bucket.", "",
              "## Trials", "",
              "| trial | " + " | ".join(keys) + " | status | iters | feasible | objective | "
              + " | ".join(f"val {s}" for s in slices) + " | " + " | ".join(f"test {s}" for s in slices) + " |",

@@ -14,7 +14,7 @@ from ray_pinet.data.config import SourceConfig
 from ray_pinet.data.sources import FileStats, read_file, resolve_inputs
 from ray_pinet.errors import DataError
 from ray_pinet.models.registry import build_model
-from ray_pinet.retrain.gate import drift, gate, report_markdown
+from ray_pinet.retrain.gate import drift, gate, paired_intervals, report_markdown
 from ray_pinet.retrain.partitions import discover, select, write_partitions
 from ray_pinet.retrain.warm import Incumbent, on_vocabulary, remap_state
 from tests.conftest import BUNDLED_DATA
@@ -122,4 +122,20 @@ def test_gate_rejects_a_stratum_that_regresses_beyond_the_tolerance():
     assert d["strata"][0]["user_share_change"] == pytest.approx(30 / 35 - 20 / 25)
     md = report_markdown({"through": "2020-01-02", "incumbent": "models:/m/1", "new_partitions": ["2020-01-02"],
                           "registered": None, "gate": bad.to_dict(), "drift": d})
-    assert "rejected" in md and "| head | 0.0500 | 0.0490 | -2.00% | NO |" in md
+    assert "rejected" in md and "| head | 0 | 0.0500 | 0.0490 | -2.00% | - | NO |" in md
+
+
+def test_paired_intervals_cover_the_change_and_shrink_with_more_users():
+    rng = np.random.default_rng(0)
+    n = 4000
+    stratum = (np.arange(n) % 10 == 0).astype(np.int64)  # 10% head
+    inc = rng.random(n) * 0.2
+    cand = inc * 1.1  # +10% for every user
+    ci = paired_intervals(inc, cand, stratum, 2)
+    for s in ("tail", "head", "all"):
+        assert ci[s][0] == pytest.approx(0.1, abs=1e-9) and ci[s][1] == pytest.approx(0.1, abs=1e-9)
+    noisy = cand + rng.normal(0, 0.05, n)
+    ci = paired_intervals(inc, noisy, stratum, 2)
+    width = {s: ci[s][1] - ci[s][0] for s in ci}
+    assert ci["all"][0] < 0.1 < ci["all"][1]
+    assert width["head"] > 2 * width["all"]  # 10x fewer users: a much wider interval
