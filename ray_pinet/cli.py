@@ -274,16 +274,13 @@ def _add_partition_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_partition(args: argparse.Namespace) -> int:
-    import pyarrow as pa
-
     from ray_pinet.config_base import from_dict, load_yaml
     from ray_pinet.data.config import PrepareConfig
-    from ray_pinet.data.sources import FileStats, read_file, resolve_inputs
+    from ray_pinet.data.sources import read_log
     from ray_pinet.retrain.partitions import date_range, write_partitions
 
     cfg = from_dict(PrepareConfig, load_yaml(args.config))
-    fs, files = resolve_inputs(cfg.source.path)
-    table = pa.concat_tables([t for f in files for t in read_file(fs, f, cfg.source, FileStats(f))])
+    table, files = read_log(cfg.source)
     lo, hi = date_range(table)
     print(f"{table.num_rows} events from {len(files)} file(s), {lo} .. {hi}")
     for part, n in write_partitions(table, args.output, args.cut):

@@ -187,6 +187,13 @@ def read_file(fs: pafs.FileSystem, path: str, src: SourceConfig, stats: FileStat
         yield table
 
 
+def read_log(src: SourceConfig) -> tuple[pa.Table, list[str]]:
+    """A whole (small) source as one canonical table, and its files: for tools that need the log
+    in memory (``ray-pinet partition``); ``prepare`` streams it instead."""
+    fs, files = resolve_inputs(src.path)
+    return pa.concat_tables([t for f in files for t in read_file(fs, f, src, FileStats(f))]), files
+
+
 def _generic_mapping(src: SourceConfig) -> dict[str, str]:
     mapping = {c: src.columns.get(c, c) for c in REQUIRED}
     mapping.update({c: src.columns[c] for c in OPTIONAL if c in src.columns})

@@ -91,6 +91,13 @@ def local_stats(out: dict[str, torch.Tensor], stratum: torch.Tensor, num_strata:
     return stats, torch.stack([pos, neg, stratum.to(torch.float64)], dim=1)
 
 
+def outcome_metrics(out: dict[str, torch.Tensor], stratum: torch.Tensor, num_strata: int, k: int) -> dict[str, float]:
+    """``evaluate``'s metrics from one process's per-row outcomes, grouped by ``stratum`` (no
+    collectives: all rows are here)."""
+    stats, rows = local_stats(out, stratum, num_strata)
+    return finalize(stats, rows, num_strata, k)
+
+
 @torch.no_grad()
 def evaluate(
     model,

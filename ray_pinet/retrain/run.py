@@ -76,7 +76,7 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     import pyarrow.parquet as pq
     import torch
 
-    from ray_pinet.evaluation.protocol import finalize, local_stats, user_outcomes
+    from ray_pinet.evaluation.protocol import outcome_metrics, user_outcomes
     from ray_pinet.models.registry import build_model
     from ray_pinet.retrain import warm
     from ray_pinet.retrain.gate import drift, gate, paired_intervals, report_markdown
@@ -116,17 +116,16 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     meta = load_run_meta(data)
     new_ids = warm.item_ids(data / "items.parquet")
 
-    def fresh_model():
-        torch.manual_seed(cfg.run.seed)
-        return build_model(cfg.model, meta.num_items, meta.num_strata, cfg.stage2.plugin if cfg.uses_plugins else None)
-
+    inc_model = None
     if inc is not None:
         if int(inc.strata["num_strata"]) != meta.num_strata:
             raise ConfigError(f"the incumbent has {inc.strata['num_strata']} strata, the new data "
                               f"{meta.num_strata}: retrain keeps the stratification's K")
-        template = fresh_model()
-        state, vocab = warm.remap_state(inc.model.state_dict(), inc.item_ids, template.state_dict(),
-                                        new_ids, template.ITEM_AXES)
+        torch.manual_seed(cfg.run.seed)  # the new items' rows: the candidate's seeded initialisation
+        template = build_model(cfg.model, meta.num_items, meta.num_strata,
+                               cfg.stage2.plugin if cfg.uses_plugins else None)
+        # One remap serves both: the warm start of the candidate and the incumbent's scoring model.
+        inc_model, state, vocab = warm.on_vocabulary(inc, new_ids, template)
         cfg.run.warm_start = warm.write_warm_checkpoint(
             state, cfg.to_dict(), meta.__dict__, storage / "retrain" / cfg.run.name / "warm_start")
         summary["vocabulary"] = vocab.to_dict()
@@ -141,14 +140,13 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
 
     def score(model):  # evaluate() without the collectives, keeping the per-user outcomes
         out = user_outcomes(model, rows, k, cfg.eval.batch_size, cfg.eval.candidates > 0)
-        stats, local = local_stats(out, out["stratum"], K)
-        return finalize(stats, local, K, k), out
+        return outcome_metrics(out, out["stratum"], K, k), out
 
     cand, cand_out = score(rebuild_model(load_state(res.checkpoint_path))[0])
     inc_metrics = intervals = None
     metric = f"{opts.metric}@{k}" if opts.metric in ("ndcg", "hr") else opts.metric
-    if inc is not None:
-        inc_metrics, inc_out = score(warm.on_vocabulary(inc, new_ids, fresh_model())[0])
+    if inc_model is not None:
+        inc_metrics, inc_out = score(inc_model)
         per_user = {"ndcg": "ndcg", "hr": "hit"}.get(opts.metric)
         if per_user:
             intervals = paired_intervals(inc_out[per_user].numpy(), cand_out[per_user].numpy(),

@@ -59,9 +59,10 @@ class RemapStats:
 
 
 def remap_state(old: dict[str, torch.Tensor], old_ids: np.ndarray, template: dict[str, torch.Tensor],
-                new_ids: np.ndarray, item_axes: dict[str, int]) -> tuple[dict[str, torch.Tensor], RemapStats]:
+                new_ids: np.ndarray, item_axes: dict[str, int]) -> tuple[dict[str, torch.Tensor], RemapStats, np.ndarray]:
     """``old`` (indexed by ``old_ids``) moved onto ``new_ids``; ``template`` is a freshly
-    initialised state of the new-vocabulary model (supplies the new items' rows)."""
+    initialised state of the new-vocabulary model (supplies the new items' rows). Also returns
+    the mask of new item indices the old vocabulary knows (padding included)."""
     pos = {iid: i for i, iid in enumerate(old_ids) if i > 0}
     src = np.array([pos.get(iid, -1) if j > 0 else 0 for j, iid in enumerate(new_ids)], dtype=np.int64)
     known = src >= 0
@@ -95,7 +96,7 @@ def remap_state(old: dict[str, torch.Tensor], old_ids: np.ndarray, template: dic
     kept = int(known[1:].sum())
     stats = RemapStats(old_items=len(old_ids) - 1, new_items=len(new_ids) - 1, kept=kept,
                        added=len(new_ids) - 1 - kept, dropped=len(old_ids) - 1 - kept)
-    return out, stats
+    return out, stats, known
 
 
 class KnownItemsOnly(torch.nn.Module):
@@ -115,16 +116,17 @@ class KnownItemsOnly(torch.nn.Module):
         return scores.masked_fill(mask, -torch.inf)
 
 
-def on_vocabulary(inc: Incumbent, new_ids: np.ndarray, template_model: torch.nn.Module) -> tuple[torch.nn.Module, RemapStats]:
-    """The incumbent moved onto ``new_ids`` for scoring (unknown items masked)."""
-    state, stats = remap_state(inc.model.state_dict(), inc.item_ids, template_model.state_dict(),
-                               new_ids, template_model.ITEM_AXES)
+def on_vocabulary(inc: Incumbent, new_ids: np.ndarray,
+                  template_model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor], RemapStats]:
+    """The incumbent moved onto ``new_ids``: (a scoring model that masks the items it does not
+    know, the remapped state — also the candidate's warm start —, the remap counts).
+    ``template_model`` is a freshly initialised model of the new vocabulary; it is loaded in place."""
+    state, stats, known = remap_state(inc.model.state_dict(), inc.item_ids, template_model.state_dict(),
+                                      new_ids, template_model.ITEM_AXES)
     template_model.load_state_dict(state)
     template_model.use_plugins = getattr(inc.model, "use_plugins", False)
     template_model.eval()
-    pos = set(inc.item_ids[1:].tolist())
-    known = np.array([j == 0 or iid in pos for j, iid in enumerate(new_ids)])
-    return KnownItemsOnly(template_model, known).eval(), stats
+    return KnownItemsOnly(template_model, known).eval(), state, stats
 
 
 # -- where incumbents come from ----------------------------------------------------------------

@@ -20,8 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from ray_pinet.evaluation.protocol import (finalize, local_stats, metric_key, slice_names, stratum_name,
-                                          user_outcomes)
+from ray_pinet.evaluation.protocol import metric_key, outcome_metrics, slice_names, stratum_name, user_outcomes
 from ray_pinet.tuning.space import ObjectiveSpec
 
 # Added to an infeasible trial's objective so that every feasible trial ranks above it (for ASHA
@@ -61,8 +60,7 @@ def reference_metrics(outcomes: pd.DataFrame, users: pd.DataFrame, num_strata: i
                          "reference's users")
     s = torch.as_tensor(strata.loc[outcomes["user_id"]].to_numpy().astype(np.int64))
     out = {c: torch.tensor(outcomes[c].to_numpy(), dtype=torch.float64) for c in ("hit", "ndcg", "pos", "neg")}
-    stats, rows = local_stats(out, s, num_strata)
-    return finalize(stats, rows, num_strata, k)
+    return outcome_metrics(out, s, num_strata, k)
 
 
 @dataclass

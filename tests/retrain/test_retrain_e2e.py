@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
 import pytest
 
 from ray_pinet.data.config import SourceConfig
-from ray_pinet.data.sources import FileStats, read_file, resolve_inputs
+from ray_pinet.data.sources import read_log
 from ray_pinet.retrain.partitions import write_partitions
 from tests.conftest import BUNDLED_DATA, run_cli_in_repo, small_run_args
 
@@ -26,8 +25,7 @@ MODEL = "retrain-model"
 def days(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retrain")
     src = SourceConfig(format="movielens_csv", path=str(BUNDLED_DATA / "ml-latest-small" / "ratings.csv"))
-    fs, files = resolve_inputs(src.path)
-    log = pa.concat_tables([t for f in files for t in read_file(fs, f, src, FileStats(f))])
+    log, _ = read_log(src)
     write_partitions(log, tmp / "logs", ["2018-01-01", "2018-05-01"])
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
 

@@ -5,13 +5,12 @@ before), and the registration gate."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.data.config import SourceConfig
-from ray_pinet.data.sources import FileStats, read_file, resolve_inputs
+from ray_pinet.data.sources import read_log, resolve_inputs
 from ray_pinet.errors import DataError
 from ray_pinet.models.registry import build_model
 from ray_pinet.retrain.gate import drift, gate, paired_intervals, report_markdown
@@ -23,8 +22,7 @@ from tests.conftest import BUNDLED_DATA
 @pytest.fixture(scope="module")
 def log():
     src = SourceConfig(format="movielens_csv", path=str(BUNDLED_DATA / "ml-latest-small" / "ratings.csv"))
-    fs, files = resolve_inputs(src.path)
-    return pa.concat_tables([t for f in files for t in read_file(fs, f, src, FileStats(f))])
+    return read_log(src)[0]
 
 
 def test_partitions_split_by_time_and_are_read_back_as_their_union(log, tmp_path):
@@ -73,7 +71,7 @@ def test_incumbent_on_a_new_vocabulary_scores_known_items_exactly_as_before():
     new_ids = np.array(["", "c", "x", "a", "e", "y", "b"], dtype=object)  # d gone; x, y new
     old = _model(5, seed=1)
     template = _model(6, seed=2)
-    state, stats = remap_state(old.state_dict(), old_ids, template.state_dict(), new_ids, old.ITEM_AXES)
+    state, stats, _ = remap_state(old.state_dict(), old_ids, template.state_dict(), new_ids, old.ITEM_AXES)
     assert (stats.kept, stats.added, stats.dropped) == (4, 2, 1)
     emb_old, emb_new = old.state_dict()["backbone.item_emb.weight"], state["backbone.item_emb.weight"]
     assert torch.equal(emb_new[1], emb_old[3]) and torch.equal(emb_new[6], emb_old[2])  # c, b
@@ -81,7 +79,7 @@ def test_incumbent_on_a_new_vocabulary_scores_known_items_exactly_as_before():
     assert torch.equal(state["plugins.item_bias.weight"][:, 4], old.state_dict()["plugins.item_bias.weight"][:, 5])
 
     inc = Incumbent(old, old_ids, {"num_strata": 2}, None, "test")
-    moved, _ = on_vocabulary(inc, new_ids, _model(6, seed=3))
+    moved, _, _ = on_vocabulary(inc, new_ids, _model(6, seed=3))
     hist_old = torch.tensor([[0, 0, 1, 3, 5, 2], [0, 0, 0, 0, 4, 1]])  # a c e b / d a
     to_new = {1: 3, 2: 6, 3: 1, 5: 4, 0: 0}
     hist_new = torch.tensor([[0, 0, 3, 1, 4, 6], [0, 0, 0, 0, 0, 3]])  # d is unknown -> padding
