@@ -17,6 +17,7 @@ Strata absent from the global batch (N_s = 0) are dropped and π renormalised (m
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +32,7 @@ class GAStepInfo:
     global_counts: torch.Tensor  # float64[K]: units of each stratum in the global batch
     prior: torch.Tensor  # float64[K]: π used for this step
     loss: float  # Σ_s π_s · (mean loss of stratum s) over the global batch
+    backward_s: float = 0.0  # of ga_backward's time, the local autograd pass(es); the rest is the collectives
 
 
 def stratum_prior(kind: str, num_strata: int, user_share, counts: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -69,19 +71,26 @@ def ga_backward(
         prior = stratum_prior(prior_kind, num_strata, user_share, counts, alpha).to(torch.float64)
         w = ga_weights(unit_strata, counts, prior).to(unit_loss.dtype)
         local = (w * unit_loss).sum()
-        flat = flatten_grads(params, _grads(local, params, retain_graph=False))
+        t0 = time.perf_counter()
+        grads = _grads(local, params, retain_graph=False)
+        backward_s = time.perf_counter() - t0
+        flat = flatten_grads(params, grads)
         # Loss value for logging rides on the same buffer: no extra collective.
         buf = torch.cat([flat, local.detach().reshape(1).to(torch.float32)])
         all_reduce_sum_(buf)
         assign_flat_grads_(params, buf[:-1])
-        return GAStepInfo(counts, prior, float(buf[-1]))
+        return GAStepInfo(counts, prior, float(buf[-1]), backward_s)
     if reduce == "stratum_sums":
         parts, loss_sums = [], []
+        backward_s = 0.0
         for s in range(num_strata):
             mask = unit_strata == s
             ls = unit_loss[mask].sum() if bool(mask.any()) else unit_loss.new_zeros(())
             loss_sums.append(ls.detach())
-            parts.append(flatten_grads(params, _grads(ls, params, retain_graph=s < num_strata - 1)))
+            t0 = time.perf_counter()
+            grads = _grads(ls, params, retain_graph=s < num_strata - 1)
+            backward_s += time.perf_counter() - t0
+            parts.append(flatten_grads(params, grads))
         buf = torch.cat(parts + [torch.stack(loss_sums).to(torch.float32), local_counts.to(torch.float32)])
         all_reduce_sum_(buf)
         n_params = parts[0].numel()
@@ -94,5 +103,5 @@ def ga_backward(
             if coef[s] != 0:
                 g += coef[s] * buf[s * n_params : (s + 1) * n_params].to(torch.float64)
         assign_flat_grads_(params, g.to(torch.float32))
-        return GAStepInfo(counts, prior, float((coef * sums).sum()))
+        return GAStepInfo(counts, prior, float((coef * sums).sum()), backward_s)
     raise ValueError(f"unknown GA reduce mode {reduce!r}")

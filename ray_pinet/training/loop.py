@@ -22,6 +22,9 @@ from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
 from ray_pinet.training.ga_step import ga_backward
 
 
+TIME_PARTS = ("data", "forward", "backward", "allreduce", "optimizer")
+
+
 @dataclass
 class EpochStats:
     loss: float = 0.0
@@ -29,8 +32,15 @@ class EpochStats:
     rows: int = 0  # global training rows (user windows) seen
     positions: int = 0  # global target positions seen
     seconds: float = 0.0
-    time_forward_backward: float = 0.0
-    time_allreduce_step: float = 0.0
+    # Where an epoch's time went, summed over steps on this rank (seconds). ``allreduce`` is the
+    # GA gradient collective (the count reduce, the flat-buffer reduce, writing p.grad back);
+    # transfer puts its whole inner loop under forward+backward and the outer reduce+update
+    # under allreduce.
+    time_data: float = 0.0  # building the batch tensors (rows.take)
+    time_forward: float = 0.0
+    time_backward: float = 0.0
+    time_allreduce: float = 0.0
+    time_optimizer: float = 0.0  # clipping, stage-2 rescaling, optimizer.step
     stratum_units: list[float] = field(default_factory=list)
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
@@ -40,6 +50,7 @@ class EpochStats:
             f"{prefix}/rows_per_s": self.rows / s,
             f"{prefix}/positions_per_s": self.positions / s,
             f"{prefix}/epoch_seconds": self.seconds,
+            **{f"{prefix}/time_{part}_s": getattr(self, f"time_{part}") for part in TIME_PARTS},
         }
 
 
@@ -89,6 +100,7 @@ def run_epoch(
     rank, _ = rank_and_world()
     torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
     for step, ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids)):
+        t_data = time.perf_counter()
         batch = rows.take(ids)
         t0 = time.perf_counter()
         n_local = len(batch)
@@ -104,6 +116,7 @@ def run_epoch(
         unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        t_fwd = time.perf_counter()
         info = ga_backward(
             params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha, cfg.ga.reduce
         )
@@ -119,8 +132,11 @@ def run_epoch(
         stats.steps += 1
         unit_totals += info.global_counts
         stats.positions += int(loss_vec.numel())
-        stats.time_forward_backward += t1 - t0
-        stats.time_allreduce_step += t2 - t1
+        stats.time_data += t0 - t_data
+        stats.time_forward += t_fwd - t0
+        stats.time_backward += info.backward_s
+        stats.time_allreduce += (t1 - t_fwd) - info.backward_s
+        stats.time_optimizer += t2 - t1
         if progress is not None:
             progress(step + 1, steps)
     totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64))

@@ -108,8 +108,8 @@ def transfer_epoch(
         stats.loss += float(buf[-2]) / max(total_ran * t.inner_steps, 1.0)
         stats.steps += 1
         stats.positions += int(buf[-1])
-        stats.time_forward_backward += t1 - t0
-        stats.time_allreduce_step += time.perf_counter() - t1
+        stats.time_forward += t1 - t0
+        stats.time_allreduce += time.perf_counter() - t1
         if progress is not None:
             progress(it + 1, iters)
     stats.rows = num_samples

@@ -75,6 +75,19 @@ def test_engine_runs_both_stages_and_reports_every_epoch():
     assert final["test/all/users"] == P.num_rows
 
 
+def test_every_epoch_reports_where_its_time_went():
+    reports = []
+    make_engine(reports=reports).run()
+    epochs = [m for m, _ in reports if "train/epoch_seconds" in m]
+    assert len(epochs) == 7  # 4 stage-1 + 3 stage-2 epochs
+    for metrics in epochs:
+        parts = [metrics[f"train/time_{p}_s"] for p in ("data", "forward", "backward", "allreduce", "optimizer")]
+        assert all(p >= 0.0 for p in parts), parts
+        # The parts are timed inside the epoch: together they cannot exceed it.
+        assert sum(parts) <= metrics["train/epoch_seconds"] + 1e-6
+        assert metrics["train/time_forward_s"] > 0 and metrics["train/time_backward_s"] > 0
+
+
 def test_resume_from_mid_run_snapshot_gives_the_same_result():
     reports = []
     full = make_engine(reports=reports).run()
