@@ -2,6 +2,7 @@
 
 Order of the steps, each counted in the returned stats (rows, and users that lose all their rows):
 
+0. ``sample_users`` < 1: only users whose id hashes below that share are kept (``in_user_sample``).
 0. ``source.behaviors``: when not empty, only rows with one of these behaviours are kept.
 1. ``min_rating``: rows rated below it are removed.
 2. Out-of-order events: a row is out of order when an earlier row of the same user (in source
@@ -15,7 +16,9 @@ Order of the steps, each counted in the returned stats (rows, and users that los
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -29,6 +32,8 @@ from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
 STAT_KEYS = (
     "rows_in",
     "users_in",
+    "removed_sample_users_rows",
+    "removed_sample_users_users",
     "removed_behaviors_rows",
     "removed_behaviors_users",
     "removed_min_rating_rows",
@@ -58,6 +63,9 @@ def clean_bucket(
     stats = dict.fromkeys(STAT_KEYS, 0)
     stats["rows_in"] = table.num_rows
     stats["users_in"] = n_users = pc.count_distinct(table[USER]).as_py()
+    def keep_sampled(t: pa.Table) -> np.ndarray:
+        return in_user_sample(t[USER], cfg.sample_users)
+
     def keep_behaviors(t: pa.Table) -> pa.ChunkedArray:
         return pc.is_in(t[BEHAVIOR], pa.array(list(behaviors), pa.string()))
 
@@ -65,6 +73,7 @@ def clean_bucket(
         return pc.greater_equal(t[RATING], cfg.min_rating)
 
     for name, mask in (
+        ("sample_users", keep_sampled if cfg.sample_users < 1.0 else None),
         ("behaviors", keep_behaviors if behaviors else None),
         ("min_rating", keep_rated if cfg.min_rating is not None else None),
     ):
@@ -138,6 +147,22 @@ def clean_bucket(
         ),
         stats=stats,
     )
+
+
+def per_user(user_ids: pa.Array | pa.ChunkedArray, fn: Callable[[str], Any], dtype) -> np.ndarray:
+    """``fn(user_id)`` for every row, evaluated once per distinct id."""
+    enc = pc.dictionary_encode(user_ids)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    per_id = np.array([fn(uid) for uid in enc.dictionary.to_pylist()], dtype=dtype)
+    return per_id[enc.indices.to_numpy()] if len(per_id) else np.zeros(0, dtype=dtype)
+
+
+def in_user_sample(user_ids: pa.Array | pa.ChunkedArray, share: float) -> np.ndarray:
+    """Bool per row: the user is in the ``share`` sample, ``crc32("sample:" + id) < share * 2^32``.
+    The salt keeps the sample independent of the bucket hash (``crc32(id) % num_buckets``)."""
+    limit = share * 2**32
+    return per_user(user_ids, lambda uid: zlib.crc32(b"sample:" + uid.encode()) < limit, bool)
 
 
 def _encode(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:

@@ -52,10 +52,16 @@ class CleanConfig:
     # Validation/test targets whose item never occurs in any training position.
     # keep: evaluate them anyway (counted); drop: remove those evaluation rows (counted).
     unseen_items: Literal["keep", "drop"] = "keep"
+    # Keep this share of the users, whole (a development slice; 1.0 = all). The choice is a
+    # stable hash of the user id, so a user is in or out the same way in every file, bucket,
+    # daily partition and process; the removed rows and users are counted like every filter.
+    sample_users: float = 1.0
 
     def validate(self) -> None:
         if self.min_history < 3:
             raise ConfigError("min_history must be >= 3 (one train, one validation, one test event)")
+        if not 0.0 < self.sample_users <= 1.0:
+            raise ConfigError(f"sample_users must be in (0, 1], got {self.sample_users}")
 
 
 @dataclass

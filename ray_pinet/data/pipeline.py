@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_pinet.config_base import ConfigError, to_dict
-from ray_pinet.data.clean import STAT_KEYS, clean_bucket
+from ray_pinet.data.clean import STAT_KEYS, clean_bucket, per_user
 from ray_pinet.data.config import PrepareConfig
 from ray_pinet.data.samples import SampleMaps, build_samples, num_windows
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
@@ -140,12 +140,7 @@ def _validate(cfg: PrepareConfig) -> None:
 
 def bucket_of(user_ids: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
     """Stable bucket of each user id: ``crc32(utf-8 id) % num_buckets`` (same in every process)."""
-    enc = pc.dictionary_encode(user_ids)
-    if isinstance(enc, pa.ChunkedArray):
-        enc = enc.combine_chunks()
-    ids = enc.dictionary.to_pylist()
-    per_id = np.array([zlib.crc32(s.encode()) % num_buckets for s in ids], dtype=np.int64)
-    return per_id[enc.indices.to_numpy()] if len(per_id) else np.zeros(0, dtype=np.int64)
+    return per_user(user_ids, lambda uid: zlib.crc32(uid.encode()) % num_buckets, np.int64)
 
 
 def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[str]) -> dict:
@@ -219,7 +214,7 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
         raise ConfigError(
             f"no user is left after cleaning (min_history={cfg.clean.min_history}, "
             f"duplicates={cfg.clean.duplicates}, min_rating={cfg.clean.min_rating}, "
-            f"behaviors={cfg.source.behaviors})"
+            f"behaviors={cfg.source.behaviors}, sample_users={cfg.clean.sample_users})"
         )
     items = pa.concat_tables([c[1] for c in cleaned]).group_by(ITEM).aggregate([("count", "sum")])
     items = items.rename_columns([ITEM, "count"]).sort_by(ITEM)
@@ -300,7 +295,7 @@ def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps) -> dict[str, in
 def _report(cfg, ingested, cleaned, plan: _Plan, counts, timings) -> dict[str, Any]:
     s = {k: sum(c[2][k] for c in cleaned) for k in STAT_KEYS}
     removed = (
-        s["removed_behaviors_rows"] + s["removed_min_rating_rows"] + s["removed_duplicates"]
+        s["removed_sample_users_rows"] + s["removed_behaviors_rows"] + s["removed_min_rating_rows"] + s["removed_duplicates"]
         + s["removed_min_history_rows"]
     )
     if s["rows_in"] - removed != s["rows_out"]:
@@ -317,6 +312,8 @@ def _report(cfg, ingested, cleaned, plan: _Plan, counts, timings) -> dict[str, A
             "users_read": s["users_in"],
         },
         "filters": [
+            {"filter": "sample_users", "setting": cfg.clean.sample_users,
+             "removed_rows": s["removed_sample_users_rows"], "removed_users": s["removed_sample_users_users"]},
             {"filter": "behaviors", "setting": cfg.source.behaviors or "all",
              "removed_rows": s["removed_behaviors_rows"], "removed_users": s["removed_behaviors_users"]},
             {"filter": "min_rating", "setting": cfg.clean.min_rating,
@@ -355,12 +352,12 @@ def format_summary(result: PrepareResult) -> str:
         f"  read     {r['source']['rows_read']:>12,} rows  {r['source']['users_read']:>10,} users  "
         f"from {len(r['source']['files'])} file(s) ({r['source']['format']})",
     ]
-    for f in r["filters"][:4]:
+    for f in r["filters"][:-1]:
         lines.append(
             f"  {f['filter']:<12} {str(f['setting']):<12} removed {f['removed_rows']:>10,} rows "
             f"{f['removed_users']:>8,} users"
         )
-    u = r["filters"][4]
+    u = r["filters"][-1]  # unseen_items, always last
     lines.append(
         f"  unseen_items {u['setting']:<12} valid {u['valid_rows_unseen']:,} / "
         f"test {u['test_rows_unseen']:,} "

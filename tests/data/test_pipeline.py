@@ -161,6 +161,28 @@ def test_filters_behaviours_and_min_rating(ray_cluster, tmp_path):
     assert "behaviors    ['buy']      removed          3 rows        1 users" in printed
 
 
+def test_sample_users_keeps_whole_users_by_a_stable_hash(ray_cluster, tmp_path):
+    import zlib
+
+    users = [f"user{i}" for i in range(60)]
+    lines = [f"{u},item{(7 * i + t) % 40},{t}" for i, u in enumerate(users) for t in range(1, 6)]
+    f = write_csv(tmp_path / "s.csv", "user_id,item_id,timestamp", lines)
+    # Different bucket counts: the sample must not depend on how users are partitioned.
+    a = run(f, tmp_path / "a", clean={"sample_users": 0.3}, num_buckets=2)
+    b = run(f, tmp_path / "b", clean={"sample_users": 0.3}, num_buckets=5)
+    expected = sorted(u for u in users if zlib.crc32(b"sample:" + u.encode()) < 0.3 * 2**32)
+    assert 5 <= len(expected) <= 35  # the hash spreads users (60 users, share 0.3)
+    for res in (a, b):
+        kept = sorted(pq.read_table(res.output / "users.parquet")["user_id"].to_pylist())
+        assert kept == expected
+        sample = filt(res.report, "sample_users")
+        assert (sample["removed_users"], sample["removed_rows"]) == (60 - len(kept), 5 * (60 - len(kept)))
+        assert res.report["result"]["rows"] == 5 * len(kept)  # whole users: every kept user's rows stay
+    assert "sample_users 0.3          removed" in format_summary(a)
+    with pytest.raises(Exception, match="sample_users must be in"):
+        run(f, tmp_path / "c", clean={"sample_users": 0.0})
+
+
 def test_window_bounds_cover_each_target_once():
     for a in range(0, 30):
         for L in (1, 2, 3, 7):

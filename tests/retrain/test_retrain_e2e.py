@@ -60,7 +60,7 @@ def test_day1_warm_starts_on_the_grown_log_and_passes_the_gate(days):
     assert code == 0, s
     assert s["incumbent"] == f"models:/{MODEL}/1" and s["new_partitions"] == ["2018-04-30"]
     v = s["vocabulary"]
-    assert v["kept"] > 8000 and v["added"] > 0 and v["new_items"] == v["kept"] + v["added"]
+    assert v["kept"] > 1000 and v["added"] > 0 and v["new_items"] == v["kept"] + v["added"]
     # activeness recomputed over history + new data: more interactions than day 0 saw
     d = s["drift"]
     assert d["interactions"]["new"] > d["interactions"]["old"] and d["users"]["new"] >= d["users"]["old"]

@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from ray_pinet.cli import main
+from tests.conftest import DEV_PREPARE, REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 RAY_DEFAULT_PORTS = {6379, 8265, 10001, 8076, 8077, 52365, 44217, 44227}
 
 
@@ -214,7 +214,7 @@ def test_smoke_train_job_registers_a_model(submit_cluster, client_env, capsys, t
         "--env", f"RAY_API_SERVER_ADDRESS={submit_cluster}", "--",
         "python", "jobs/train.py", "--smoke-test", "--config", "configs/ml-latest-small.yaml",
         "--set", f"data.path={tmp_path / 'prepared'}",
-        "--set", f"data.prepare={REPO / 'configs/prepare/ml-latest-small.yaml'}",
+        "--set", f"data.prepare={DEV_PREPARE}",
         "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.progress=false",
         "--set", f"tracking.tracking_uri={uri}", "--set", "tracking.register_as=submit-model",
         # the job machinery is under test, not training: one joint epoch instead of 2 + 1 (pinet)
