@@ -58,14 +58,14 @@ def ray_cluster():
 DEV_PREPARE = REPO / "configs/prepare/ml-latest-small-dev.yaml"
 
 
-def small_run_args(tmp: Path, uri: str) -> list[str]:
-    """--set flags of the end-to-end tests: a quarter of the bundled ml-latest-small's users
-    (``DEV_PREPARE``: 170 whole users, same shape, a quarter of the cost per epoch) prepared into
-    ``tmp``, a tiny SASRec, runs and the MLflow store under ``tmp``."""
+def small_run_args(tmp: Path, uri: str, prepare: Path = DEV_PREPARE) -> list[str]:
+    """--set flags of the end-to-end tests: by default a quarter of the bundled ml-latest-small's
+    users (``DEV_PREPARE``: 170 whole users, same shape, a quarter of the cost per epoch) prepared
+    into ``tmp``, a tiny SASRec, runs and the MLflow store under ``tmp``."""
     return [
         "--config", str(REPO / "configs/ml-latest-small.yaml"),
         "--set", f"data.path={tmp / 'prepared'}",
-        "--set", f"data.prepare={DEV_PREPARE}",
+        "--set", f"data.prepare={prepare}",
         "--set", f"run.storage_path={tmp / 'runs'}", "--set", "run.progress=false",
         "--set", "model.dim=16", "--set", "model.num_blocks=1", "--set", f"tracking.tracking_uri={uri}",
     ]

@@ -1,0 +1,25 @@
+# Benchmarks (BENCHMARKS.md). `make bench` is the full measurement: run it on a quiet machine
+# (nothing else on the CPU), it takes hours at 10^8 rows. `make bench-smoke` runs every script at
+# its smoke size into $(SMOKE_OUT) in about a minute: what tests/benchmarks/ checks.
+PY ?= .venv/bin/python
+OUT ?= benchmarks/results
+SMOKE_OUT ?= /tmp/ray-pinet-bench-smoke
+
+.PHONY: bench bench-data bench-train bench-allreduce bench-smoke
+
+bench: bench-data bench-train bench-allreduce
+
+bench-data:
+	$(PY) benchmarks/data_pipeline.py --sizes 1e6 1e7 1e8 --out $(OUT)/data_pipeline
+
+bench-train:
+	$(PY) benchmarks/train_throughput.py --config configs/beauty.yaml --methods joint pinet \
+		--workers 1 2 --epochs 3 --out $(OUT)/train_throughput
+
+bench-allreduce:
+	$(PY) benchmarks/allreduce.py --params 1e5 1e6 1e7 1e8 --out $(OUT)/allreduce
+
+bench-smoke:
+	$(PY) benchmarks/data_pipeline.py --smoke --out $(SMOKE_OUT)/data_pipeline --work-dir $(SMOKE_OUT)/work
+	$(PY) benchmarks/allreduce.py --smoke --out $(SMOKE_OUT)/allreduce
+	$(PY) benchmarks/train_throughput.py --smoke --out $(SMOKE_OUT)/train_throughput --work-dir $(SMOKE_OUT)/work
