@@ -63,7 +63,8 @@ def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tenso
 def user_outcomes(model, rows: EvalRows, k: int = 10, batch_size: int = 256,
                   candidates: bool = False) -> dict[str, torch.Tensor]:
     """Per-row outcomes of one rank's evaluation rows, in row order: hit@k and NDCG@k
-    (Float64), the target's and the sampled negative's scores (Float64), the stratum (Long).
+    (Float64), the target's and the sampled negative's scores (Float64), the stratum and the
+    global sample id (Long; rows of all ranks sorted by it are the same for every W).
     Every metric of ``finalize`` is a function of these, so any regrouping of users (another
     stratification, ``tuning/objective.py``) gives exactly what ``evaluate`` would."""
     was_training = model.training
@@ -76,8 +77,10 @@ def user_outcomes(model, rows: EvalRows, k: int = 10, batch_size: int = 256,
                         ("neg", neg.to(torch.float64)), ("stratum", batch.stratum)):
             parts[name].append(v)
     model.train(was_training)
-    return {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64 if name == "stratum" else torch.float64)
-            for name, v in parts.items()}
+    out = {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64 if name == "stratum" else torch.float64)
+           for name, v in parts.items()}
+    out["sample_id"] = rows.sample_id
+    return out
 
 
 def local_stats(out: dict[str, torch.Tensor], stratum: torch.Tensor, num_strata: int):

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
 from ray_pinet.evaluation.protocol import slice_names
 
 
@@ -62,24 +60,6 @@ def gate(incumbent: Optional[dict[str, float]], candidate: dict[str, float], num
             continue
         change = (c - i) / i if i > 0 else (0.0 if c >= i else -1.0)
         out.rows.append(GateRow(s, i, c, change, change >= -tolerance, users, (intervals or {}).get(s)))
-    return out
-
-
-def paired_intervals(incumbent: np.ndarray, candidate: np.ndarray, stratum: np.ndarray, num_strata: int,
-                     draws: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95% bootstrap intervals of the relative change of a per-user metric's mean (same users
-    resampled for both models), per slice. Seeded."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i, name in enumerate(slice_names(num_strata)):
-        sel = np.ones(len(stratum), bool) if name == "all" else stratum == i
-        a, b = incumbent[sel], candidate[sel]
-        if len(a) == 0:
-            continue
-        idx = rng.integers(0, len(a), size=(draws, len(a)))
-        ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)
-        rel = np.where(ma > 0, (mb - ma) / np.where(ma > 0, ma, 1.0), 0.0)
-        out[name] = (float(np.quantile(rel, 0.025)), float(np.quantile(rel, 0.975)))
     return out
 
 

@@ -79,7 +79,8 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     from ray_pinet.evaluation.protocol import outcome_metrics, user_outcomes
     from ray_pinet.models.registry import build_model
     from ray_pinet.retrain import warm
-    from ray_pinet.retrain.gate import drift, gate, paired_intervals, report_markdown
+    from ray_pinet.evaluation.bootstrap import paired_intervals
+    from ray_pinet.retrain.gate import drift, gate, report_markdown
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.tracking.plots import plot_retrain
     from ray_pinet.tracking.registry import register_run

@@ -150,6 +150,7 @@ class EvalRows:
 
     def __init__(self, table: pa.Table, max_len: int):
         table = table.sort_by("sample_id")
+        self.sample_id = torch.from_numpy(table.column("sample_id").to_numpy().astype(np.int64))
         vals, offs = _list_column(table, "history")
         self.history = torch.from_numpy(_left_pad(vals, offs, max_len))
         self.target = torch.from_numpy(table.column("target").to_numpy().astype(np.int64))

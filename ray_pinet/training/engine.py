@@ -23,11 +23,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from ray_pinet.config import TrainConfig
-from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, stratum_name
+from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, stratum_name, user_outcomes
 from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import EvalRows, TrainRows
-from ray_pinet.training.collectives import all_reduce_max_, broadcast_module_, rank_and_world
+from ray_pinet.training.collectives import all_gather_rows, all_reduce_max_, broadcast_module_, rank_and_world
 from ray_pinet.training.loop import prior_settings, run_epoch
 from ray_pinet.training.transfer_epoch import transfer_epoch
 
@@ -58,6 +58,8 @@ class EngineState:
     plugin_best: list[float] = field(default_factory=list)
     plugin_bad: list[int] = field(default_factory=list)
     plugin_best_state: dict[int, list] = field(default_factory=dict)  # stratum -> its best tensors
+    plugin_base: dict[str, float] = field(default_factory=dict)  # validation of the backbone alone
+    plugin_kept: list[float] = field(default_factory=list)  # 1.0 where stratum s's plugin is served
     history: list[dict] = field(default_factory=list)
     stage1_test: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0  # training time of the whole run
@@ -296,6 +298,7 @@ class Engine:
             # The identity plugins (= the stage-1 model) are the first candidate of every
             # stratum: a plugin is kept only if it beats the backbone on its stratum's validation.
             val0 = self._evaluate(self.valid_rows)
+            self.state.plugin_base = dict(val0)
             for s in range(K):
                 self.state.plugin_best[s] = val0.get(
                     metric_key(stratum_name(s, K), cfg.eval.select_metric, cfg.eval.k), float("-inf"))
@@ -366,10 +369,60 @@ class Engine:
                 self.model.plugins.load_state_dict(
                     compose_plugin_states(self.model.plugins, self.state.plugin_best_state, K)
                 )
+            self._decide_plugins()
         elif self.state.best_model is not None:
             self.model.load_state_dict(self.state.best_model)
         for p in backbone:
             p.requires_grad_(True)
+
+    def _decide_plugins(self) -> None:
+        """Record which plugins are served (``plugin_kept``); with ``stage2.keep: significant``
+        a plugin that beat the backbone on validation is kept only if the paired-bootstrap
+        interval of its gain over its stratum's validation users lies above zero, and is reset
+        to the identity otherwise. Collective (one gather); every rank decides on the same
+        gathered rows, sorted by sample id, with the same seed, so all ranks agree for any W."""
+        cfg, K = self.cfg, self.K
+        s2 = cfg.stage2
+        sel = [metric_key(stratum_name(s, K), cfg.eval.select_metric, cfg.eval.k) for s in range(K)]
+        won = [self.state.plugin_best[s] > self.state.plugin_base.get(sel[s], float("-inf"))
+               for s in range(K)]
+        self.state.plugin_kept = [float(w) for w in won]
+        if s2.keep != "significant" or not any(won):
+            return
+        import numpy as np
+
+        from ray_pinet.evaluation.bootstrap import paired_intervals
+
+        def per_user(use_plugins: bool) -> dict:
+            self.model.use_plugins = use_plugins
+            return user_outcomes(self.model, self.valid_rows, cfg.eval.k, cfg.eval.batch_size,
+                                 cfg.eval.candidates > 0)
+
+        base, plug = per_user(False), per_user(True)
+        local = torch.stack([base["sample_id"].to(torch.float64), base["stratum"].to(torch.float64),
+                             base["ndcg"], plug["ndcg"]], dim=1)
+        rows = all_gather_rows(local)
+        rows = rows[torch.argsort(rows[:, 0])].numpy()
+        level = s2.keep_level
+        iv = paired_intervals(rows[:, 2], rows[:, 3], rows[:, 1].astype(np.int64), K,
+                              draws=s2.keep_draws, seed=cfg.run.seed, level=level)
+        drop = [s for s in range(K) if won[s] and iv.get(stratum_name(s, K), (0.0, 0.0))[0] <= 0.0]
+        for s in range(K):
+            if won[s]:
+                lo, hi = iv.get(stratum_name(s, K), (0.0, 0.0))
+                verdict = "reset to the identity" if s in drop else "kept"
+                self.say(f"stage 2: plugin {stratum_name(s, K)} gain on validation {level:.0%} interval "
+                         f"[{lo:+.1%}, {hi:+.1%}]: {verdict}")
+        if drop:
+            composed = self.model.plugins.state_dict()
+            self.model.reset_plugins()  # the identity of every stratum
+            identity = copy.deepcopy(self.model.plugins.state_dict())
+            self.model.plugins.load_state_dict(composed)
+            keep_states = {s: (identity if s in drop else composed) for s in range(K)}
+            self.model.plugins.load_state_dict(compose_plugin_states(self.model.plugins, keep_states, K))
+            for s in drop:
+                self.state.plugin_kept[s] = 0.0
+        self.model.use_plugins = True
 
     def _account(self, t_start: float) -> None:
         dt = time.perf_counter() - t_start
@@ -397,6 +450,8 @@ class Engine:
                 self.stage2()
             self.model.use_plugins = True
         final.update(self.state.stage1_test)
+        for s, kept in enumerate(self.state.plugin_kept):
+            final[f"stage2/kept/{stratum_name(s, self.K)}"] = kept
         final.update({f"final_val/{k}": v for k, v in self._evaluate(self.valid_rows).items()})
         final.update({f"test/{k}": v for k, v in self._evaluate(self.test_rows).items()})
         final["train_seconds"] = self.state.elapsed_s

@@ -13,7 +13,8 @@ from ray_pinet.data.config import SourceConfig
 from ray_pinet.data.sources import read_log, resolve_inputs
 from ray_pinet.errors import DataError
 from ray_pinet.models.registry import build_model
-from ray_pinet.retrain.gate import drift, gate, paired_intervals, report_markdown
+from ray_pinet.evaluation.bootstrap import paired_intervals
+from ray_pinet.retrain.gate import drift, gate, report_markdown
 from ray_pinet.retrain.partitions import discover, select, write_partitions
 from ray_pinet.retrain.warm import Incumbent, on_vocabulary, remap_state
 from tests.conftest import BUNDLED_DATA

@@ -107,6 +107,56 @@ def test_joint_never_uses_plugins():
     assert not eng.model.use_plugins
 
 
+def test_significant_keep_rule_serves_a_plugin_only_when_its_gain_is_above_noise():
+    from ray_pinet.evaluation.bootstrap import paired_intervals
+    from ray_pinet.evaluation.protocol import user_outcomes
+
+    over = {"stage2.patience": 10, "stage2.lr": 0.01}
+    best = make_engine(overrides=over)
+    best_out = best.run()
+    sig = make_engine(overrides={**over, "stage2.keep": "significant"})
+    sig_out = sig.run()
+    kept_best = [best_out[f"stage2/kept/{s}"] for s in ("tail", "head")]
+    kept_sig = [sig_out[f"stage2/kept/{s}"] for s in ("tail", "head")]
+    assert any(kept_best), "no plugin beat the backbone on validation: the rule is not exercised"
+    assert all(b >= k for b, k in zip(kept_best, kept_sig))  # significant keeps a subset
+    # Backbone-only and served per-user NDCG on validation, the rule's input.
+    sig.model.use_plugins = False
+    base = user_outcomes(sig.model, sig.valid_rows)
+    sig.model.use_plugins = True
+    served = user_outcomes(sig.model, sig.valid_rows)
+    iv = paired_intervals(base["ndcg"].numpy(), served["ndcg"].numpy(), base["stratum"].numpy(), 2,
+                          draws=1000, seed=0)
+    for s, name in enumerate(("tail", "head")):
+        mine = base["stratum"] == s
+        if kept_sig[s]:
+            assert iv[name][0] > 0  # a served plugin's gain is above zero at 95%
+        else:  # a plugin that is not served is the exact identity: backbone scores for its users
+            assert torch.equal(served["ndcg"][mine], base["ndcg"][mine])
+            assert sig_out[f"final_val/{name}/ndcg@10"] == pytest.approx(
+                sig.state.plugin_base[f"{name}/ndcg@10"], abs=1e-12)
+    if kept_best != kept_sig:  # the rule reset at least one plugin that "best" serves
+        dropped = [n for n, b, k in zip(("tail", "head"), kept_best, kept_sig) if b and not k]
+        assert all(best_out[f"final_val/{n}/ndcg@10"] > sig_out[f"final_val/{n}/ndcg@10"] for n in dropped)
+
+
+def test_significant_keep_rule_keeps_a_plugin_with_a_clear_gain():
+    eng = make_engine(overrides={"stage2.keep": "significant", "stage2.max_epochs": 1})
+    eng.run()
+    # Plant a head plugin that ranks every head validation user's target first (item bias), and
+    # mark it as the head plugin that won on validation; the tail plugin stays the identity.
+    rows = eng.valid_rows
+    with torch.no_grad():
+        eng.model.plugins.reset()
+        bias = eng.model.plugins.item_bias.weight
+        bias[1, rows.target[rows.stratum == 1]] += 50.0
+    eng.state.plugin_best = [float("-inf"), 1.0]
+    eng.state.plugin_base = {"tail/ndcg@10": 0.0, "head/ndcg@10": 0.0}
+    eng._decide_plugins()
+    assert eng.state.plugin_kept == [0.0, 1.0]
+    assert float(eng.model.plugins.item_bias.weight[1].detach().abs().max()) == 50.0  # still served
+
+
 def test_compose_plugin_states_takes_each_stratum_from_its_best_epoch():
     eng = make_engine()
     plugins = eng.model.plugins
