@@ -414,7 +414,8 @@ class Engine:
                 self.say(f"stage 2: plugin {stratum_name(s, K)} gain on validation {level:.0%} interval "
                          f"[{lo:+.1%}, {hi:+.1%}]: {verdict}")
         if drop:
-            composed = self.model.plugins.state_dict()
+            # state_dict() shares storage with the parameters: copy before the in-place reset.
+            composed = copy.deepcopy(self.model.plugins.state_dict())
             self.model.reset_plugins()  # the identity of every stratum
             identity = copy.deepcopy(self.model.plugins.state_dict())
             self.model.plugins.load_state_dict(composed)

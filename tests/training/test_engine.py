@@ -143,18 +143,23 @@ def test_significant_keep_rule_serves_a_plugin_only_when_its_gain_is_above_noise
 def test_significant_keep_rule_keeps_a_plugin_with_a_clear_gain():
     eng = make_engine(overrides={"stage2.keep": "significant", "stage2.max_epochs": 1})
     eng.run()
-    # Plant a head plugin that ranks every head validation user's target first (item bias), and
-    # mark it as the head plugin that won on validation; the tail plugin stays the identity.
+    # Plant a head plugin that ranks every head validation user's target first (item bias) and a
+    # tail plugin with a negligible change; both are marked as having won on validation.
     rows = eng.valid_rows
     with torch.no_grad():
         eng.model.plugins.reset()
         bias = eng.model.plugins.item_bias.weight
         bias[1, rows.target[rows.stratum == 1]] += 50.0
-    eng.state.plugin_best = [float("-inf"), 1.0]
+        tail_bias = torch.zeros_like(bias[0])
+        tail_bias[1] = 1e-3  # a tail "plugin" that won on validation by noise: no real gain
+        bias[0] += tail_bias
+    eng.state.plugin_best = [1.0, 1.0]
     eng.state.plugin_base = {"tail/ndcg@10": 0.0, "head/ndcg@10": 0.0}
     eng._decide_plugins()
     assert eng.state.plugin_kept == [0.0, 1.0]
-    assert float(eng.model.plugins.item_bias.weight[1].detach().abs().max()) == 50.0  # still served
+    weight = eng.model.plugins.item_bias.weight.detach()
+    assert float(weight[1].abs().max()) == 50.0  # the head plugin is still served
+    assert float(weight[0].abs().max()) == 0.0  # the tail plugin is the identity again
 
 
 def test_compose_plugin_states_takes_each_stratum_from_its_best_epoch():
