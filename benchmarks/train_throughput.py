@@ -22,7 +22,6 @@ workers / 1 worker of the same method.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -82,18 +81,10 @@ def train_config(args: argparse.Namespace, method: str, workers: int, data_path:
 
 
 def start_local_ray() -> None:
-    """``init_local_ray`` (dashboard, 4+ logical CPUs, gloo on loopback), forced to start a NEW
-    instance: without an address ``ray.init`` joins a ``ray start`` cluster running on this host."""
-    import ray
-
+    """``init_local_ray``: a new local instance (dashboard, 4+ logical CPUs, gloo on loopback)."""
     from ray_pinet.training.trainer import init_local_ray
 
-    real = ray.init
-    ray.init = functools.partial(real, address="local")
-    try:
-        init_local_ray()
-    finally:
-        ray.init = real
+    init_local_ray()
 
 
 def smoke_data(args: argparse.Namespace) -> str:

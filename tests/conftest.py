@@ -37,6 +37,7 @@ def ray_cluster():
 
         port = free_local_port(8265)
         ray.init(
+            address="local",  # a new instance, never a `ray start` cluster on this host
             num_cpus=4,
             dashboard_port=port,
             # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls:

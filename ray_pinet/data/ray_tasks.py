@@ -22,7 +22,9 @@ def ensure_ray() -> None:
         # Workers must import ray_pinet even when it runs from a checkout that is not installed.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        kwargs = {"include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+        # address="local": a new instance, not a `ray start` cluster that happens to run here.
+        kwargs = {"address": "local", "include_dashboard": False,
+                  "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
     ray.init(**kwargs)
 
 

@@ -70,7 +70,9 @@ def init_local_ray() -> None:
         port = free_local_port(8265)
         env = {"env_vars": {**env_vars, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
                             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
+        # address="local": always a new instance. Without it ray.init joins a `ray start`
+        # cluster running on this host, with loopback gloo and a dashboard port it rejects.
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
 
 
