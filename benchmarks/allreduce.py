@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -46,6 +45,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))  # run from a checkout without installing
 from report import machine_info, parse_count, write_results  # noqa: E402
+
+from ray_pinet.training.collectives import flatten_grads  # noqa: E402
 
 COLUMNS = ["params", "ga_step_ms", "ddp_step_ms", "ratio_ga_ddp", "ga_allreduce_ms", "ddp_comm_ms",
            "ddp_nosync_step_ms", "grad_max_rel_err"]
@@ -110,10 +111,6 @@ def _batch(rank: int, rows: int, max_len: int, num_items: int):
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), negs, strata
 
 
-def _flat_grads(params) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in params]).clone()
-
-
 def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
 
@@ -152,11 +149,11 @@ def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
         return time.perf_counter() - t0
 
     ga_timed()
-    g_ga = _flat_grads(params)
+    g_ga = flatten_grads(params)
     ddp_timed(True)
-    g_ddp = _flat_grads(params)
+    g_ddp = flatten_grads(params)
     ddp_timed(False)
-    g_local = _flat_grads(params)  # this rank's mean alone: must differ, or nothing was reduced
+    g_local = flatten_grads(params)  # this rank's mean alone: must differ, or nothing was reduced
     err = _max_rel_err(g_ga, g_ddp)
     reduced = _max_rel_err(g_local, g_ddp) > 1e-3
     times: dict[str, list[float]] = {"ga": [], "ga_comm": [], "ddp": [], "ddp_nosync": []}
@@ -198,19 +195,15 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, result: str) -> N
         Path(result).write_text(json.dumps(rows))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     # gloo's default interface lookup fails in containers; both ranks are on this host.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     args.out.mkdir(parents=True, exist_ok=True)
     result = args.out / "_ranks.json"
-    mp.spawn(_rank_main, args=(args, _free_port(), str(result)), nprocs=WORLD, join=True)
+    from ray_pinet.training.trainer import free_local_port
+
+    mp.spawn(_rank_main, args=(args, free_local_port(0), str(result)), nprocs=WORLD, join=True)
     rows = json.loads(result.read_text())
     result.unlink()
     meta = {"benchmark": "allreduce", "machine": machine_info(), "args": vars(args), "world": WORLD}

@@ -2,8 +2,8 @@
 
 Order of the steps, each counted in the returned stats (rows, and users that lose all their rows):
 
-0. ``sample_users`` < 1: only users whose id hashes below that share are kept (``in_user_sample``).
-0. ``source.behaviors``: when not empty, only rows with one of these behaviours are kept.
+0. ``sample_users`` < 1: only users whose id hashes below that share are kept (``in_user_sample``);
+   then ``source.behaviors``: when not empty, only rows with one of these behaviours are kept.
 1. ``min_rating``: rows rated below it are removed.
 2. Out-of-order events: a row is out of order when an earlier row of the same user (in source
    order) has a larger timestamp. Such rows are counted (rows and users) and kept; every user's

@@ -295,8 +295,8 @@ def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps) -> dict[str, in
 def _report(cfg, ingested, cleaned, plan: _Plan, counts, timings) -> dict[str, Any]:
     s = {k: sum(c[2][k] for c in cleaned) for k in STAT_KEYS}
     removed = (
-        s["removed_sample_users_rows"] + s["removed_behaviors_rows"] + s["removed_min_rating_rows"] + s["removed_duplicates"]
-        + s["removed_min_history_rows"]
+        s["removed_sample_users_rows"] + s["removed_behaviors_rows"] + s["removed_min_rating_rows"]
+        + s["removed_duplicates"] + s["removed_min_history_rows"]
     )
     if s["rows_in"] - removed != s["rows_out"]:
         raise RuntimeError(f"internal error: row accounting does not add up: {s}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
+def check_not_nan(name: str, x: torch.Tensor) -> None:
     if bool(torch.isnan(x).any()):
         raise ValueError(f"{name} contains NaN: ranks would be meaningless")
 
@@ -35,8 +35,8 @@ def rank_among(
     ties: Literal["optimistic", "pessimistic"] = "optimistic",
 ) -> torch.Tensor:
     """Long[B]: how many of scores[b, :] (not excluded) beat target_score[b] (see module doc)."""
-    _check_finite("scores", scores)
-    _check_finite("target_score", target_score)
+    check_not_nan("scores", scores)
+    check_not_nan("target_score", target_score)
     t = target_score.unsqueeze(1)
     if ties == "optimistic":
         beats = scores > t
@@ -141,8 +141,8 @@ def gauc(users: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float]
 
 def pair_auc(pos_score: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
     """Float64[B]: per-user AUC of one positive pos_score[b] against neg_scores[b, :] (ties 1/2)."""
-    _check_finite("scores", neg_scores)
-    _check_finite("scores", pos_score)
+    check_not_nan("scores", neg_scores)
+    check_not_nan("scores", pos_score)
     p = pos_score.to(torch.float64).unsqueeze(1)
     n = neg_scores.to(torch.float64)
     return ((p > n).to(torch.float64) + 0.5 * (p == n).to(torch.float64)).mean(1)

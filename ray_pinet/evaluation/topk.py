@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ray_pinet.evaluation.metrics import check_not_nan
+
 RATES = ("ohr", "ocr", "uhr", "ucr")
 
 
@@ -53,8 +55,7 @@ def topk_user_metrics(
     """{k: {metric: Float64[B']}} for the B' rows of ``test`` (Bool[B, I]) with a test item.
 
     scores Float[B, I]; hot Bool[I]; exclude Bool[B, I] (training items), or None."""
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
+    check_not_nan("scores", scores)
     keep = test.any(1)
     scores, test = scores[keep].to(torch.float64), test[keep]
     if exclude is not None:

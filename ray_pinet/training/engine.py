@@ -58,7 +58,7 @@ class EngineState:
     plugin_best: list[float] = field(default_factory=list)
     plugin_bad: list[int] = field(default_factory=list)
     plugin_best_state: dict[int, list] = field(default_factory=dict)  # stratum -> its best tensors
-    plugin_base: dict[str, float] = field(default_factory=dict)  # validation of the backbone alone
+    plugin_base: list[float] = field(default_factory=list)  # stratum s's metric, backbone alone
     plugin_kept: list[float] = field(default_factory=list)  # 1.0 where stratum s's plugin is served
     history: list[dict] = field(default_factory=list)
     stage1_test: dict[str, float] = field(default_factory=dict)
@@ -298,11 +298,11 @@ class Engine:
             # The identity plugins (= the stage-1 model) are the first candidate of every
             # stratum: a plugin is kept only if it beats the backbone on its stratum's validation.
             val0 = self._evaluate(self.valid_rows)
-            self.state.plugin_base = dict(val0)
             for s in range(K):
                 self.state.plugin_best[s] = val0.get(
                     metric_key(stratum_name(s, K), cfg.eval.select_metric, cfg.eval.k), float("-inf"))
                 self.state.plugin_best_state[s] = copy.deepcopy(self.model.plugins.state_dict())
+            self.state.plugin_base = list(self.state.plugin_best)  # what each plugin must beat
             self.state.best_value = val0.get(metric_key("all", cfg.eval.select_metric, cfg.eval.k),
                                              float("-inf"))
             self.state.best_model = copy.deepcopy(self.model.state_dict())
@@ -383,9 +383,11 @@ class Engine:
         gathered rows, sorted by sample id, with the same seed, so all ranks agree for any W."""
         cfg, K = self.cfg, self.K
         s2 = cfg.stage2
-        sel = [metric_key(stratum_name(s, K), cfg.eval.select_metric, cfg.eval.k) for s in range(K)]
-        won = [self.state.plugin_best[s] > self.state.plugin_base.get(sel[s], float("-inf"))
-               for s in range(K)]
+        # A checkpoint from before plugin_base was a per-stratum list (absent, or the whole
+        # validation dict) carries no usable base: every plugin counts as having won, as before.
+        base = self.state.plugin_base if isinstance(self.state.plugin_base, list) else []
+        base = base or [float("-inf")] * K
+        won = [self.state.plugin_best[s] > base[s] for s in range(K)]
         self.state.plugin_kept = [float(w) for w in won]
         if s2.keep != "significant" or not any(won):
             return
@@ -406,13 +408,13 @@ class Engine:
         level = s2.keep_level
         iv = paired_intervals(rows[:, 2], rows[:, 3], rows[:, 1].astype(np.int64), K,
                               draws=s2.keep_draws, seed=cfg.run.seed, level=level)
-        drop = [s for s in range(K) if won[s] and iv.get(stratum_name(s, K), (0.0, 0.0))[0] <= 0.0]
-        for s in range(K):
-            if won[s]:
-                lo, hi = iv.get(stratum_name(s, K), (0.0, 0.0))
-                verdict = "reset to the identity" if s in drop else "kept"
-                self.say(f"stage 2: plugin {stratum_name(s, K)} gain on validation {level:.0%} interval "
-                         f"[{lo:+.1%}, {hi:+.1%}]: {verdict}")
+        drop = []
+        for s in (s for s in range(K) if won[s]):
+            lo, hi = iv.get(stratum_name(s, K), (0.0, 0.0))
+            if lo <= 0.0:
+                drop.append(s)
+            self.say(f"stage 2: plugin {stratum_name(s, K)} gain on validation {level:.0%} interval "
+                     f"[{lo:+.1%}, {hi:+.1%}]: {'reset to the identity' if lo <= 0.0 else 'kept'}")
         if drop:
             # state_dict() shares storage with the parameters: copy before the in-place reset.
             composed = copy.deepcopy(self.model.plugins.state_dict())

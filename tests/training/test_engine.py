@@ -133,8 +133,7 @@ def test_significant_keep_rule_serves_a_plugin_only_when_its_gain_is_above_noise
             assert iv[name][0] > 0  # a served plugin's gain is above zero at 95%
         else:  # a plugin that is not served is the exact identity: backbone scores for its users
             assert torch.equal(served["ndcg"][mine], base["ndcg"][mine])
-            assert sig_out[f"final_val/{name}/ndcg@10"] == pytest.approx(
-                sig.state.plugin_base[f"{name}/ndcg@10"], abs=1e-12)
+            assert sig_out[f"final_val/{name}/ndcg@10"] == pytest.approx(sig.state.plugin_base[s], abs=1e-12)
     if kept_best != kept_sig:  # the rule reset at least one plugin that "best" serves
         dropped = [n for n, b, k in zip(("tail", "head"), kept_best, kept_sig) if b and not k]
         assert all(best_out[f"final_val/{n}/ndcg@10"] > sig_out[f"final_val/{n}/ndcg@10"] for n in dropped)
@@ -154,7 +153,7 @@ def test_significant_keep_rule_keeps_a_plugin_with_a_clear_gain():
         tail_bias[1] = 1e-3  # a tail "plugin" that won on validation by noise: no real gain
         bias[0] += tail_bias
     eng.state.plugin_best = [1.0, 1.0]
-    eng.state.plugin_base = {"tail/ndcg@10": 0.0, "head/ndcg@10": 0.0}
+    eng.state.plugin_base = [0.0, 0.0]
     eng._decide_plugins()
     assert eng.state.plugin_kept == [0.0, 1.0]
     weight = eng.model.plugins.item_bias.weight.detach()
