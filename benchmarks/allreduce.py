@@ -1,4 +1,4 @@
-"""All-reduce overhead: GA's weighted all-reduce (``ga_step.ga_backward``) against DDP's default
+"""All-reduce overhead: GA's weighted all-reduce (``ga_step.GradReducer``) against DDP's default
 gradient all-reduce, same model and batch, 2 gloo processes on one host.
 
     python benchmarks/allreduce.py --params 1e5 1e6 1e7 1e8 --out benchmarks/results/allreduce
@@ -12,10 +12,12 @@ while the gradient, and so the all-reduce, is dense and P floats long. Each rank
 
 Per step, median over ``--reps`` after ``--warmup``, timed on rank 0 after a barrier:
 
-* ``ga``: forward, then ``ga_backward`` (one K-float count all-reduce, one backward, flatten, one
-  flat SUM all-reduce, copy back); ``ga_allreduce_ms`` = its time outside the backward pass.
-* ``ddp``: ``DistributedDataParallel`` (defaults: 25 MB buckets, all-reduce overlapped with the
-  backward) forward + ``loss.mean().backward()``.
+* ``ga``: what ``training/loop.py`` runs: ``GradReducer.start_counts`` (the K-float count
+  all-reduce, asynchronous) before the forward, then ``GradReducer.backward`` (gradients written
+  into one flat buffer, all-reduced in ``--bucket-cap-mb`` buckets while the backward runs);
+  ``ga_allreduce_ms`` = its time outside the backward pass (waiting for the collectives).
+* ``ddp``: ``DistributedDataParallel`` (25 MB buckets by default, ``--bucket-cap-mb`` for both;
+  all-reduce overlapped with the backward) forward + ``loss.mean().backward()``.
 * ``ddp_nosync``: the same under ``no_sync()``: the compute alone; ``ddp_comm_ms`` = ddp - nosync.
 
 Correctness (checked before timing, both paths from the same weights): GA with the
@@ -66,10 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // WORLD), help="per process")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--timeout-s", type=int, default=300, help="gloo collective timeout")
-    p.add_argument("--smoke", action="store_true", help="P = 1e5 only, 1 warm-up step, 3 timed steps")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="GA's and DDP's gradient bucket size")
+    p.add_argument("--smoke", action="store_true",
+                   help="P = 1e5 only, 1 warm-up step, 3 timed steps, 0.05 MB buckets (several per step)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.params, args.warmup, args.reps = [10**5], 1, 3
+        args.params, args.warmup, args.reps, args.bucket_cap_mb = [10**5], 1, 3, 0.05
     return args
 
 
@@ -118,12 +122,15 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ray_pinet.training.ga_step import ga_backward
+    from ray_pinet.methods.ga import batch_unit_counts
+    from ray_pinet.training.ga_step import GradReducer
 
     model, num_items = sized_model(target, args.dim, args.blocks, args.max_len)
     losses = PositionLosses(model)
     params = list(model.backbone_parameters())
-    ddp = DDP(losses)  # shares the parameters: one copy of the weights serves both paths
+    # shares the parameters: one copy of the weights serves both paths
+    ddp = DDP(losses, bucket_cap_mb=args.bucket_cap_mb)
+    reducer = GradReducer(params, 2, args.bucket_cap_mb)  # its hooks act only in its own backward
     inputs, targets, negs, strata = _batch(rank, args.rows, args.max_len, num_items)
     row_of_position = torch.arange(args.rows).repeat_interleave(args.max_len)  # every position is valid
 
@@ -131,9 +138,10 @@ def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
         for p in params:
             p.grad = None
         t0 = time.perf_counter()
+        reducer.start_counts(batch_unit_counts(inputs, targets, strata, "position", 2))
         loss_vec = losses(inputs, targets, negs)
         t1 = time.perf_counter()
-        info = ga_backward(params, loss_vec, strata[row_of_position], 2, "interaction_share", [0.8, 0.2])
+        info = reducer.backward(loss_vec, strata[row_of_position], "interaction_share", [0.8, 0.2])
         t2 = time.perf_counter()
         return t2 - t0, (t2 - t1) - info.backward_s
 
@@ -171,7 +179,9 @@ def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
                 times[name].append(step)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     n_params = sum(p.numel() for p in params)
-    del ddp, losses, model
+    num_buckets = reducer.num_buckets
+    reducer.close()
+    del ddp, losses, model, reducer
     return {
         "params": n_params, "target_params": target, "num_items": num_items,
         "ga_step_ms": round(med["ga"], 3), "ddp_step_ms": round(med["ddp"], 3),
@@ -179,7 +189,7 @@ def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
         "ddp_nosync_step_ms": round(med["ddp_nosync"], 3),
         "ddp_comm_ms": round(med["ddp"] - med["ddp_nosync"], 3),
         "grad_max_rel_err": err, "grads_equal": err < args.tolerance and reduced,
-        "positions_per_rank": args.rows * args.max_len, "reps": args.reps,
+        "positions_per_rank": args.rows * args.max_len, "reps": args.reps, "ga_buckets": num_buckets,
     }
 
 

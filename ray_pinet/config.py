@@ -47,12 +47,16 @@ class GAConfig:
     then all-reduces one flat gradient; stratum_sums backpropagates each stratum's loss sum and
     all-reduces [K gradient sums | K counts] in one flat buffer (the literal formulation; K× the
     traffic and K backward passes). Both are exact; tests prove they agree.
+    bucket_cap_mb: loss_weighted all-reduces the gradient in buckets of about this size while the
+    backward still runs (25 MB: DDP's default); a parameter is never split, so a large item table
+    is one bucket of its own.
     """
 
     prior: Literal["user_share", "uniform", "interaction_share", "power"] = "power"
     alpha: float = 0.0
     unit: Literal["position", "user"] = "position"
     reduce: Literal["loss_weighted", "stratum_sums"] = "loss_weighted"
+    bucket_cap_mb: float = 25.0
 
 
 @dataclass
@@ -235,6 +239,8 @@ class TrainConfig:
             )
         if not math.isfinite(self.ga.alpha):
             raise ConfigError("ga.alpha must be finite")
+        if not (math.isfinite(self.ga.bucket_cap_mb) and self.ga.bucket_cap_mb > 0):
+            raise ConfigError(f"ga.bucket_cap_mb must be a positive number of megabytes, got {self.ga.bucket_cap_mb}")
         if self.data.train_strata is not None and (
                 not self.data.train_strata or min(self.data.train_strata) < 0):
             raise ConfigError(f"data.train_strata must be a non-empty list of stratum ids >= 0, "

@@ -95,14 +95,24 @@ def clean_bucket(
     stats["out_of_order_rows"] = int(late.sum())
     stats["out_of_order_users"] = int(len(np.unique(u[late])))
 
-    # 3. duplicates: sort so duplicates are adjacent, keep the first of each run.
+    # The output order: users contiguous, events by (ts, source order). One sort of every row; the
+    # kept rows are a subsequence of it.
+    by_time = np.lexsort((pos, ts, u))
+
+    # 3. duplicates: keep the first (in source order) of each group of equal keys.
     keep = np.ones(len(ts), dtype=bool)
-    if cfg.duplicates != "keep" and len(ts):
-        keys = (u, ts, it) if cfg.duplicates == "drop_exact" else (u, it, ts)
-        o = np.lexsort((pos, *reversed(keys)))
-        same = np.ones(len(o) - 1, dtype=bool)
-        for k in keys[: 3 if cfg.duplicates == "drop_exact" else 2]:
-            same &= k[o][1:] == k[o][:-1]
+    if cfg.duplicates == "drop_exact" and len(ts):
+        # Exact duplicates share (user, ts), so they lie in one run of ``by_time``; only rows in
+        # runs of two or more need the item comparison (a second full sort cost as much as the first).
+        us, tss = u[by_time], ts[by_time]
+        run = np.cumsum(np.r_[True, (us[1:] != us[:-1]) | (tss[1:] != tss[:-1])]) - 1
+        cand = np.flatnonzero(np.bincount(run)[run] > 1)  # positions in by_time, ascending
+        c = cand[np.lexsort((cand, it[by_time[cand]], run[cand]))]
+        same = (run[c][1:] == run[c][:-1]) & (it[by_time[c]][1:] == it[by_time[c]][:-1])
+        keep[by_time[c[1:][same]]] = False
+    elif cfg.duplicates == "drop_pair" and len(ts):
+        o = np.lexsort((pos, ts, it, u))  # equal (user, item) adjacent, earliest first
+        same = (u[o][1:] == u[o][:-1]) & (it[o][1:] == it[o][:-1])
         keep[o[1:][same]] = False
     stats["removed_duplicates"] = int((~keep).sum())
 
@@ -114,8 +124,7 @@ def clean_bucket(
     stats["removed_min_history_users"] = int(short.sum())
     keep &= ~drop_user
 
-    idx = np.flatnonzero(keep)
-    order = idx[np.lexsort((pos[idx], ts[idx], u[idx]))]  # users contiguous, events by (ts, source order)
+    order = by_time[keep[by_time]]
     uo, io = u[order], it[order]
     starts = np.flatnonzero(np.r_[True, uo[1:] != uo[:-1]]) if len(uo) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(uo)] if len(uo) else starts

@@ -10,8 +10,9 @@ with ``a < 2`` have no training target and no training row. Windows are numbered
 
 Negatives are drawn uniformly from the items the user never interacted with (in any split): a
 uniform draw ``r`` in [0, 1) picks the ``floor(r * (M - P))``-th non-positive item exactly, without
-rejection. All of a user's draws come from ``numpy.random.default_rng([seed, purpose, user_idx])``,
-so the output does not depend on buckets, blocks or workers. Purpose ``NEGATIVES`` draws the
+rejection. All of a user's draws are keyed by (seed, purpose, user_idx): a counter-based hash
+(``samples.draws = keyed``, ray_pinet/keyed_random.py) or ``numpy.random.default_rng([seed,
+purpose, user_idx])`` (``generator``), so the output does not depend on buckets, blocks or workers. Purpose ``NEGATIVES`` draws the
 validation negative, then the test negative, then the training negatives (target-major,
 ``train_negatives`` per target, windows oldest first): eval negatives do not move when
 ``train_negatives`` changes. Candidate lists (``eval_candidates > 0``) are drawn without replacement
@@ -30,6 +31,7 @@ from ray_pinet.config_base import ConfigError
 from ray_pinet.data.config import SamplesConfig
 from ray_pinet.data.schema import ITEM, USER
 from ray_pinet.errors import DataError
+from ray_pinet.keyed_random import stream_key, uniform_ragged
 
 NEGATIVES, VALID_CANDIDATES, TEST_CANDIDATES = 1, 2, 3  # randomness purposes
 _I32 = np.iinfo(np.int32).max
@@ -88,7 +90,7 @@ def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: in
     wlen = we - ws + 1
     n_neg = (wlen - 1) * cfg.train_negatives
     draws = 2 + np.bincount(wg, weights=n_neg, minlength=len(n)).astype(np.int64)
-    r = _draws(user, draws, seed, NEGATIVES)
+    r = _draws(user, draws, seed, NEGATIVES, cfg.draws)
     is_eval = np.zeros(len(r), dtype=bool)
     off = np.cumsum(draws) - draws
     is_eval[off] = is_eval[off + 1] = True
@@ -175,7 +177,10 @@ class _NegativeSampler:
         return self._nth(np.repeat(g, c), x.ravel())
 
 
-def _draws(user: np.ndarray, counts: np.ndarray, seed: int, purpose: int) -> np.ndarray:
+def _draws(user: np.ndarray, counts: np.ndarray, seed: int, purpose: int, source: str) -> np.ndarray:
+    """Uniform [0, 1) draws, ``counts[i]`` for user_idx ``user[i]``, user after user."""
+    if source == "keyed":
+        return uniform_ragged(stream_key(seed, purpose), user, counts)
     out = np.empty(int(counts.sum()), dtype=np.float64)
     off = 0
     for u, c in zip(user.tolist(), counts.tolist()):

@@ -14,6 +14,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from ray_pinet.methods.losses import valid_positions
+
 PRIORS = ("user_share", "uniform", "interaction_share", "power")
 UNITS = ("position", "user")
 
@@ -73,6 +75,21 @@ def ga_weights(
     if bool((counts <= 0).any()):
         raise ValueError("global_counts must count this shard's units (N_s = 0 for a present stratum)")
     return (prior.to(torch.float64).to(s.device)[s] / counts).to(dtype)
+
+
+def batch_unit_counts(
+    inputs: torch.Tensor, targets: torch.Tensor, stratum: torch.Tensor, unit: Literal["position", "user"],
+    num_strata: int,
+) -> torch.Tensor:
+    """Float64[K]: this shard's units per stratum, from the batch alone (before the forward), so
+    the count all-reduce can run while the model computes. Equals ``stratum_counts`` of the
+    strata that ``unit_losses`` returns for the same batch."""
+    if unit not in UNITS:
+        raise ValueError(f"unknown ga_unit {unit!r}; one of {list(UNITS)}")
+    per_row = valid_positions(inputs, targets).sum(1)
+    if unit == "user":
+        per_row = (per_row > 0).to(per_row.dtype)
+    return torch.bincount(stratum.long(), weights=per_row.to(torch.float64), minlength=num_strata)
 
 
 def unit_losses(

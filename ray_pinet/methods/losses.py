@@ -17,6 +17,11 @@ from ray_pinet.models.recmodel import RecModel
 LOSSES = ("ce", "bce")
 
 
+def valid_positions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Bool[B, L]: the positions that are samples (a real input item and a real target)."""
+    return (inputs != 0) & (targets != 0)
+
+
 def per_position_losses(
     model: RecModel,
     inputs: torch.Tensor,
@@ -36,7 +41,7 @@ def per_position_losses(
     """
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
-    valid = (inputs != 0) & (targets != 0)
+    valid = valid_positions(inputs, targets)
     row_index, pos_index = valid.nonzero(as_tuple=True)
     if states is not None and loss != "ce":
         raise ValueError("precomputed states are used by loss 'ce' only")

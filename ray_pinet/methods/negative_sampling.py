@@ -26,24 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ray_pinet.keyed_random import stream_key, uniform_matrix
+
 # Purpose tags separate the random streams drawn from one (seed, epoch, example) key.
 PURPOSE_UNIFORM = 31
 PURPOSE_EXTRA_POS = 32
 PURPOSE_EXTRA_NEG = 33
 PURPOSE_CANDIDATES = 34
 PURPOSE_CDF = 35
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrap-around arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
 
 def keyed_uniform(seed: int, purpose: int, epoch: int, example_ids: torch.Tensor, num: int) -> torch.Tensor:
     """Float64[B, num] in [0, 1): slot s of example e is a pure function of
@@ -53,14 +43,7 @@ def keyed_uniform(seed: int, purpose: int, epoch: int, example_ids: torch.Tensor
     ids = example_ids.detach().cpu().numpy().astype(np.int64)
     if ids.size and ids.min() < 0:
         raise ValueError("example ids must be >= 0")
-    with np.errstate(over="ignore"):
-        key = np.zeros(1, dtype=np.uint64)
-        for part in (seed, purpose, epoch):
-            key = _splitmix(key ^ _splitmix(np.asarray([part], dtype=np.uint64) + _GOLDEN))
-        row = _splitmix(key ^ _splitmix(ids.astype(np.uint64) + _GOLDEN))
-        slots = (np.arange(1, num + 1, dtype=np.uint64) * _GOLDEN)[None, :]
-        bits = _splitmix(row[:, None] + slots)
-    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+    return torch.from_numpy(uniform_matrix(stream_key(seed, purpose, epoch), ids, num))
 
 
 def _index_below(u: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
         out[f"grad/{prior}/{alpha}/{reduce}/{unit}"] = flatten_grads(params).clone()
     # One full epoch (several global batches) from the same init, GA power prior, with SGD and
     # with Adam.
-    cfg = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5})
+    # Tiny buckets: the reducer all-reduces several buckets while the backward runs.
+    cfg = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5, "ga.bucket_cap_mb": 0.002})
     for name, make_opt in (("sgd", lambda ps: torch.optim.SGD(ps, lr=0.5)),
                            ("adam", lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr))):
         model = _model(p, cfg)

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from ray_pinet.config import TrainConfig
-from ray_pinet.methods.ga import unit_losses
+from ray_pinet.methods.ga import batch_unit_counts, unit_losses
 from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.training.batches import TrainRows, epoch_batches, num_steps
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
-from ray_pinet.training.ga_step import ga_backward
+from ray_pinet.training.ga_step import GradReducer, ga_backward
 
 
 TIME_PARTS = ("data", "forward", "backward", "allreduce", "optimizer")
@@ -99,46 +99,56 @@ def run_epoch(
     # resumed run replays the same masks.
     rank, _ = rank_and_world()
     torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
-    for step, ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids)):
-        t_data = time.perf_counter()
-        batch = rows.take(ids)
-        t0 = time.perf_counter()
-        n_local = len(batch)
-        if n_local:
-            loss_vec, row_index = per_position_losses(
-                model, batch.inputs, batch.targets, batch.negs,
-                batch.stratum if use_plugins else None, cfg.loss,
-            )
-        else:
-            loss_vec = torch.zeros(0)
-            row_index = torch.zeros(0, dtype=torch.int64)
-        unit_loss, unit_row = unit_losses(loss_vec, row_index, n_local, cfg.ga.unit)
-        unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        t_fwd = time.perf_counter()
-        info = ga_backward(
-            params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha, cfg.ga.reduce
-        )
-        t1 = time.perf_counter()
-        if after_backward is not None:
-            after_backward(info.global_counts, info.prior)
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        t2 = time.perf_counter()
-        stats.loss += info.loss
-        stats.steps += 1
-        unit_totals += info.global_counts
-        stats.positions += int(loss_vec.numel())
-        stats.time_data += t0 - t_data
-        stats.time_forward += t_fwd - t0
-        stats.time_backward += info.backward_s
-        stats.time_allreduce += (t1 - t_fwd) - info.backward_s
-        stats.time_optimizer += t2 - t1
-        if progress is not None:
-            progress(step + 1, steps)
+    # One reducer per epoch: its hooks live only as long as this loop.
+    reducer = GradReducer(params, num_strata, cfg.ga.bucket_cap_mb) if cfg.ga.reduce == "loss_weighted" else None
+    try:
+        # (the loop variable must not be ``ids``: stats.rows below reads the argument)
+        for step, batch_ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids)):
+            t_data = time.perf_counter()
+            batch = rows.take(batch_ids)
+            t0 = time.perf_counter()
+            n_local = len(batch)
+            if reducer is not None:  # the count all-reduce runs while the model computes
+                reducer.start_counts(batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata))
+            if n_local:
+                loss_vec, row_index = per_position_losses(
+                    model, batch.inputs, batch.targets, batch.negs,
+                    batch.stratum if use_plugins else None, cfg.loss,
+                )
+            else:
+                loss_vec = torch.zeros(0)
+                row_index = torch.zeros(0, dtype=torch.int64)
+            unit_loss, unit_row = unit_losses(loss_vec, row_index, n_local, cfg.ga.unit)
+            unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            t_fwd = time.perf_counter()
+            if reducer is not None:
+                info = reducer.backward(unit_loss, unit_strata, prior_kind, user_share, alpha)
+            else:
+                info = ga_backward(params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha, cfg.ga.reduce)
+            t1 = time.perf_counter()
+            if after_backward is not None:
+                after_backward(info.global_counts, info.prior)
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            t2 = time.perf_counter()
+            stats.loss += info.loss
+            stats.steps += 1
+            unit_totals += info.global_counts
+            stats.positions += int(loss_vec.numel())
+            stats.time_data += t0 - t_data
+            stats.time_forward += t_fwd - t0
+            stats.time_backward += info.backward_s
+            stats.time_allreduce += (t1 - t_fwd) - info.backward_s
+            stats.time_optimizer += t2 - t1
+            if progress is not None:
+                progress(step + 1, steps)
+    finally:
+        if reducer is not None:
+            reducer.close()
     totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64))
     stats.positions = int(totals[0])
     stats.rows = num_samples if ids is None else len(ids)

@@ -190,3 +190,22 @@ def test_window_bounds_cover_each_target_once():
             targets = [t for s, e in zip(start, end) for t in range(s + 1, e + 1)]
             assert sorted(targets) == list(range(1, a)) and len(targets) == len(set(targets))
             assert all(e - s <= L for s, e in zip(start, end)) and list(w) == list(range(len(w)))
+
+
+def test_generator_draws_rebuild_the_per_user_generator_stream(ray_cluster, log, prepared, tmp_path):
+    """``samples.draws: generator`` (prepared data made before 2026-11-24): user u's validation and
+    test negatives are the first two draws of default_rng([seed, NEGATIVES, u]) mapped onto the
+    items u never touched; the default keyed draws differ but avoid positives just the same."""
+    from ray_pinet.data.samples import NEGATIVES
+
+    out, _ = prepared
+    gen = run(log, tmp_path / "gen", samples={"max_len": 2, "train_negatives": 2, "draws": "generator"},
+              strata={"mode": "min_count", "tau": 3})
+    positives = {0: set(seq("ABCDEFG")), 1: set(seq("XYZW")), 2: set(seq("PQRS"))}
+    for split, k in (("valid", 0), ("test", 1)):
+        for r in rows(gen.output, split):
+            free = [i for i in range(1, 16) if i not in positives[r["user_idx"]]]
+            draw = np.random.default_rng([0, NEGATIVES, r["user_idx"]]).random(2)[k]
+            assert r["neg"] == free[int(draw * len(free))]
+    assert [r["seq"] for r in rows(gen.output, "train")] == [r["seq"] for r in rows(out, "train")]
+    assert [r["neg"] for r in rows(gen.output, "train")] != [r["neg"] for r in rows(out, "train")]
