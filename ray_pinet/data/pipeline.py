@@ -100,14 +100,16 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         timings["clean"], t = time.perf_counter() - t, time.perf_counter()
 
         plan = _plan(cfg, cleaned)
-        maps_ref = ray.put(plan.maps)
+        maps_refs = [ray.put(m) for m in plan.maps]
+        items_ref = ray.put(plan.item_ids)
         pq.write_table(plan.users, out / "users.parquet")
         pq.write_table(plan.items, out / "items.parquet")
         timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
 
-        written = run_tasks(_sample_bucket, [(b, cfg, maps_ref) for b in buckets], "samples", progress, tasks)
+        sample_args = [(b, cfg, maps_refs[b], items_ref) for b in buckets]
+        written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks)
         timings["samples"] = time.perf_counter() - t
-        del maps_ref
+        del maps_refs, items_ref, sample_args
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -203,7 +205,8 @@ def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str]) -> tuple[p
 class _Plan:
     users: pa.Table
     items: pa.Table
-    maps: SampleMaps
+    maps: list[SampleMaps]  # one per bucket
+    item_ids: pa.Array  # sorted; position + 1 = item_idx
     strata: dict
     unseen: dict
     train_rows: int
@@ -214,7 +217,10 @@ class _Plan:
 
 
 def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
-    users = pa.concat_tables([c[0] for c in cleaned]).sort_by(USER)
+    users = pa.concat_tables([c[0] for c in cleaned])
+    bucket = np.repeat(np.arange(len(cleaned)), [c[0].num_rows for c in cleaned])
+    by_id = pc.sort_indices(users, sort_keys=[(USER, "ascending")])
+    users, bucket = users.take(by_id), bucket[by_id.to_numpy()]
     if users.num_rows == 0:
         raise ConfigError(
             f"no user is left after cleaning (min_history={cfg.clean.min_history}, "
@@ -240,14 +246,13 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
 
     windows = num_windows(activeness, cfg.samples.max_len, cfg.samples.window)
     ids = {s: np.where(keep[s], np.cumsum(keep[s]) - 1, -1) for s in ("valid", "test")}
-    maps = SampleMaps(
-        user_ids=users[USER].combine_chunks(),
-        item_ids=items[ITEM].combine_chunks(),
-        stratum=strata,
-        train_first=np.cumsum(windows) - windows,
-        valid_id=ids["valid"],
-        test_id=ids["test"],
-    )
+    train_first = np.cumsum(windows) - windows
+    user_ids, item_ids = users[USER].combine_chunks(), items[ITEM].combine_chunks()
+    maps = []
+    for b in range(len(cleaned)):
+        mine = np.flatnonzero(bucket == b)  # ascending user_idx, i.e. sorted by id
+        maps.append(SampleMaps(user_ids=user_ids.take(pa.array(mine)), user_idx=mine, stratum=strata[mine], train_first=train_first[mine],
+                               valid_id=ids["valid"][mine], test_id=ids["test"][mine]))
     targets = np.minimum(activeness - 1, cfg.samples.max_len if cfg.samples.window == "last" else activeness)
     users_out = pa.table(
         {
@@ -268,6 +273,7 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
         users=users_out,
         items=items_out,
         maps=maps,
+        item_ids=item_ids,
         strata=stats,
         unseen=unseen,
         train_rows=int(windows.sum()),
@@ -283,10 +289,10 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps) -> dict[str, int]:
+def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps, item_ids: pa.Array) -> dict[str, int]:
     out = Path(cfg.output)
     rows = pq.read_table(out / "_work" / "clean" / f"{b:04d}.parquet")
-    tables = build_samples(rows, maps, cfg.samples, cfg.seed)
+    tables = build_samples(rows, maps, item_ids, cfg.samples, cfg.seed)
     for split, table in tables.items():
         pq.write_table(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
     return {split: t.num_rows for split, t in tables.items()}

@@ -58,25 +58,30 @@ def window_bounds(train_len: np.ndarray, max_len: int, window: str):
 
 @dataclass
 class SampleMaps:
-    """Everything a bucket needs from the driver (broadcast once with ``ray.put``)."""
+    """What one bucket needs from the driver: its own users only, so a task's work and memory do
+    not grow with the total number of users (the global map cost 2.9 s per task at 10^8 rows)."""
 
-    user_ids: pa.Array  # sorted; position = user_idx
-    item_ids: pa.Array  # sorted; position + 1 = item_idx
-    stratum: np.ndarray  # int8 per user_idx
-    train_first: np.ndarray  # first training sample_id per user_idx
-    valid_id: np.ndarray  # validation sample_id per user_idx, -1 = dropped (unseen item)
+    user_ids: pa.Array  # this bucket's users, sorted by id (hence by user_idx)
+    user_idx: np.ndarray  # global user_idx of each entry of user_ids
+    stratum: np.ndarray  # int8, per entry of user_ids
+    train_first: np.ndarray  # first training sample_id, per entry of user_ids
+    valid_id: np.ndarray  # validation sample_id, per entry of user_ids; -1 = dropped (unseen item)
     test_id: np.ndarray
 
 
-def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: int) -> dict[str, pa.Table]:
-    """The train/valid/test tables of one bucket (users contiguous, events in time order)."""
-    m = len(maps.item_ids)
-    uidx = _index(rows[USER], maps.user_ids)
-    item = (_index(rows[ITEM], maps.item_ids) + 1).astype(np.int32)
-    first = np.flatnonzero(np.r_[True, uidx[1:] != uidx[:-1]]) if len(uidx) else np.zeros(0, np.int64)
-    n_old = np.diff(np.r_[first, len(uidx)])
-    perm = np.argsort(uidx[first], kind="stable")  # users by user_idx -> rows in sample_id order
-    user, n = uidx[first][perm], n_old[perm]
+def build_samples(
+    rows: pa.Table, maps: SampleMaps, item_ids: pa.Array, cfg: SamplesConfig, seed: int
+) -> dict[str, pa.Table]:
+    """The train/valid/test tables of one bucket (users contiguous, events in time order).
+    ``item_ids``: every item, sorted (position + 1 = item_idx), shared by all buckets."""
+    m = len(item_ids)
+    loc = _index(rows[USER], maps.user_ids)  # position in the bucket's map; ascending = by user_idx
+    item = (_index(rows[ITEM], item_ids) + 1).astype(np.int32)
+    first = np.flatnonzero(np.r_[True, loc[1:] != loc[:-1]]) if len(loc) else np.zeros(0, np.int64)
+    n_old = np.diff(np.r_[first, len(loc)])
+    perm = np.argsort(loc[first], kind="stable")  # users by user_idx -> rows in sample_id order
+    uloc, n = loc[first][perm], n_old[perm]
+    user = maps.user_idx[uloc]
     item = item[_ranges(first[perm], n)]
     start = np.cumsum(n) - n
     g_rows = np.repeat(np.arange(len(n)), n)
@@ -98,9 +103,9 @@ def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: in
     out = {
         "train": pa.table(
             {
-                "sample_id": pa.array(maps.train_first[user[wg]] + w, pa.int64()),
+                "sample_id": pa.array(maps.train_first[uloc[wg]] + w, pa.int64()),
                 "user_idx": pa.array(user[wg], pa.int64()),
-                "stratum": pa.array(maps.stratum[user[wg]], pa.int8()),
+                "stratum": pa.array(maps.stratum[uloc[wg]], pa.int8()),
                 "seq": _list(wlen, item[_ranges(start[wg] + ws, wlen)]),
                 "neg": _list(n_neg, neg.map(g_train, r[~is_eval])),
             }
@@ -110,15 +115,15 @@ def build_samples(rows: pa.Table, maps: SampleMaps, cfg: SamplesConfig, seed: in
         ("valid", 2, maps.valid_id, 0, VALID_CANDIDATES),
         ("test", 1, maps.test_id, 1, TEST_CANDIDATES),
     ):
-        g = np.flatnonzero(ids[user] >= 0)
+        g = np.flatnonzero(ids[uloc] >= 0)
         t = n[g] - back  # position of the target = number of events before it
         h0 = np.maximum(0, t - cfg.max_len)
         before = frel < (n - back)[fg]  # distinct items seen before the target
         seen_len, seen = np.bincount(fg[before], minlength=len(n)), fitem[before]
         cols = {
-            "sample_id": pa.array(ids[user[g]], pa.int64()),
+            "sample_id": pa.array(ids[uloc[g]], pa.int64()),
             "user_idx": pa.array(user[g], pa.int64()),
-            "stratum": pa.array(maps.stratum[user[g]], pa.int8()),
+            "stratum": pa.array(maps.stratum[uloc[g]], pa.int8()),
             "history": _list(t - h0, item[_ranges(start[g] + h0, t - h0)]),
             "target": pa.array(item[start[g] + t], pa.int32()),
             "neg": pa.array(neg.map(g, r[off[g] + k]), pa.int32()),
