@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ray_pinet.cli import main
@@ -59,3 +61,19 @@ def test_init_from_is_for_pinet_only_and_stage1_equivalence():
     assert TrainConfig.from_dict({"ga": {"prior": "interaction_share"}}).stage1_is_joint
     assert not TrainConfig.from_dict({"ga": {"prior": "power", "alpha": 0.5}}).stage1_is_joint
     assert not TrainConfig.from_dict({"ga": {"prior": "user_share"}}).stage1_is_joint
+
+
+def test_checkpoint_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train workers do not run in the driver's working directory: a relative run.init_from
+    (checked by the driver) once failed on the workers with FileNotFoundError."""
+    from ray_pinet.training.trainer import absolute_checkpoint_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig.from_dict({"method": "pinet", "run": {"init_from": "runs/x/checkpoint_1"}})
+    out = absolute_checkpoint_paths(cfg)
+    assert out.run.init_from == str(tmp_path / "runs/x/checkpoint_1") and out.run.warm_start is None
+    assert cfg.run.init_from == "runs/x/checkpoint_1"  # the caller's config is left alone
+    warm = TrainConfig.from_dict({"method": "finetune", "run": {"warm_start": "~/ckpt"}})
+    assert absolute_checkpoint_paths(warm).run.warm_start == str(Path("~/ckpt").expanduser())
+    plain = TrainConfig.from_dict({})
+    assert absolute_checkpoint_paths(plain) is plain

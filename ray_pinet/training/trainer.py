@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -179,6 +179,14 @@ def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> 
                          f"{snap['engine'].get('stage')}): finish or resume it first")
 
 
+def absolute_checkpoint_paths(cfg: TrainConfig) -> TrainConfig:
+    """``run.init_from`` / ``run.warm_start`` as absolute paths: the driver checks them relative
+    to its working directory, but Ray Train workers run in directories of their own."""
+    paths = {k: str(Path(v).expanduser().resolve()) for k in ("init_from", "warm_start")
+             if (v := getattr(cfg.run, k))}
+    return replace(cfg, run=replace(cfg.run, **paths)) if paths else cfg
+
+
 def fit(
     cfg: TrainConfig,
     progress: Optional[bool] = None,
@@ -193,6 +201,8 @@ def fit(
     ``callbacks``: ``ray.train.UserCallback``s of the Train run (a Tune trial forwards its
     reports with one)."""
     from ray_pinet.config import PER_STRATUM_METHODS
+
+    cfg = absolute_checkpoint_paths(cfg)
 
     if cfg.method in PER_STRATUM_METHODS:
         from ray_pinet.training.per_stratum import fit_per_stratum
