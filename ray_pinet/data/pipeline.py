@@ -248,11 +248,16 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
     ids = {s: np.where(keep[s], np.cumsum(keep[s]) - 1, -1) for s in ("valid", "test")}
     train_first = np.cumsum(windows) - windows
     user_ids, item_ids = users[USER].combine_chunks(), items[ITEM].combine_chunks()
+    # One stable sort splits the users by bucket (each part in ascending user_idx, i.e. by id),
+    # instead of one scan of every user per bucket.
+    by_bucket = np.argsort(bucket, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(bucket, minlength=len(cleaned)))]
     maps = []
     for b in range(len(cleaned)):
-        mine = np.flatnonzero(bucket == b)  # ascending user_idx, i.e. sorted by id
-        maps.append(SampleMaps(user_ids=user_ids.take(pa.array(mine)), user_idx=mine, stratum=strata[mine], train_first=train_first[mine],
-                               valid_id=ids["valid"][mine], test_id=ids["test"][mine]))
+        mine = by_bucket[bounds[b] : bounds[b + 1]]
+        maps.append(SampleMaps(user_ids=user_ids.take(pa.array(mine)), user_idx=mine, stratum=strata[mine],
+                               train_first=train_first[mine], valid_id=ids["valid"][mine],
+                               test_id=ids["test"][mine]))
     targets = np.minimum(activeness - 1, cfg.samples.max_len if cfg.samples.window == "last" else activeness)
     users_out = pa.table(
         {

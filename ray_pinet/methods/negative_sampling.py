@@ -37,12 +37,9 @@ PURPOSE_CDF = 35
 
 def keyed_uniform(seed: int, purpose: int, epoch: int, example_ids: torch.Tensor, num: int) -> torch.Tensor:
     """Float64[B, num] in [0, 1): slot s of example e is a pure function of
-    (seed, purpose, epoch, e, s), so it does not depend on the batch or worker count."""
-    if min(seed, purpose, epoch) < 0:
-        raise ValueError(f"seed, purpose, epoch must be >= 0, got {seed}, {purpose}, {epoch}")
+    (seed, purpose, epoch, e, s), so it does not depend on the batch or worker count. Negative
+    keys or ids raise ValueError (checked by keyed_random)."""
     ids = example_ids.detach().cpu().numpy().astype(np.int64)
-    if ids.size and ids.min() < 0:
-        raise ValueError("example ids must be >= 0")
     return torch.from_numpy(uniform_matrix(stream_key(seed, purpose, epoch), ids, num))
 
 

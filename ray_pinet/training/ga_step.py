@@ -122,7 +122,8 @@ class GradReducer:
         """Start the all-reduce of this rank's units per stratum (``methods.ga.batch_unit_counts``)."""
         self._local_counts = local_counts.to(torch.float64)
         self._counts = self._local_counts.clone()
-        self._counts_work = dist.all_reduce(self._counts, op=dist.ReduceOp.SUM, async_op=True) if is_distributed() else None
+        self._counts_work = (dist.all_reduce(self._counts, op=dist.ReduceOp.SUM, async_op=True)
+                             if is_distributed() else None)
 
     def backward(
         self, unit_loss: torch.Tensor, unit_strata: torch.Tensor, prior_kind: str, user_share: Sequence[float],

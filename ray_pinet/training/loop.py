@@ -109,7 +109,8 @@ def run_epoch(
             t0 = time.perf_counter()
             n_local = len(batch)
             if reducer is not None:  # the count all-reduce runs while the model computes
-                reducer.start_counts(batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata))
+                reducer.start_counts(
+                    batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata))
             if n_local:
                 loss_vec, row_index = per_position_losses(
                     model, batch.inputs, batch.targets, batch.negs,
@@ -126,7 +127,8 @@ def run_epoch(
             if reducer is not None:
                 info = reducer.backward(unit_loss, unit_strata, prior_kind, user_share, alpha)
             else:
-                info = ga_backward(params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha, cfg.ga.reduce)
+                info = ga_backward(params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha,
+                                   cfg.ga.reduce)
             t1 = time.perf_counter()
             if after_backward is not None:
                 after_backward(info.global_counts, info.prior)
