@@ -1,4 +1,4 @@
-"""``ray-pinet``: prepare | synth | train | compare | tune | retrain | partition | submit.
+"""``ray-pinet``: prepare | synth | train | compare | tune | retrain | partition | submit | twotower.
 
 ``main(argv)`` is importable so tests call the CLI in-process (no subprocess, no sys.argv).
 """
@@ -308,9 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition_args(sub.add_parser("partition", help="split a raw log by time into date=YYYY-MM-DD "
                                                          "partitions (history + new days) for retrain"))
     from ray_pinet.submit import add_submit_args
+    from ray_pinet.twotower_cli import add_twotower_args
 
     add_submit_args(sub.add_parser("submit", help="run a command as a Ray Job (Jobs SDK), stream its logs, "
                                                   "exit with its exit code: submit [OPTIONS] -- COMMAND ..."))
+    add_twotower_args(sub.add_parser("twotower", help="two-tower MF on (user, item) pairs: OneBP, TwoBP, "
+                                                      "MF-BPR with uniform or AUC-NS negatives"))
     return parser
 
 
@@ -324,6 +327,10 @@ def _handler(command: str):
         from ray_pinet.submit import run_submit_cli
 
         return run_submit_cli
+    if command == "twotower":
+        from ray_pinet.twotower_cli import run_twotower
+
+        return run_twotower
     return {"train": run_train, "compare": run_compare, "tune": run_tune, "retrain": run_retrain,
             "partition": run_partition}[command]
 

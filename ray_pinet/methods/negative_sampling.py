@@ -58,8 +58,16 @@ class UserItemSets:
         self.num_users = int(indptr.numel()) - 1
         counts = self.indptr[1:] - self.indptr[:-1]
         within = torch.arange(self.items.numel()) - torch.repeat_interleave(self.indptr[:-1], counts)
-        # gap_t = p_t − t: how many non-positives come before the t-th positive (non-decreasing).
+        # gap_t = p_t − t: how many non-positives come before the t-th positive (non-decreasing
+        # within a user). Keyed by user (u·(I+2) + gap_t) they are sorted across users too, so
+        # one searchsorted over all users answers "how many of u's gaps are <= r".
         self._gaps = self.items - within
+        owner = torch.repeat_interleave(torch.arange(self.num_users), counts)
+        self._gap_keys = owner * (num_items + 2) + self._gaps
+        # The smallest |I_u⁻| that ``neg_slots`` plans for. None: over this object's own users.
+        # A rank holding a shard of the users sets the global value, so every rank draws
+        # through the same number of slots (the draws then do not depend on W).
+        self.min_neg_count: int | None = None
 
     @classmethod
     def from_pairs(cls, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int) -> "UserItemSets":
@@ -80,23 +88,17 @@ class UserItemSets:
         """Long[B]: |I_u⁻| = I − |I_u⁺|."""
         return self.num_items - self.pos_count(users)
 
-    def _padded(self, users: torch.Tensor, values: torch.Tensor, pad: int) -> torch.Tensor:
-        count = self.pos_count(users)
-        width = max(int(count.max()) if count.numel() else 0, 1)
-        offs = torch.arange(width)
-        idx = (self.indptr[users].unsqueeze(1) + offs).clamp(max=max(values.numel() - 1, 0))
-        out = values[idx] if values.numel() else torch.zeros(len(users), width, dtype=torch.long)
-        return torch.where(offs < count.unsqueeze(1), out, torch.full_like(out, pad))
-
     def positives_at(self, users: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Long[B, k]: the r[b, j]-th (0-based, ascending) positive of users[b]."""
         return self.items[self.indptr[users].unsqueeze(1) + r]
 
     def negatives_at(self, users: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Long[B, k]: the r[b, j]-th (0-based, ascending) non-interacted item of users[b].
-        The r-th negative is r + #{t : gap_t <= r}, one batched searchsorted."""
-        gaps = self._padded(users, self._gaps, pad=self.num_items + 1)
-        return r + torch.searchsorted(gaps, r.contiguous(), right=True)
+        The r-th negative is r + #{t : gap_t <= r}: one searchsorted over the user-keyed gaps
+        (O(B·k·log nnz); padding each user's gaps to the longest row cost B × max |I_u⁺|)."""
+        base = users.unsqueeze(1) * (self.num_items + 2)
+        below = torch.searchsorted(self._gap_keys, (base + r).contiguous(), right=True)
+        return r + below - self.indptr[users].unsqueeze(1)
 
     def mask(self, users: torch.Tensor) -> torch.Tensor:
         """Bool[B, I]: True at each user's training positives."""
@@ -144,7 +146,9 @@ class UserItemSets:
     def neg_slots(self, k: int) -> int:
         """Slots for ``negative_ranks``: the fewest (at most k + 32) that give k distinct ranks with
         probability > 1 − 1e-9 for the smallest I_u⁻ of any user."""
-        n = int((self.num_items - (self.indptr[1:] - self.indptr[:-1])).min())
+        n = self.min_neg_count
+        if n is None:
+            n = int((self.num_items - (self.indptr[1:] - self.indptr[:-1])).min())
         slots = k
         while slots < k + 32 and _p_fewer_distinct(n, k, slots) > 1e-9:
             slots += 1

@@ -102,3 +102,29 @@ def plot_retrain(gate: dict, drift: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_twotower_curves(history: list[dict], num_strata: int, path: str | Path, k: int = 10) -> Path:
+    """Two-tower runs: training loss and test (and validation) NDCG@k per stratum over epochs."""
+    from ray_pinet.evaluation.protocol import slice_names
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([h["epoch"] for h in history], [h["train/loss"] for h in history])
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("training loss")
+    axes[0].grid(alpha=0.3)
+    for split, ls in (("test", "-"), ("valid", "--")):
+        for name in slice_names(num_strata):
+            key = f"{split}/{name}/ndcg@{k}"
+            pts = [(h["epoch"], h[key]) for h in history if key in h]
+            if pts:
+                axes[1].plot(*zip(*pts), ls=ls, label=f"{split} {name}")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel(f"NDCG@{k}")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -28,7 +28,7 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass
 class FitResult:
-    config: TrainConfig
+    config: Any  # TrainConfig (TwoTowerConfig for `ray-pinet twotower` runs)
     final: dict[str, float]
     history: list[dict]
     checkpoint_path: Optional[str]
@@ -209,9 +209,6 @@ def fit(
 
         return fit_per_stratum(cfg, base_checkpoint, progress=progress, parent_run_id=parent_run_id, tags=tags)
     import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_pinet.tracking import mlflow_utils as mu
 
@@ -228,48 +225,14 @@ def fit(
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     config_dict = cfg.to_dict()
 
-    mlflow_info = None
-    uri = run_id = None
-    if cfg.tracking.enabled:
-        uri = mu.resolve_tracking_uri(cfg.tracking.tracking_uri, storage)
-        run_id, resumed = mu.start_or_resume_run(
-            uri, cfg.tracking.experiment, cfg.run.name, config_dict,
-            tags={"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
-            parent_run_id=parent_run_id,
-        )
-        if not resumed:
-            for name in ("strata.json", "report.json", "prepare_config.json"):
-                if (path / name).exists():
-                    mu.log_artifact(uri, run_id, path / name, "data")
-        mlflow_info = {"tracking_uri": uri, "run_id": run_id}
-
-    datasets = read_splits(path)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info},
-        torch_config=TorchConfig(backend="gloo", timeout_s=cfg.run.collective_timeout_s),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers, resources_per_worker={"CPU": cfg.run.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=callbacks or None,
-        ),
-        datasets=datasets,
-        dataset_config=ShardBySampleId.make(),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if uri and run_id:
-            mu.finish_run(uri, run_id, status="FAILED")
-        raise
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise RuntimeError(f"run {cfg.run.name!r} ended without a checkpoint")
+    uri, run_id, mlflow_info = start_tracking(
+        cfg.tracking, cfg.run.name, config_dict, storage, parent_run_id,
+        {"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
+        [path / name for name in ("strata.json", "report.json", "prepare_config.json")])
+    trainer = torch_trainer(
+        train_func, {"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info}, cfg.run, storage,
+        callbacks=callbacks, datasets=read_splits(path), dataset_config=ShardBySampleId.make())
+    ckpt = fit_to_checkpoint(trainer, cfg.run.name, uri, run_id)
     with ckpt.as_directory() as d:
         snap = load_state(d)
     history = snap["engine"]["history"]
@@ -279,6 +242,57 @@ def fit(
         out.model_uri = _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id)
         mu.finish_run(uri, run_id)
     return out
+
+
+def start_tracking(tracking, run_name: str, config_dict: dict, storage: str, parent_run_id: Optional[str],
+                   tags: dict[str, str], data_files: list[Path]) -> tuple[Optional[str], Optional[str], Optional[dict]]:
+    """(tracking URI, run id, the workers' MLflow info) of a new or resumed run named ``run_name``
+    (all None with ``tracking.enabled=false``); a new run gets the existing ``data_files``."""
+    from ray_pinet.tracking import mlflow_utils as mu
+
+    if not tracking.enabled:
+        return None, None, None
+    uri = mu.resolve_tracking_uri(tracking.tracking_uri, storage)
+    run_id, resumed = mu.start_or_resume_run(uri, tracking.experiment, run_name, config_dict, tags=tags,
+                                             parent_run_id=parent_run_id)
+    if not resumed:
+        for f in data_files:
+            if f.exists():
+                mu.log_artifact(uri, run_id, f, "data")
+    return uri, run_id, {"tracking_uri": uri, "run_id": run_id}
+
+
+def torch_trainer(train_loop, loop_config: dict, run, storage: str, callbacks: Optional[list] = None, **data):
+    """The TorchTrainer of a run section: gloo, ``run.num_workers`` workers, a checkpoint kept per
+    report (the last two), ``run.max_failures`` restarts. ``data``: datasets / dataset_config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="gloo", timeout_s=run.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, resources_per_worker={"CPU": run.cpus_per_worker}),
+        run_config=RunConfig(name=run.name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=run.max_failures),
+                             callbacks=callbacks or None),
+        **data,
+    )
+
+
+def fit_to_checkpoint(trainer, name: str, uri: Optional[str], run_id: Optional[str]):
+    """``trainer.fit()`` -> its last checkpoint; the MLflow run is marked FAILED if the fit raises."""
+    from ray_pinet.tracking import mlflow_utils as mu
+
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if uri and run_id:
+            mu.finish_run(uri, run_id, status="FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name!r} ended without a checkpoint")
+    return result.checkpoint
 
 
 def rebuild_model(snap: dict):

@@ -1,6 +1,6 @@
 """What runs on each Ray Train worker: shards in, Engine, reports and checkpoints out.
 
-This file and ``trainer.py`` are the only ones that import Ray Train.
+This file, ``trainer.py`` and ``twotower_trainer.py`` are the only ones that import Ray Train.
 """
 
 from __future__ import annotations

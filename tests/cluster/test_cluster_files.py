@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 JOBS = REPO / "jobs"
 SHARED = "/mnt/shared"
-JOB_SCRIPTS = {"train": "train.py", "tune": "tune.py", "retrain": "retrain.py"}
+JOB_SCRIPTS = {"train": "train.py", "tune": "tune.py", "retrain": "retrain.py", "twotower": "twotower.py"}
 PUBLIC_PORTS = (8265, 5000)  # Ray dashboard / job server, MLflow
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -188,3 +188,22 @@ def test_sampler_checks_and_bpr_loss():
     assert math.isclose(float(ns.bpr_loss(pos, neg)), (math.log1p(math.exp(-1.0)) + math.log(2)) / 2, rel_tol=1e-6)
     assert torch.allclose(ns.bpr_loss(pos, neg.unsqueeze(1)), ns.bpr_loss(pos, neg))
     assert ns.popularity_prior(torch.tensor([0, 1, 3]), 0.5).tolist() == [0.0, 0.5, math.sqrt(0.75)]
+
+
+def test_a_user_shard_draws_what_the_full_sets_draw_once_given_the_global_slot_count():
+    """A rank holding some users builds its sets from their rows alone; with ``min_neg_count``
+    set from the global largest |I_u⁺| its draws equal the full sets' for those users (without
+    it the slot count, hence the draws, follow the shard's own users)."""
+    g = torch.Generator().manual_seed(3)
+    users = torch.cat([torch.arange(U), torch.zeros(20, dtype=torch.long)])  # user 0: the most items
+    items = torch.cat([torch.randint(0, I, (U,), generator=g), torch.arange(20)])
+    full = ns.UserItemSets.from_pairs(users, items, U, I)
+    odd = users % 2 == 1
+    shard = ns.UserItemSets.from_pairs(users[odd], items[odd], U, I)
+    k = 4
+    assert shard.neg_slots(k) != full.neg_slots(k)  # the shard alone would plan other slots
+    shard.min_neg_count = I - int(full.pos_count(torch.arange(U)).max())
+    assert shard.neg_slots(k) == full.neg_slots(k)
+    mine = torch.arange(1, U, 2)
+    ids = mine * 7
+    assert torch.equal(ns.uniform_negatives(shard, mine, ids, 0, 1, k), ns.uniform_negatives(full, mine, ids, 0, 1, k))

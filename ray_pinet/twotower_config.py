@@ -1,0 +1,154 @@
+"""Config of ``ray-pinet twotower``: two-tower MF on (user, item) pairs (methods.md §3, §4).
+
+Methods (``model.method``):
+* ``onebp``: InfoNCE, item tower by backprop, user tower by the moving aggregation
+  u ← β·u + (1−β)·v⁺ (Chen & Wang, §3);
+* ``twobp``: the same MF + InfoNCE with both towers backpropagated (OneBP's baseline);
+* ``bpr``: MF-BPR with a pluggable negative sampler, ``uniform`` (RNS) or ``auc_ns`` (§4).
+
+Defaults are the ML-100K rows of the papers' READMEs (OneBP: batch 1024, lr 5e-4, l2 1e-5, d 32,
+β 0.99, T 1, N 5) except the number of epochs (2000 there; see docs/results.md for what we ran).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ray_pinet.config import RunSection, TrackingConfig
+from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ray_pinet.data.config import SourceConfig, StrataConfig
+
+TWOTOWER_METHODS = ("onebp", "twobp", "bpr")
+
+
+@dataclass
+class PairDataSection:
+    """Raw log -> dense (user, item) positives -> seeded random row split (methods.md §3.2)."""
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(
+        format="movielens_100k", path="../shared/data/ml-100k/u.data"))
+    output: str = "prepared/ml-100k-pairs"
+    # Every row is a positive (as coded in OneBP and AUC-NS); set e.g. 4.0 for a "liked" view.
+    min_rating: Optional[float] = None
+    test_share: float = 0.2  # random 80/20 row split, as the published files
+    # Share of the non-test rows held out for validation (0 = the published protocol, which
+    # selects epochs on test; > 0 enables eval.select_on = validation).
+    valid_share: float = 0.0
+    split_seed: int = 2022
+    strata: StrataConfig = field(default_factory=StrataConfig)  # activeness = training rows per user
+    hot_share: float = 0.15  # hot items for OHR/OCR/UHR/UCR: top 15 % by popularity (full data)
+    max_users: Optional[int] = None  # keep the first n users by dense id (smoke tests)
+
+    def validate(self) -> None:
+        if not 0.0 < self.test_share < 1.0:
+            raise ConfigError(f"data.test_share must be in (0, 1), got {self.test_share}")
+        if not 0.0 <= self.valid_share < 1.0:
+            raise ConfigError(f"data.valid_share must be in [0, 1), got {self.valid_share}")
+        if not 0.0 < self.hot_share <= 1.0:
+            raise ConfigError(f"data.hot_share must be in (0, 1], got {self.hot_share}")
+        if self.max_users is not None and self.max_users < 2:
+            raise ConfigError(f"data.max_users must be >= 2, got {self.max_users}")
+
+
+@dataclass
+class AucNsSection:
+    """AUC-NS sampler (methods.md §4.2); defaults: the ML-100K MF row."""
+
+    num_extra: int = 10
+    num_candidates: int = 5
+    alpha: float = 0.60
+    beta: float = 0.025
+    gamma: float = 0.006
+    cdf_mode: Literal["exact", "sampled"] = "exact"
+    cdf_samples: int = 1000
+
+
+@dataclass
+class TwoTowerModel:
+    method: Literal["onebp", "twobp", "bpr"] = "onebp"
+    dim: int = 32
+    temperature: float = 1.0  # InfoNCE: s = <u, v> / T
+    num_negatives: int = 5  # N per positive (uniform, without replacement, from I_u⁻)
+    sampler: Literal["uniform", "auc_ns"] = "uniform"
+    auc_ns: AucNsSection = field(default_factory=AucNsSection)
+    # onebp only
+    beta: float = 0.99  # u ← β·u + (1−β)·v⁺
+    ema_granularity: Literal["batch", "epoch"] = "batch"  # batch: as coded; epoch: as the paper says
+    duplicate_rule: Literal["last_write", "mean"] = "last_write"  # several rows of one user in a batch
+
+    def validate(self) -> None:
+        if self.dim < 1 or self.num_negatives < 1:
+            raise ConfigError("model.dim and model.num_negatives must be >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"model.beta must be in [0, 1), got {self.beta}")
+        if self.sampler == "auc_ns" and self.method != "bpr":
+            raise ConfigError("model.sampler=auc_ns picks one hard negative per positive for the BPR "
+                              f"loss; use model.method=bpr (got {self.method!r})")
+
+
+@dataclass
+class TwoTowerOptim:
+    lr: float = 5e-4
+    l2: float = 1e-5  # Adam weight_decay (as coded)
+    batch_size: int = 1024  # global batch of training pairs, split across workers by user
+    epochs: int = 200
+    lr_milestones: list[int] = field(default_factory=list)  # MultiStepLR epochs (AUC-NS: 20, 60, 80)
+    lr_gamma: float = 0.1
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("optim: lr > 0, l2 >= 0, batch_size >= 1 and epochs >= 1 are required")
+
+
+@dataclass
+class TwoTowerEval:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    every: int = 1  # evaluate every n epochs (and after the last)
+    batch_size: int = 512  # users scored at once
+    # test_best_epoch: each test metric at its own best test epoch (the published code's report);
+    # validation: every test metric at the epoch of best validation `select_metric` (needs
+    # data.valid_share > 0). Both are reported whenever a validation split exists.
+    select_on: Literal["test_best_epoch", "validation"] = "test_best_epoch"
+    select_metric: str = "ndcg@10"
+
+    def validate(self) -> None:
+        if not self.ks or min(self.ks) < 1 or self.every < 1 or self.batch_size < 1:
+            raise ConfigError("eval: ks must be positive cut-offs, every and batch_size >= 1")
+
+
+@dataclass
+class TwoTowerConfig:
+    data: PairDataSection = field(default_factory=PairDataSection)
+    model: TwoTowerModel = field(default_factory=TwoTowerModel)
+    optim: TwoTowerOptim = field(default_factory=TwoTowerOptim)
+    eval: TwoTowerEval = field(default_factory=TwoTowerEval)
+    run: RunSection = field(default_factory=lambda: RunSection(name="ml-100k-onebp", seed=2022))
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="ray-pinet-twotower",
+                                                                            log_model=False))
+
+    def validate(self) -> None:
+        if self.eval.select_on == "validation" and self.data.valid_share == 0:
+            raise ConfigError("eval.select_on=validation needs data.valid_share > 0")
+        metric, _, k = self.eval.select_metric.partition("@")
+        if metric not in ("p", "r", "f1", "ndcg") or not k.isdigit() or int(k) not in self.eval.ks:
+            raise ConfigError(f"eval.select_metric must be p|r|f1|ndcg@k with k in eval.ks={self.eval.ks}, "
+                              f"got {self.eval.select_metric!r}")
+        if self.run.init_from or self.run.warm_start:
+            raise ConfigError("run.init_from / run.warm_start are not supported by twotower runs")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "TwoTowerConfig":
+        return from_dict(cls, data or {})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TwoTowerConfig":
+        raw = load_yaml(path) if path else {}
+        return cls.from_dict(apply_overrides(raw, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
