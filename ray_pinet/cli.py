@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ray_pinet.config import METHODS
 from ray_pinet.config_base import ConfigError
+from ray_pinet.twotower_config import TWOTOWER_METHODS
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -119,8 +120,13 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="train config YAML: the shared settings of every cell")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every cell (repeatable)")
-    p.add_argument("--methods", nargs="+", default=["joint", "pinet", "separate", "finetune", "reweight", "transfer"],
-                   choices=list(METHODS), help="methods to compare (joint is always included)")
+    p.add_argument("--kind", choices=["sequence", "twotower"], default="sequence",
+                   help="sequence: `ray-pinet train` methods on a train config; twotower: `ray-pinet twotower` "
+                        "methods (onebp, twobp, bpr) on a twotower config")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS + TWOTOWER_METHODS),
+                   help="methods to compare (the reference is always included; default: every method of --kind)")
+    p.add_argument("--reference", default=None,
+                   help="the cell every change is measured against (default: joint; twobp for --kind twotower)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD:key=value,...",
                    help="an extra cell (ablation), e.g. pinet-uniform=pinet:ga.prior=uniform (repeatable)")
     p.add_argument("--backbones", nargs="+", default=None, help="default: the config's model.backbone")
@@ -141,16 +147,33 @@ def run_compare(args: argparse.Namespace) -> int:
     from ray_pinet.config import TrainConfig
     from ray_pinet.tracking import mlflow_utils as mu
 
+    from ray_pinet.compare.report import CHANGE_METRICS, METRICS, TWOTOWER_CHANGE_METRICS, TWOTOWER_METRICS
+    from ray_pinet.twotower_cli import SMOKE_OVERRIDES as TWOTOWER_SMOKE
+    from ray_pinet.twotower_config import TwoTowerConfig
+
+    twotower = args.kind == "twotower"
+    kind_methods = TWOTOWER_METHODS if twotower else METHODS
+    methods = args.methods or list(kind_methods)
+    wrong = [m for m in methods if m not in kind_methods]
+    if wrong:
+        raise ConfigError(f"compare --kind {args.kind}: methods {wrong} are not among {list(kind_methods)}")
+    reference = args.reference or ("twobp" if twotower else "joint")
+    config_cls, method_key = (TwoTowerConfig, "model.method") if twotower else (TrainConfig, "method")
     overrides = list(args.set)
     seeds = args.seeds
     if args.smoke_test:
-        overrides = SMOKE_OVERRIDES + ["finetune.max_epochs=1", "transfer.inner_steps=2"] + overrides
+        overrides = (TWOTOWER_SMOKE if twotower else
+                     SMOKE_OVERRIDES + ["finetune.max_epochs=1", "transfer.inner_steps=2"]) + overrides
         seeds = seeds[:2]
-    base = TrainConfig.from_yaml(args.config, overrides)  # validates the shared settings early
-    cells = build_cells(args.methods, args.variant)
+    base = config_cls.from_yaml(args.config, overrides)  # validates the shared settings early
+    cells = build_cells(methods, args.variant, reference)
     for c in cells:  # and every cell's overrides, before hours of training
-        TrainConfig.from_yaml(args.config, overrides + [f"method={c.method}"] + c.overrides)
-    backbones = args.backbones or [base.model.backbone]
+        config_cls.from_yaml(args.config, overrides + [f"{method_key}={c.method}"] + c.overrides)
+        if (c.method in TWOTOWER_METHODS) != twotower:
+            raise ConfigError(f"compare --kind {args.kind}: cell {c.label!r} has method {c.method!r}")
+    backbones = ["mf"] if twotower else (args.backbones or [base.model.backbone])
+    report_args = {"reference": reference, "metrics": TWOTOWER_METRICS if twotower else METRICS,
+                   "change_metrics": TWOTOWER_CHANGE_METRICS if twotower else CHANGE_METRICS}
     name = args.name or f"compare-{base.run.name}"
     output = Path(args.output or f"reports/{name}")
     command = "ray-pinet " + " ".join(shlex.quote(a) for a in args.argv)
@@ -165,7 +188,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if not done:
             print(f"ray-pinet compare: no finished cells in {output / 'cells.jsonl'}", file=sys.stderr)
             return 1
-        files = write_report(list(done.values()), output, f"ray-pinet compare: {name}", command)
+        files = write_report(list(done.values()), output, f"ray-pinet compare: {name}", command, **report_args)
         print(files["report.md"].read_text())
         return 0
     output.mkdir(parents=True, exist_ok=True)
@@ -181,8 +204,8 @@ def run_compare(args: argparse.Namespace) -> int:
             tags={"kind": "compare"},
         )
     try:
-        results = run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent)
-        files = write_report(results, output, f"ray-pinet compare: {name}", command)
+        results = run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent, kind=args.kind)
+        files = write_report(results, output, f"ray-pinet compare: {name}", command, **report_args)
     except BaseException:
         if uri and parent:
             mu.finish_run(uri, parent, status="FAILED")

@@ -115,10 +115,13 @@ class TwoTowerEval:
     # data.valid_share > 0). Both are reported whenever a validation split exists.
     select_on: Literal["test_best_epoch", "validation"] = "test_best_epoch"
     select_metric: str = "ndcg@10"
+    # Early stop after this many evaluations without a better validation `select_metric`
+    # (0 = train all optim.epochs; needs data.valid_share > 0).
+    patience: int = 0
 
     def validate(self) -> None:
-        if not self.ks or min(self.ks) < 1 or self.every < 1 or self.batch_size < 1:
-            raise ConfigError("eval: ks must be positive cut-offs, every and batch_size >= 1")
+        if not self.ks or min(self.ks) < 1 or self.every < 1 or self.batch_size < 1 or self.patience < 0:
+            raise ConfigError("eval: ks must be positive cut-offs, every and batch_size >= 1, patience >= 0")
 
 
 @dataclass
@@ -134,6 +137,8 @@ class TwoTowerConfig:
     def validate(self) -> None:
         if self.eval.select_on == "validation" and self.data.valid_share == 0:
             raise ConfigError("eval.select_on=validation needs data.valid_share > 0")
+        if self.eval.patience and self.data.valid_share == 0:
+            raise ConfigError("eval.patience (early stopping on validation) needs data.valid_share > 0")
         metric, _, k = self.eval.select_metric.partition("@")
         if metric not in ("p", "r", "f1", "ndcg") or not k.isdigit() or int(k) not in self.eval.ks:
             raise ConfigError(f"eval.select_metric must be p|r|f1|ndcg@k with k in eval.ks={self.eval.ks}, "

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ray_pinet.config import METHODS, TrainConfig
 from ray_pinet.config_base import ConfigError
+from ray_pinet.twotower_config import TWOTOWER_METHODS
 
 
 @dataclass
@@ -44,8 +45,8 @@ def parse_variant(text: str) -> Cell:
         raise ConfigError(f"--variant {text!r}: expected LABEL=METHOD[:key=value,...]")
     label, rest = text.split("=", 1)
     method, _, sets = rest.partition(":")
-    if method not in METHODS:
-        raise ConfigError(f"--variant {text!r}: method {method!r} is not one of {list(METHODS)}")
+    if method not in METHODS + TWOTOWER_METHODS:
+        raise ConfigError(f"--variant {text!r}: method {method!r} is not one of {list(METHODS + TWOTOWER_METHODS)}")
     overrides = [s.strip() for s in sets.split(",") if s.strip()] if sets else []
     for o in overrides:
         if "=" not in o:
@@ -53,16 +54,17 @@ def parse_variant(text: str) -> Cell:
     return Cell(label.strip(), method, overrides)
 
 
-def build_cells(methods: list[str], variants: list[str]) -> list[Cell]:
+def build_cells(methods: list[str], variants: list[str], reference: str = "joint") -> list[Cell]:
+    """The grid's cells, the ``reference`` (joint; twobp for two-tower grids) first."""
     cells = [Cell(m, m) for m in methods]
     cells += [parse_variant(v) for v in variants]
     labels = [c.label for c in cells]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ConfigError(f"compare: duplicate cell labels {dup}")
-    if "joint" not in labels:
-        cells.insert(0, Cell("joint", "joint"))  # the reference of every comparison
-    return sorted(cells, key=lambda c: c.label != "joint")
+    if reference not in labels:
+        cells.insert(0, Cell(reference, reference))  # the reference of every comparison
+    return sorted(cells, key=lambda c: c.label != reference)
 
 
 def load_done(path: Path) -> dict[tuple, CellResult]:
@@ -84,11 +86,14 @@ def run_grid(
     name: str,
     output: Path,
     parent_run_id: Optional[str] = None,
+    kind: str = "sequence",
 ) -> list[CellResult]:
+    """``kind``: ``sequence`` (``ray-pinet train`` methods) or ``twotower`` (``ray-pinet twotower``
+    methods, backbone "mf"; their selected test metrics are reported as ``test/*``)."""
     from ray_pinet.training.trainer import fit, reuse_joint
 
     output.mkdir(parents=True, exist_ok=True)
-    base_data = TrainConfig.from_yaml(config, overrides).data.path  # joint cells' data
+    base_data = None if kind == "twotower" else TrainConfig.from_yaml(config, overrides).data.path
     log = output / "cells.jsonl"
     done = load_done(log)
     results = []
@@ -106,14 +111,18 @@ def run_grid(
                     if cell.label == "joint":
                         joint_ckpt = done[key].checkpoint
                     continue
-                cfg = TrainConfig.from_yaml(config, overrides + [
-                    f"method={cell.method}", f"model.backbone={backbone}", f"run.seed={seed}",
-                    f"run.name={name}-{backbone}-s{seed}-{cell.label}",
-                ] + cell.overrides)
-                base = reuse_joint(cfg, joint_ckpt, base_data)
+                run_name = f"run.name={name}-{backbone}-s{seed}-{cell.label}"
+                tags = {"compare": name, "cell": cell.label, "seed": str(seed)}
                 print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
-                res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base,
-                          tags={"compare": name, "cell": cell.label, "seed": str(seed)})
+                if kind == "twotower":
+                    res = _fit_twotower_cell(config, overrides + [f"model.method={cell.method}", f"run.seed={seed}",
+                                                                  run_name] + cell.overrides, parent_run_id, tags)
+                else:
+                    cfg = TrainConfig.from_yaml(config, overrides + [
+                        f"method={cell.method}", f"model.backbone={backbone}", f"run.seed={seed}", run_name,
+                    ] + cell.overrides)
+                    base = reuse_joint(cfg, joint_ckpt, base_data)
+                    res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base, tags=tags)
                 r = CellResult(cell.label, backbone, seed, cell.method,
                                {k: v for k, v in res.final.items() if isinstance(v, (int, float))},
                                res.run_id, res.checkpoint_path, cell.overrides)
@@ -123,3 +132,13 @@ def run_grid(
                     f.write(json.dumps(asdict(r)) + "\n")
                 results.append(r)
     return results
+
+
+def _fit_twotower_cell(config: Optional[str], overrides: list[str], parent_run_id: Optional[str], tags: dict):
+    """One two-tower cell; its selected test metrics (``final/*``) renamed ``test/*`` for the report."""
+    from ray_pinet.training.twotower_trainer import fit_twotower
+    from ray_pinet.twotower_config import TwoTowerConfig
+
+    res = fit_twotower(TwoTowerConfig.from_yaml(config, overrides), parent_run_id=parent_run_id, tags=tags)
+    res.final.update({"test/" + k[len("final/"):]: v for k, v in list(res.final.items()) if k.startswith("final/")})
+    return res

@@ -20,6 +20,10 @@ import pandas as pd
 from ray_pinet.compare.grid import CellResult
 
 METRICS = ("ndcg@10", "hr@10", "auc", "gauc")
+CHANGE_METRICS = ("ndcg@10", "auc")
+# two-tower grids (multi-item test sets): accuracy and AUC-NS's over-recommended-hot rate
+TWOTOWER_METRICS = ("ndcg@10", "p@10", "r@10", "ohr@10")
+TWOTOWER_CHANGE_METRICS = ("ndcg@10", "ohr@10")
 
 
 def slices_of(results: Sequence[CellResult]) -> list[str]:
@@ -98,8 +102,9 @@ def _fmt_change(change: float, p: float) -> str:
     return f"{100 * change:+.1f}%{star}" + ("" if math.isnan(p) else f" (p={p:.3f})")
 
 
-def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """``absolute``: mean ± std per slice/metric; ``change``: relative change vs joint and p."""
+def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], metrics: Sequence[str] = METRICS,
+           change_metrics: Sequence[str] = CHANGE_METRICS) -> dict[str, pd.DataFrame]:
+    """``absolute``: mean ± std per slice/metric; ``change``: relative change vs the reference and p."""
     absolute, change = [], []
     for backbone in summ.backbone.unique():
         for label in labels:
@@ -109,13 +114,13 @@ def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str]) -> 
             a = {"method": label, "backbone": backbone, "seeds": int(sub.n.max())}
             c = {"method": label, "backbone": backbone}
             for sl in slices:
-                for m in METRICS:
+                for m in metrics:
                     row = sub[(sub.slice == sl) & (sub.metric == m)]
                     if row.empty:
                         continue
                     row = row.iloc[0]
                     a[f"{sl} {m}"] = _fmt_ms(row["mean"], row["std"])
-                    if m in ("ndcg@10", "auc"):
+                    if m in change_metrics:
                         c[f"{sl} {m}"] = _fmt_change(row["change"], row["p"])
             absolute.append(a)
             change.append(c)
@@ -166,30 +171,33 @@ def with_stage1_rows(results: Sequence[CellResult]) -> list[CellResult]:
     return out
 
 
-def write_report(results: Sequence[CellResult], output: Path, title: str, command: str) -> dict[str, Path]:
-    """report.md, report.html, results.csv (every seed), summary.csv and ndcg.png in ``output``."""
+def write_report(results: Sequence[CellResult], output: Path, title: str, command: str, reference: str = "joint",
+                 metrics: Sequence[str] = METRICS, change_metrics: Sequence[str] = CHANGE_METRICS) -> dict[str, Path]:
+    """report.md, report.html, results.csv (every seed), summary.csv and ndcg.png in ``output``;
+    changes are measured against the ``reference`` cell (joint; twobp in two-tower grids)."""
     output.mkdir(parents=True, exist_ok=True)
     results = with_stage1_rows(results)
-    df = long_table(results)
-    summ = summary(df)
+    df = long_table(results, metrics)
+    summ = summary(df, reference)
     slices = slices_of(results)
     labels = list(dict.fromkeys(r.label for r in results))
-    t = tables(summ, slices, labels)
+    t = tables(summ, slices, labels, metrics, change_metrics)
     df.to_csv(output / "results.csv", index=False)
     summ.to_csv(output / "summary.csv", index=False)
     plot(summ, slices, labels, output / "ndcg.png")
     seeds = sorted({r.seed for r in results})
     note = (f"Test split; mean ± std over seeds {seeds}; models selected on validation only. "
-            "Change = relative difference of the means against `joint` (same backbone); "
+            f"Change = relative difference of the means against `{reference}` (same backbone); "
             "p = paired two-sided t-test over seeds; * = p < 0.05.")
+    change_title = f"Change against {reference} ({', '.join(m.upper() for m in change_metrics)})"
     md = [f"# {title}", "", f"`{command}`", "", note, "", "## Test metrics", "",
-          markdown(t["absolute"]), "", "## Change against joint (NDCG@10, AUC)", "",
+          markdown(t["absolute"]), "", f"## {change_title}", "",
           markdown(t["change"]), "", "![NDCG@10 per slice](ndcg.png)", ""]
     (output / "report.md").write_text("\n".join(md))
     html = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>",
             f"<h1>{title}</h1><p><code>{command}</code></p><p>{note}</p>",
             "<h2>Test metrics</h2>", t["absolute"].to_html(index=False),
-            "<h2>Change against joint (NDCG@10, AUC)</h2>", t["change"].to_html(index=False),
+            f"<h2>{change_title}</h2>", t["change"].to_html(index=False),
             "<img src='ndcg.png'></body></html>"]
     (output / "report.html").write_text("\n".join(html))
     return {n: output / n for n in ("report.md", "report.html", "results.csv", "summary.csv", "ndcg.png")}

@@ -264,6 +264,13 @@ def select(history: list[dict], cfg: TwoTowerConfig) -> dict[str, float]:
     return out
 
 
+def _stalled(scores: list[float], patience: int) -> bool:
+    """True when the last ``patience`` evaluations did not beat the best before them."""
+    if not patience or len(scores) <= patience:
+        return False
+    return max(scores[-patience:]) <= max(scores[:-patience])
+
+
 def _num(v: Optional[float]) -> float:
     return -math.inf if v is None or math.isnan(v) else float(v)
 
@@ -277,7 +284,9 @@ def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
     cfg = run.cfg
     local_valid = float(len(run.rows["valid"].sample_id) > 0)
     has_valid = bool(all_reduce_sum_(torch.tensor([local_valid]))[0] > 0)
-    while run.epoch < cfg.optim.epochs:
+    sel = f"valid/all/{cfg.eval.select_metric}"
+    scores = [h[sel] for h in history if sel in h]
+    while run.epoch < cfg.optim.epochs and not _stalled(scores, cfg.eval.patience):
         row = {"epoch": run.epoch, **run.train_epoch()}
         if run.epoch % cfg.eval.every == 0 or run.epoch == cfg.optim.epochs:
             t0 = time.perf_counter()
@@ -286,6 +295,8 @@ def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
                 row.update(run.evaluate("valid"))
             row["eval/seconds"] = time.perf_counter() - t0
         history.append(row)
+        if sel in row:
+            scores.append(row[sel])  # all-reduced: every rank stops at the same epoch
         if say and run.rank == 0 and "test/all/ndcg@10" in row:
             say(f"epoch {row['epoch']:4d} loss {row['train/loss']:.4f} {row['train/seconds']:.2f}s | test "
                   f"NDCG@10 {row['test/all/ndcg@10']:.4f} P@10 {row['test/all/p@10']:.4f}"

@@ -84,7 +84,7 @@ def twotower_train_func(config: dict[str, Any]) -> None:
 
     # Train V2 patches print() and also tees stdout: sys.__stdout__ prints each line once.
     say = (lambda s: print(f"[ray-pinet] {s}", flush=True, file=sys.__stdout__)) if cfg.run.progress else None
-    run_epochs(run, report_and_keep, say=say)
+    run_epochs(run, report_and_keep, history=history, say=say)  # history: early stopping resumes too
 
 
 def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,

@@ -1,8 +1,13 @@
-"""Two-tower runs on 2 real Ray Train workers end with exactly what one process computes on the
-same data (methods.md §6): the item table, the user table (OneBP's rows live on their users'
-ranks), the loss and every per-stratum metric of every epoch. The data is the real ML-100K file
-(its first 120 users), batches small enough that users repeat inside a batch (the duplicate rule
-matters) and every epoch holds several steps."""
+"""Two-tower runs on 2 workers end with exactly what one process computes on the same data
+(methods.md §6): the item table, the user table (OneBP's rows live on their users' ranks), the
+loss and every per-stratum metric of every epoch. The data is the real ML-100K file (its first
+120 users), batches small enough that users repeat inside a batch (the duplicate rule matters) and
+every epoch holds several steps.
+
+OneBP and TwoBP run through the product path (``ray-pinet compare --kind twotower`` ->
+``fit_twotower``: 2 Ray Train workers, gloo). The other variants run the same loop on 2 plain gloo
+processes (``torch.multiprocessing``): the same collectives without Ray Train's ~20 s start-up
+per fit."""
 
 from __future__ import annotations
 
@@ -11,14 +16,18 @@ import torch
 
 from ray_pinet.data.pairs import prepare_pairs
 from ray_pinet.training.twotower_loop import TwoTowerRun, run_epochs
-from ray_pinet.training.twotower_trainer import fit_twotower, load_checkpoint_state
+from ray_pinet.training.twotower_trainer import load_checkpoint_state
 from ray_pinet.twotower_config import TwoTowerConfig
 from tests.conftest import REPO, shared_file
 
 VARIANTS = {
     "onebp": ["model.method=onebp", "model.duplicate_rule=last_write", "model.ema_granularity=batch"],
+    "onebp-epoch-mean": ["model.method=onebp", "model.duplicate_rule=mean", "model.ema_granularity=epoch"],
+    "twobp": ["model.method=twobp"],
     "bpr-auc_ns": ["model.method=bpr", "model.sampler=auc_ns", "optim.lr=0.01"],
 }
+KEYS = ("train/loss", "test/all/ndcg@10", "test/tail/p@10", "test/head/ndcg@20", "valid/all/ndcg@10",
+        "test/all/ohr@10", "test/all/users", "valid/head/users")
 
 
 def _cfg(tmp_path, name: str, extra: list[str]) -> TwoTowerConfig:
@@ -29,9 +38,9 @@ def _cfg(tmp_path, name: str, extra: list[str]) -> TwoTowerConfig:
         "run.progress=false", "tracking.enabled=false", "model.beta=0.9", *extra])
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_two_workers_equal_one_process(ray_cluster, tmp_path, variant):
-    single_cfg = _cfg(tmp_path, variant, VARIANTS[variant])
+def _single(tmp_path, variant, extra=()):
+    """The one-process run: its config, data path, history and final state."""
+    single_cfg = _cfg(tmp_path, variant, VARIANTS[variant] + list(extra))
     path = prepare_pairs(single_cfg.data, progress=False)
     run = TwoTowerRun(single_cfg, path)
     batches_with_repeats = 0
@@ -41,17 +50,82 @@ def test_two_workers_equal_one_process(ray_cluster, tmp_path, variant):
         batches_with_repeats += int(len(torch.unique(users)) < len(users))
     assert batches_with_repeats > 0  # the duplicate rule is exercised
     history = run_epochs(run, lambda row, r: None)
-    want = run.state()
+    return single_cfg, path, history, run.state()
 
-    dist_cfg = _cfg(tmp_path, variant + "-w2", VARIANTS[variant] + ["run.num_workers=2", "run.torch_threads=1"])
-    res = fit_twotower(dist_cfg)
-    got = load_checkpoint_state(res.checkpoint_path)
-    assert got["run"]["epoch"] == 3
-    torch.testing.assert_close(got["run"]["item"], want["item"], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got["run"]["user"], want["user"], rtol=1e-4, atol=1e-6)
-    assert len(res.history) == len(history) == 3
-    for a, b in zip(res.history, history):
-        for key in ("train/loss", "test/all/ndcg@10", "test/tail/p@10", "test/head/ndcg@20",
-                    "valid/all/ndcg@10", "test/all/ohr@10", "test/all/users", "valid/head/users"):
+
+def _assert_same(got_state, got_history, want_state, want_history):
+    torch.testing.assert_close(got_state["item"], want_state["item"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_state["user"], want_state["user"], rtol=1e-4, atol=1e-6)
+    assert len(got_history) == len(want_history) == 3
+    for a, b in zip(got_history, want_history):
+        for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
-    assert res.final["final/all/ndcg@10"] == pytest.approx(max(h["test/all/ndcg@10"] for h in history), rel=1e-5)
+
+
+def test_compare_grid_on_two_ray_train_workers_equals_one_process(ray_cluster, tmp_path):
+    """``ray-pinet compare --kind twotower`` (the product path: Ray Train, 2 workers, MLflow) with
+    OneBP against its TwoBP reference: each cell's final tables and per-epoch metrics equal a
+    one-process run of the same config, and the report measures OneBP against TwoBP."""
+    import json
+
+    from tests.conftest import run_cli_in_repo
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.source.path={shared_file('ml-100k/u.data')}", f"data.output={tmp_path / 'pairs'}",
+            "data.max_users=120", "data.valid_share=0.1", "model.dim=8", "optim.batch_size=256",
+            "optim.epochs=3", "eval.every=1", f"run.storage_path={tmp_path / 'runs'}", "run.progress=false",
+            "model.beta=0.9", "run.num_workers=2", "run.torch_threads=1", f"tracking.tracking_uri={uri}"]
+    argv = ["compare", "--kind", "twotower", "--config", str(REPO / "configs/twotower/ml-100k-onebp.yaml"),
+            "--methods", "onebp", "--seeds", "0", "--name", "tt", "--output", str(tmp_path / "report")]
+    for x in sets:
+        argv += ["--set", x]
+    assert run_cli_in_repo(argv) == 0
+    cells = [json.loads(line) for line in (tmp_path / "report" / "cells.jsonl").read_text().splitlines()]
+    assert [c["label"] for c in cells] == ["twobp", "onebp"]
+    for cell in cells:
+        variant = cell["label"]
+        _, _, history, want = _single(tmp_path / f"single-{variant}", variant, ["run.seed=0"])
+        got = load_checkpoint_state(cell["checkpoint"])
+        assert got["run"]["epoch"] == 3
+        _assert_same(got["run"], got["history"], want, history)
+        assert cell["final"]["test/all/ndcg@10"] == pytest.approx(max(h["test/all/ndcg@10"] for h in history))
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Change against twobp (NDCG@10, OHR@10)" in report and "| onebp | mf | 1 |" in report
+    # rerunning the command finds both cells done and trains nothing
+    assert run_cli_in_repo(argv) == 0
+    assert len((tmp_path / "report" / "cells.jsonl").read_text().splitlines()) == 2
+
+
+def _gloo_rank(rank: int, world: int, jobs: list[tuple[dict, str, str]], init: str) -> None:
+    """Every (config, data path, output file) of ``jobs`` in turn, on one process group."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for cfg_dict, path, out in jobs:
+            run = TwoTowerRun(TwoTowerConfig.from_dict(cfg_dict), path, rank, world)
+            history = run_epochs(run, lambda row, r: None)
+            state = run.state()  # collective
+            if rank == 0:
+                torch.save({"state": state, "history": history}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+GLOO_VARIANTS = ["onebp-epoch-mean", "bpr-auc_ns"]  # onebp and twobp: the Ray Train test above
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """One pair of processes (spawned once) runs every other variant in turn."""
+    import torch.multiprocessing as mp
+
+    singles, jobs = {}, []
+    for v in GLOO_VARIANTS:
+        cfg, path, history, state = _single(tmp_path / v, v)
+        singles[v] = (history, state)
+        jobs.append((cfg.to_dict(), str(path), str(tmp_path / f"{v}.pt")))
+    mp.spawn(_gloo_rank, args=(2, jobs, f"file://{tmp_path / 'pg'}"), nprocs=2)
+    for v in GLOO_VARIANTS:
+        got = torch.load(tmp_path / f"{v}.pt", weights_only=False)
+        _assert_same(got["state"], got["history"], singles[v][1], singles[v][0])
