@@ -4,7 +4,10 @@ Methods (``model.method``):
 * ``onebp``: InfoNCE, item tower by backprop, user tower by the moving aggregation
   u ← β·u + (1−β)·v⁺ (Chen & Wang, §3);
 * ``twobp``: the same MF + InfoNCE with both towers backpropagated (OneBP's baseline);
-* ``bpr``: MF-BPR with a pluggable negative sampler, ``uniform`` (RNS) or ``auc_ns`` (§4).
+* ``bpr``: MF-BPR with a pluggable negative sampler, ``uniform`` (RNS) or ``auc_ns`` (§4);
+* ``ncf``: GMF / NeuMF on labeled rows plus one sampled unlabeled item per row, trained with
+  ``model.loss``: ``bce`` (the sampled item as a negative), ``idl`` (Inverse Dual Loss on the
+  sampled item, §5.2), ``tce`` / ``rce`` (DenoisingRec's truncated / reweighted BCE, §5.5).
 
 Defaults are the ML-100K rows of the papers' READMEs (OneBP: batch 1024, lr 5e-4, l2 1e-5, d 32,
 β 0.99, T 1, N 5) except the number of epochs (2000 there; see docs/results.md for what we ran).
@@ -21,7 +24,8 @@ from ray_pinet.config import RunSection, TrackingConfig
 from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ray_pinet.data.config import SourceConfig, StrataConfig
 
-TWOTOWER_METHODS = ("onebp", "twobp", "bpr")
+TWOTOWER_METHODS = ("onebp", "twobp", "bpr", "ncf")
+NCF_LOSSES = ("bce", "idl", "tce", "rce")
 
 
 @dataclass
@@ -33,6 +37,9 @@ class PairDataSection:
     output: str = "prepared/ml-100k-pairs"
     # Every row is a positive (as coded in OneBP and AUC-NS); set e.g. 4.0 for a "liked" view.
     min_rating: Optional[float] = None
+    # Labeled rows (Inverse Learning, methods.md §5.5): every row is kept with label
+    # 1[rating > label_threshold] (the code's Thre = 2). None: no label column (implicit positives).
+    label_threshold: Optional[float] = None
     test_share: float = 0.2  # random 80/20 row split, as the published files
     # Share of the non-test rows held out for validation (0 = the published protocol, which
     # selects epochs on test; > 0 enables eval.select_on = validation).
@@ -51,6 +58,8 @@ class PairDataSection:
             raise ConfigError(f"data.hot_share must be in (0, 1], got {self.hot_share}")
         if self.max_users is not None and self.max_users < 2:
             raise ConfigError(f"data.max_users must be >= 2, got {self.max_users}")
+        if self.label_threshold is not None and self.min_rating is not None:
+            raise ConfigError("data.label_threshold keeps every rating as a labeled row; unset data.min_rating")
 
 
 @dataclass
@@ -68,12 +77,20 @@ class AucNsSection:
 
 @dataclass
 class TwoTowerModel:
-    method: Literal["onebp", "twobp", "bpr"] = "onebp"
+    method: Literal["onebp", "twobp", "bpr", "ncf"] = "onebp"
     dim: int = 32
     temperature: float = 1.0  # InfoNCE: s = <u, v> / T
     num_negatives: int = 5  # N per positive (uniform, without replacement, from I_u⁻)
     sampler: Literal["uniform", "auc_ns"] = "uniform"
     auc_ns: AucNsSection = field(default_factory=AucNsSection)
+    # ncf only
+    backbone: Literal["gmf", "neumf"] = "gmf"
+    num_layers: int = 3  # NeuMF's MLP tower
+    dropout: float = 0.0
+    loss: Literal["bce", "idl", "tce", "rce"] = "idl"
+    tce_drop_rate: float = 0.2  # T-CE: largest share of rows dropped
+    tce_num_gradual: int = 30000  # T-CE: steps over which the drop rate grows to tce_drop_rate
+    rce_alpha: float = 0.2  # R-CE weight exponent
     # onebp only
     beta: float = 0.99  # u ← β·u + (1−β)·v⁺
     ema_granularity: Literal["batch", "epoch"] = "batch"  # batch: as coded; epoch: as the paper says
@@ -86,6 +103,8 @@ class TwoTowerModel:
             raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"model.beta must be in [0, 1), got {self.beta}")
+        if not 0.0 <= self.tce_drop_rate < 1.0 or self.tce_num_gradual < 0 or self.num_layers < 1:
+            raise ConfigError("model: tce_drop_rate in [0, 1), tce_num_gradual >= 0, num_layers >= 1")
         if self.sampler == "auc_ns" and self.method != "bpr":
             raise ConfigError("model.sampler=auc_ns picks one hard negative per positive for the BPR "
                               f"loss; use model.method=bpr (got {self.method!r})")
@@ -140,7 +159,13 @@ class TwoTowerConfig:
         if self.eval.patience and self.data.valid_share == 0:
             raise ConfigError("eval.patience (early stopping on validation) needs data.valid_share > 0")
         metric, _, k = self.eval.select_metric.partition("@")
-        if metric not in ("p", "r", "f1", "ndcg") or not k.isdigit() or int(k) not in self.eval.ks:
+        if self.model.method == "ncf":
+            if self.data.label_threshold is None:
+                raise ConfigError("model.method=ncf trains on labeled rows: set data.label_threshold (e.g. 2)")
+            if self.eval.select_metric not in ("bce", "auc", "wauc") and not (
+                    metric == "ndcg" and k.isdigit() and int(k) in self.eval.ks):
+                raise ConfigError(f"eval.select_metric for ncf must be bce|auc|wauc|ndcg@k, got {self.eval.select_metric!r}")
+        elif metric not in ("p", "r", "f1", "ndcg") or not k.isdigit() or int(k) not in self.eval.ks:
             raise ConfigError(f"eval.select_metric must be p|r|f1|ndcg@k with k in eval.ks={self.eval.ks}, "
                               f"got {self.eval.select_metric!r}")
         if self.run.init_from or self.run.warm_start:

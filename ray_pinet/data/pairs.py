@@ -3,6 +3,7 @@
 
 Layout of ``output`` (read by ``training/twotower_loop.py``):
   train.parquet, valid.parquet, test.parquet   sample_id (dense 0..n-1 in file order), user, item, stratum
+                   (+ label, with data.label_threshold)
   users.parquet    user_id (raw), user, activeness (training rows), stratum
   items.parquet    item_id (raw), item, popularity (rows on the full data: hot/cold), train_count
   meta.json        sizes, strata statistics, hot items;  report.json  what every filter removed
@@ -17,6 +18,7 @@ driver: sized for the public benchmarks (10^5-10^7 rows), not for the billion-ro
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +71,18 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
         low = table.column("rating").to_numpy(zero_copy_only=False) < cfg.min_rating
         report["removed"][f"rating < {cfg.min_rating}"] = int(low.sum())
         keep &= ~low
+    labels = None
+    if cfg.label_threshold is not None:
+        if "rating" not in table.column_names:
+            raise ValueError(f"data.label_threshold={cfg.label_threshold} but {files} have no rating column")
+        labels = (table.column("rating").to_numpy(zero_copy_only=False) > cfg.label_threshold).astype(np.int8)
     users_raw, items_raw = users_raw[keep], items_raw[keep]
     user_ids, users = _dense(users_raw)
     if cfg.max_users is not None:
         small = users < cfg.max_users
         report["removed"][f"rows of users beyond the first {cfg.max_users} (data.max_users)"] = int((~small).sum())
         user_ids, users, items_raw = user_ids[: cfg.max_users], users[small], items_raw[small]
+        labels = None if labels is None else labels[small]
     item_ids, items = _dense(items_raw)
     num_users, num_items = len(user_ids), len(item_ids)
     pair = users.astype(np.int64) * num_items + items
@@ -83,6 +91,7 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
     dup[first] = False
     report["removed"]["repeated (user, item) pairs (a positive counts once)"] = int(dup.sum())
     users, items, pair = users[~dup], items[~dup], pair[~dup]
+    labels = None if labels is None else labels[~dup]
     part = keyed_split(pair, cfg.test_share, cfg.valid_share, cfg.split_seed)
 
     activeness = np.bincount(users[part == 0], minlength=num_users)
@@ -93,12 +102,11 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
     for code, name in enumerate(SPLITS):
         sel = part == code
         rows[name] = int(sel.sum())
-        pq.write_table(pa.table({
-            "sample_id": np.arange(rows[name], dtype=np.int64),
-            "user": users[sel].astype(np.int64),
-            "item": items[sel].astype(np.int64),
-            "stratum": stratum[users[sel]].astype(np.int8),
-        }), out / f"{name}.parquet")
+        cols = {"sample_id": np.arange(rows[name], dtype=np.int64), "user": users[sel].astype(np.int64),
+                "item": items[sel].astype(np.int64), "stratum": stratum[users[sel]].astype(np.int8)}
+        if labels is not None:
+            cols["label"] = labels[sel]
+        pq.write_table(pa.table(cols), out / f"{name}.parquet")
     pq.write_table(pa.table({"user_id": user_ids, "user": np.arange(num_users, dtype=np.int64),
                              "activeness": activeness.astype(np.int64), "stratum": stratum.astype(np.int8)}),
                    out / "users.parquet")
@@ -108,7 +116,10 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
                              "train_count": np.bincount(items[part == 0], minlength=num_items).astype(np.int64)}),
                    out / "items.parquet")
     meta = {"num_users": num_users, "num_items": num_items, "rows": rows, "num_strata": cfg.strata.num_strata,
-            "strata": stats, "hot_share": cfg.hot_share}
+            "strata": stats, "hot_share": cfg.hot_share, "labeled": labels is not None}
+    if labels is not None:
+        meta["positive_share"] = {name: float(labels[part == code].mean()) if rows[name] else math.nan
+                                  for code, name in enumerate(SPLITS)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))

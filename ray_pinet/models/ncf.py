@@ -61,4 +61,6 @@ class NCF(nn.Module):
         h = self.user_gmf(users) * self.item_gmf(items)
         if self.kind == "neumf":
             h = torch.cat([h, self.mlp(torch.cat([self.user_mlp(users), self.item_mlp(items)], dim=-1))], dim=-1)
-        return self.predict(h).squeeze(-1)
+        # = self.predict(h), written as a row-wise reduction: a GEMV's summation order may depend
+        # on the batch size, and T-CE's truncation must see the same loss on any worker count
+        return (h * self.predict.weight[0]).sum(-1) + self.predict.bias[0]

@@ -34,10 +34,14 @@ from ray_pinet.data.pairs import SPLITS, load_meta
 from ray_pinet.evaluation.protocol import stratum_name
 from ray_pinet.evaluation.topk import TopKStats, hot_items
 from ray_pinet.methods.negative_sampling import AucNsConfig, NegativeSampler, UserItemSets, popularity_prior
+from ray_pinet.evaluation.pointwise import finalize, global_auc, user_sums
+from ray_pinet.methods.denoising import bce_rows, drop_rate_at, idl_rows, reweighted_rows, truncation_keep
 from ray_pinet.methods.onebp import ema_update_, infonce_losses
 from ray_pinet.models.mf import MF
+from ray_pinet.models.ncf import NCF
 from ray_pinet.training.batches import epoch_batches
 from ray_pinet.training.collectives import (
+    all_gather_rows,
     all_reduce_max_,
     all_reduce_sum_,
     assign_flat_grads_,
@@ -54,12 +58,19 @@ class PairRows:
     sample_id: torch.Tensor  # Long[n]
     user: torch.Tensor  # Long[n]
     item: torch.Tensor  # Long[n]
+    label: Optional[torch.Tensor] = None  # Long[n], labeled data only
+
+    def locate(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Bool[B] which of ``global_ids`` are held here, their local row indices in batch order)."""
+        if not len(self.sample_id):
+            return torch.zeros_like(global_ids, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+        pos = torch.searchsorted(self.sample_id, global_ids).clamp(max=len(self.sample_id) - 1)
+        held = self.sample_id[pos] == global_ids
+        return held, pos[held]
 
     def take(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample ids, users, items) of the rows of ``global_ids`` held here, in batch order."""
-        pos = torch.searchsorted(self.sample_id, global_ids).clamp(max=max(len(self.sample_id) - 1, 0))
-        held = self.sample_id[pos] == global_ids if len(self.sample_id) else torch.zeros_like(global_ids, dtype=torch.bool)
-        pos = pos[held]
+        held, pos = self.locate(global_ids)
         return global_ids[held], self.user[pos], self.item[pos]
 
 
@@ -67,13 +78,17 @@ def read_pair_shard(path: str | Path, rank: int, world: int) -> dict[str, PairRo
     """Every split's rows of the users ``user % world == rank``."""
     out = {}
     for name in SPLITS:
-        t = pq.read_table(Path(path) / f"{name}.parquet", columns=["sample_id", "user", "item"])
+        t = pq.read_table(Path(path) / f"{name}.parquet")
         users = t.column("user").to_numpy()
         keep = users % world == rank
         sid = torch.from_numpy(t.column("sample_id").to_numpy()[keep].astype(np.int64))
         order = torch.argsort(sid)
-        out[name] = PairRows(sid[order], torch.from_numpy(users[keep].astype(np.int64))[order],
-                             torch.from_numpy(t.column("item").to_numpy()[keep].astype(np.int64))[order])
+
+        def col(c: str) -> torch.Tensor:
+            return torch.from_numpy(t.column(c).to_numpy()[keep].astype(np.int64))[order]
+
+        out[name] = PairRows(sid[order], col("user"), col("item"),
+                             col("label") if "label" in t.column_names else None)
     return out
 
 
@@ -105,11 +120,18 @@ class TwoTowerRun:
         m = cfg.model
         auc = AucNsConfig(m.auc_ns.num_extra, m.auc_ns.num_candidates, m.auc_ns.alpha, m.auc_ns.beta,
                           m.auc_ns.gamma, m.auc_ns.cdf_mode, m.auc_ns.cdf_samples)
-        num = 1 if m.method == "bpr" else m.num_negatives
+        num = 1 if m.method in ("bpr", "ncf") else m.num_negatives
         self.sampler = NegativeSampler(m.sampler, self.sets, cfg.run.seed, num=num,
                                        prior_beta=popularity_prior(train_count, auc.beta), cfg=auc)
+        if (m.method == "ncf") != bool(meta.get("labeled")):
+            raise ValueError(f"model.method={m.method} needs {'labeled' if m.method == 'ncf' else 'unlabeled'} "
+                             f"pair data; {path} was prepared with data.label_threshold "
+                             f"{'set' if meta.get('labeled') else 'unset'}")
         torch.manual_seed(cfg.run.seed)  # same initial tables on every rank
-        self.model = MF(self.num_users, self.num_items, m.dim)
+        if m.method == "ncf":
+            self.model = NCF(self.num_users, self.num_items, m.dim, m.backbone, m.num_layers, m.dropout)
+        else:
+            self.model = MF(self.num_users, self.num_items, m.dim)
         if m.method == "onebp":
             self.model.user.weight.requires_grad_(False)  # a buffer that the aggregation writes
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -118,8 +140,42 @@ class TwoTowerRun:
                                                           gamma=cfg.optim.lr_gamma)
         self.owned = torch.arange(self.num_users) % world == rank
         self.epoch = 0
+        self.step = 0  # optimizer steps so far (T-CE's drop-rate schedule)
 
     # -- training ------------------------------------------------------------------------------
+    def _ncf_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Σ over this rank's rows of the global batch ``ids`` (labeled rows and one sampled
+        unlabeled item per row) of the ``model.loss`` terms; the caller divides by 2·B."""
+        m = self.cfg.model
+        train = self.rows["train"]
+        held, local = train.locate(ids)
+        mine, users, items, labels = ids[held], train.user[local], train.item[local], train.label[local]
+        if m.loss != "tce" and len(users) == 0:
+            return sum(p.sum() * 0.0 for p in self.params)
+        unlabeled = self.sampler(self.model, users, mine, self.epoch)[:, 0] if len(users) else users
+        s_l, s_u = self.model(users, items), self.model(users, unlabeled)
+        zeros = torch.zeros_like(labels)
+        if m.loss == "idl":
+            return bce_rows(s_l, labels).sum() + idl_rows(s_u).sum()
+        if m.loss == "rce":
+            return reweighted_rows(s_l, labels, m.rce_alpha).sum() + reweighted_rows(s_u, zeros, m.rce_alpha).sum()
+        rows_l, rows_u = bce_rows(s_l, labels), bce_rows(s_u, zeros)
+        if m.loss == "bce":
+            return rows_l.sum() + rows_u.sum()
+        # tce: one truncation over the 2B rows of the *global* batch (gathered loss·y); ties by the
+        # row's place in the batch (labeled rows first, then their sampled items)
+        place = torch.nonzero(held).squeeze(1)
+        keys = torch.cat([place, place + len(ids)]).to(torch.float64)
+        losses = torch.cat([rows_l, rows_u])
+        both = torch.cat([labels, zeros]).to(torch.float64)
+        gathered = all_gather_rows(torch.stack([keys, losses.detach().to(torch.float64) * both], 1))
+        gathered = gathered[gathered[:, 0].argsort()]
+        keep = truncation_keep(gathered[:, 1], torch.ones(len(gathered)),
+                               drop_rate_at(self.step, m.tce_drop_rate, m.tce_num_gradual))
+        kept = losses[torch.isin(keys, gathered[keep, 0])]
+        # as coded, the mean over the kept rows: the caller's 1/(2B) times 2B / #kept
+        return kept.sum() * (len(gathered) / max(int(keep.sum()), 1)) + sum(p.sum() * 0.0 for p in self.params)
+
     def _batch_loss(self, ids: torch.Tensor, users: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Σ of this rank's per-row losses of the batch (a 0-d tensor, possibly of no rows)."""
         m = self.cfg.model
@@ -140,14 +196,18 @@ class TwoTowerRun:
         epoch_users, epoch_pos = [], []
         t0 = time.perf_counter()
         for ids in epoch_batches(self.num_train, self.cfg.optim.batch_size, self.cfg.run.seed, self.epoch):
-            mine, users, pos = train.take(ids)
-            loss = self._batch_loss(mine, users, pos) / len(ids)
+            if m.method == "ncf":  # labeled rows + one sampled item each: 2·B rows
+                loss = self._ncf_loss(ids) / (2 * len(ids))
+            else:
+                mine, users, pos = train.take(ids)
+                loss = self._batch_loss(mine, users, pos) / len(ids)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if is_distributed():
                 flat = all_reduce_sum_(flatten_grads(self.params))
                 assign_flat_grads_(self.params, flat)
             self.opt.step()
+            self.step += 1
             loss_sum += float(loss.detach()) * len(ids)
             if m.method == "onebp":
                 if m.ema_granularity == "batch":
@@ -186,9 +246,37 @@ class TwoTowerRun:
         return target, exclude
 
     @torch.no_grad()
+    def _evaluate_pointwise(self, split: str) -> dict[str, float]:
+        """Labeled rows (ncf): ``{split}/{slice}/{auc, wauc, ndcg@k, bce, users, rows}``; per-user
+        sums all-reduced (users are sharded), AUC on the gathered (score, label, stratum) rows."""
+        ks = list(self.cfg.eval.ks)
+        rows = self.rows[split]
+        self.model.eval()
+        scores = torch.cat([self.model(rows.user[i:i + 8192], rows.item[i:i + 8192])
+                            for i in range(0, len(rows.user), 8192)] or [torch.zeros(0)])
+        self.model.train()
+        strata = self.stratum[rows.user]
+        sums = []
+        for s in range(self.num_strata + 1):
+            sel = torch.ones_like(strata, dtype=torch.bool) if s == self.num_strata else strata == s
+            sums.append(user_sums(rows.user[sel], scores[sel], rows.label[sel], ks))
+        flat = all_reduce_sum_(torch.cat(sums))
+        width = sums[0].numel()
+        pooled = all_gather_rows(torch.stack([scores.double(), rows.label.double(), strata.double()], 1)).numpy()
+        out: dict[str, float] = {}
+        for s in range(self.num_strata + 1):
+            name = "all" if s == self.num_strata else stratum_name(s, self.num_strata)
+            sel = np.ones(len(pooled), dtype=bool) if s == self.num_strata else pooled[:, 2] == s
+            out.update({f"{split}/{name}/{k}": v for k, v in finalize(flat[s * width:(s + 1) * width], ks).items()})
+            out[f"{split}/{name}/auc"] = global_auc(pooled[sel, 0], pooled[sel, 1])
+        return out
+
+    @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         """``{split}/{slice}/{metric}@{k}`` for every stratum and "all", over users with items in
         ``split`` (methods.md §3.2 protocol: full ranking, earlier items masked)."""
+        if self.cfg.model.method == "ncf":
+            return self._evaluate_pointwise(split)
         ks = list(self.cfg.eval.ks)
         users = torch.unique(self.rows[split].user)
         stats = [TopKStats(ks) for _ in range(self.num_strata + 1)]
@@ -222,16 +310,24 @@ class TwoTowerRun:
         return table
 
     def state(self) -> dict:
-        return {"user": self.full_user_table(), "item": self.model.item.weight.detach().clone(),
-                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "epoch": self.epoch}
+        if self.cfg.model.method == "ncf":  # replicated: every parameter is all-reduce trained
+            tables = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        else:
+            tables = {"user": self.full_user_table(), "item": self.model.item.weight.detach().clone()}
+        return {**tables, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "epoch": self.epoch, "step": self.step}
 
     def load_state(self, state: dict) -> None:
         with torch.no_grad():
-            self.model.user.weight.copy_(state["user"])
-            self.model.item.weight.copy_(state["item"])
+            if "model" in state:
+                self.model.load_state_dict(state["model"])
+            else:
+                self.model.user.weight.copy_(state["user"])
+                self.model.item.weight.copy_(state["item"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.epoch = int(state["epoch"])
+        self.step = int(state.get("step", 0))
 
 
 def select(history: list[dict], cfg: TwoTowerConfig) -> dict[str, float]:
@@ -252,11 +348,11 @@ def select(history: list[dict], cfg: TwoTowerConfig) -> dict[str, float]:
             by = f"test/{slice_}/p@{k}"
             best = max(rows, key=lambda h: _num(h.get(by)))
         else:
-            best = max(rows, key=lambda h: _num(h.get(key)))
+            best = max(rows, key=lambda h: _num(h.get(key), lower_is_better=name == "bce"))
         out[f"test_best/{slice_}/{metric}"] = best[key]
     sel = f"valid/all/{cfg.eval.select_metric}"
     if all(sel in h for h in rows):
-        best = max(rows, key=lambda h: _num(h[sel]))
+        best = max(rows, key=lambda h: _num(h[sel], lower_is_better=cfg.eval.select_metric == "bce"))
         out.update({"valid_best/epoch": float(best["epoch"])})
         out.update({k.replace("test/", "valid_best/", 1): v for k, v in best.items() if k.startswith("test/")})
     chosen = "test_best" if cfg.eval.select_on == "test_best_epoch" else "valid_best"
@@ -271,8 +367,11 @@ def _stalled(scores: list[float], patience: int) -> bool:
     return max(scores[-patience:]) <= max(scores[:-patience])
 
 
-def _num(v: Optional[float]) -> float:
-    return -math.inf if v is None or math.isnan(v) else float(v)
+def _num(v: Optional[float], lower_is_better: bool = False) -> float:
+    """A sort key where larger is better (NaN and missing last)."""
+    if v is None or math.isnan(v):
+        return -math.inf
+    return -float(v) if lower_is_better else float(v)
 
 
 def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
@@ -285,7 +384,8 @@ def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
     local_valid = float(len(run.rows["valid"].sample_id) > 0)
     has_valid = bool(all_reduce_sum_(torch.tensor([local_valid]))[0] > 0)
     sel = f"valid/all/{cfg.eval.select_metric}"
-    scores = [h[sel] for h in history if sel in h]
+    lower = cfg.eval.select_metric == "bce"  # scores are kept larger-is-better
+    scores = [_num(h[sel], lower) for h in history if sel in h]
     while run.epoch < cfg.optim.epochs and not _stalled(scores, cfg.eval.patience):
         row = {"epoch": run.epoch, **run.train_epoch()}
         if run.epoch % cfg.eval.every == 0 or run.epoch == cfg.optim.epochs:
@@ -296,10 +396,11 @@ def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
             row["eval/seconds"] = time.perf_counter() - t0
         history.append(row)
         if sel in row:
-            scores.append(row[sel])  # all-reduced: every rank stops at the same epoch
+            scores.append(_num(row[sel], lower))  # all-reduced: every rank stops at the same epoch
         if say and run.rank == 0 and "test/all/ndcg@10" in row:
+            second = "auc" if cfg.model.method == "ncf" else "p@10"
             say(f"epoch {row['epoch']:4d} loss {row['train/loss']:.4f} {row['train/seconds']:.2f}s | test "
-                  f"NDCG@10 {row['test/all/ndcg@10']:.4f} P@10 {row['test/all/p@10']:.4f}"
-                + (f" | valid NDCG@10 {row['valid/all/ndcg@10']:.4f}" if has_valid else ""))
+                f"NDCG@10 {row['test/all/ndcg@10']:.4f} {second.upper()} {row[f'test/all/{second}']:.4f}"
+                + (f" | valid {sel.split('/')[-1]} {row[sel]:.4f}" if sel in row else ""))
         report(row, run)
     return history

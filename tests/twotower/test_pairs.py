@@ -72,3 +72,21 @@ def test_min_rating_filter_is_counted(tmp_path):
 def test_bad_config_names_the_key(sets, match):
     with pytest.raises(ConfigError, match=match):
         TwoTowerConfig.from_yaml(CONFIG, sets)
+
+
+def test_labeled_rows_keep_every_rating_with_its_label(tmp_path):
+    cfg = _cfg(tmp_path, "data.label_threshold=2", "data.valid_share=0.25")
+    out = prepare_pairs(cfg.data, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["labeled"] and meta["rows"] == {"train": 60000, "valid": 20000, "test": 20000}
+    parts = [pq.read_table(out / f"{s}.parquet").to_pandas() for s in ("train", "valid", "test")]
+    positives = sum(int(df.label.sum()) for df in parts)
+    assert positives == 100_000 - 17_480  # ratings 1 and 2 (6,110 + 11,370) are the negatives
+    assert abs(meta["positive_share"]["test"] - 0.8252) < 0.01
+
+
+def test_ncf_needs_labels_and_labels_exclude_min_rating(tmp_path):
+    with pytest.raises(ConfigError, match="label_threshold"):
+        _cfg(tmp_path, "model.method=ncf")
+    with pytest.raises(ConfigError, match="unset data.min_rating"):
+        _cfg(tmp_path, "data.label_threshold=2", "data.min_rating=3")

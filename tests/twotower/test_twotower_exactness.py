@@ -25,7 +25,13 @@ VARIANTS = {
     "onebp-epoch-mean": ["model.method=onebp", "model.duplicate_rule=mean", "model.ema_granularity=epoch"],
     "twobp": ["model.method=twobp"],
     "bpr-auc_ns": ["model.method=bpr", "model.sampler=auc_ns", "optim.lr=0.01"],
+    # Inverse Learning's data: labeled rows; T-CE truncates over the gathered global batch
+    "ncf-gmf-tce": ["model.method=ncf", "data.label_threshold=2", "model.loss=tce", "model.tce_num_gradual=20",
+                    "optim.lr=0.01"],
+    "ncf-neumf-idl": ["model.method=ncf", "data.label_threshold=2", "model.backbone=neumf", "model.loss=idl",
+                      "optim.lr=0.01"],
 }
+NCF_KEYS = ("train/loss", "test/all/auc", "test/tail/wauc", "test/head/ndcg@10", "valid/all/bce", "test/all/users")
 KEYS = ("train/loss", "test/all/ndcg@10", "test/tail/p@10", "test/head/ndcg@20", "valid/all/ndcg@10",
         "test/all/ohr@10", "test/all/users", "valid/head/users")
 
@@ -54,11 +60,15 @@ def _single(tmp_path, variant, extra=()):
 
 
 def _assert_same(got_state, got_history, want_state, want_history):
-    torch.testing.assert_close(got_state["item"], want_state["item"], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got_state["user"], want_state["user"], rtol=1e-4, atol=1e-6)
+    if "model" in want_state:  # ncf: every parameter
+        for name, value in want_state["model"].items():
+            torch.testing.assert_close(got_state["model"][name], value, rtol=1e-4, atol=1e-6)
+    else:
+        torch.testing.assert_close(got_state["item"], want_state["item"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got_state["user"], want_state["user"], rtol=1e-4, atol=1e-6)
     assert len(got_history) == len(want_history) == 3
     for a, b in zip(got_history, want_history):
-        for key in KEYS:
+        for key in NCF_KEYS if "model" in want_state else KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
 
 
@@ -113,7 +123,7 @@ def _gloo_rank(rank: int, world: int, jobs: list[tuple[dict, str, str]], init: s
         dist.destroy_process_group()
 
 
-GLOO_VARIANTS = ["onebp-epoch-mean", "bpr-auc_ns"]  # onebp and twobp: the Ray Train test above
+GLOO_VARIANTS = ["ncf-gmf-tce", "ncf-neumf-idl", "onebp-epoch-mean", "bpr-auc_ns"]  # onebp, twobp: Ray Train above
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
