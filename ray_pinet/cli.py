@@ -147,7 +147,14 @@ def run_compare(args: argparse.Namespace) -> int:
     from ray_pinet.config import TrainConfig
     from ray_pinet.tracking import mlflow_utils as mu
 
-    from ray_pinet.compare.report import CHANGE_METRICS, METRICS, TWOTOWER_CHANGE_METRICS, TWOTOWER_METRICS
+    from ray_pinet.compare.report import (
+        CHANGE_METRICS,
+        METRICS,
+        NCF_CHANGE_METRICS,
+        NCF_METRICS,
+        TWOTOWER_CHANGE_METRICS,
+        TWOTOWER_METRICS,
+    )
     from ray_pinet.twotower_cli import SMOKE_OVERRIDES as TWOTOWER_SMOKE
     from ray_pinet.twotower_config import TwoTowerConfig
 
@@ -172,8 +179,10 @@ def run_compare(args: argparse.Namespace) -> int:
         if (c.method in TWOTOWER_METHODS) != twotower:
             raise ConfigError(f"compare --kind {args.kind}: cell {c.label!r} has method {c.method!r}")
     backbones = ["mf"] if twotower else (args.backbones or [base.model.backbone])
-    report_args = {"reference": reference, "metrics": TWOTOWER_METRICS if twotower else METRICS,
-                   "change_metrics": TWOTOWER_CHANGE_METRICS if twotower else CHANGE_METRICS}
+    metrics, change = (TWOTOWER_METRICS, TWOTOWER_CHANGE_METRICS) if twotower else (METRICS, CHANGE_METRICS)
+    if twotower and base.model.method == "ncf":  # labeled rows: pointwise metrics
+        metrics, change = NCF_METRICS, NCF_CHANGE_METRICS
+    report_args = {"reference": reference, "metrics": metrics, "change_metrics": change}
     name = args.name or f"compare-{base.run.name}"
     output = Path(args.output or f"reports/{name}")
     command = "ray-pinet " + " ".join(shlex.quote(a) for a in args.argv)

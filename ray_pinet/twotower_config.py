@@ -7,7 +7,8 @@ Methods (``model.method``):
 * ``bpr``: MF-BPR with a pluggable negative sampler, ``uniform`` (RNS) or ``auc_ns`` (§4);
 * ``ncf``: GMF / NeuMF on labeled rows plus one sampled unlabeled item per row, trained with
   ``model.loss``: ``bce`` (the sampled item as a negative), ``idl`` (Inverse Dual Loss on the
-  sampled item, §5.2), ``tce`` / ``rce`` (DenoisingRec's truncated / reweighted BCE, §5.5).
+  sampled item, §5.2), ``tce`` / ``rce`` (DenoisingRec's truncated / reweighted BCE, §5.5), or
+  ``ig`` (the Inverse Gradient meta-step, §5.3, ``training/inverse_gradient.py``).
 
 Defaults are the ML-100K rows of the papers' READMEs (OneBP: batch 1024, lr 5e-4, l2 1e-5, d 32,
 β 0.99, T 1, N 5) except the number of epochs (2000 there; see docs/results.md for what we ran).
@@ -25,7 +26,7 @@ from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_
 from ray_pinet.data.config import SourceConfig, StrataConfig
 
 TWOTOWER_METHODS = ("onebp", "twobp", "bpr", "ncf")
-NCF_LOSSES = ("bce", "idl", "tce", "rce")
+NCF_LOSSES = ("bce", "idl", "tce", "rce", "ig")
 
 
 @dataclass
@@ -87,10 +88,15 @@ class TwoTowerModel:
     backbone: Literal["gmf", "neumf"] = "gmf"
     num_layers: int = 3  # NeuMF's MLP tower
     dropout: float = 0.0
-    loss: Literal["bce", "idl", "tce", "rce"] = "idl"
+    loss: Literal["bce", "idl", "tce", "rce", "ig"] = "idl"
     tce_drop_rate: float = 0.2  # T-CE: largest share of rows dropped
     tce_num_gradual: int = 30000  # T-CE: steps over which the drop rate grows to tce_drop_rate
     rce_alpha: float = 0.2  # R-CE weight exponent
+    # ig (Inverse Gradient, methods.md §5.3-5.4): as_coded reproduces the public code's sign
+    # steps and unzeroed gradients; clean uses SGD candidates and a persistent Adam
+    ig_mode: Literal["as_coded", "clean"] = "as_coded"
+    ig_train_ratio: float = 0.9  # first share of the labeled training rows (file order) = D_tr
+    ig_sample_lr: float = 1e-3  # step size of the forward / inverse candidates
     # onebp only
     beta: float = 0.99  # u ← β·u + (1−β)·v⁺
     ema_granularity: Literal["batch", "epoch"] = "batch"  # batch: as coded; epoch: as the paper says
@@ -103,6 +109,8 @@ class TwoTowerModel:
             raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"model.beta must be in [0, 1), got {self.beta}")
+        if not 0.0 < self.ig_train_ratio < 1.0 or self.ig_sample_lr <= 0:
+            raise ConfigError("model: ig_train_ratio must be in (0, 1) and ig_sample_lr > 0")
         if not 0.0 <= self.tce_drop_rate < 1.0 or self.tce_num_gradual < 0 or self.num_layers < 1:
             raise ConfigError("model: tce_drop_rate in [0, 1), tce_num_gradual >= 0, num_layers >= 1")
         if self.sampler == "auc_ns" and self.method != "bpr":

@@ -24,6 +24,9 @@ CHANGE_METRICS = ("ndcg@10", "auc")
 # two-tower grids (multi-item test sets): accuracy and AUC-NS's over-recommended-hot rate
 TWOTOWER_METRICS = ("ndcg@10", "p@10", "r@10", "ohr@10")
 TWOTOWER_CHANGE_METRICS = ("ndcg@10", "ohr@10")
+# labeled rows (ncf: Inverse Learning and its baselines)
+NCF_METRICS = ("auc", "wauc", "ndcg@10", "ndcg@20")
+NCF_CHANGE_METRICS = ("auc", "ndcg@10")
 
 
 def slices_of(results: Sequence[CellResult]) -> list[str]:

@@ -191,6 +191,10 @@ class TwoTowerRun:
 
     def train_epoch(self) -> dict[str, float]:
         m = self.cfg.model
+        if m.method == "ncf" and m.loss == "ig":
+            from ray_pinet.training.inverse_gradient import ig_epoch
+
+            return ig_epoch(self)
         train = self.rows["train"]
         loss_sum = torch.zeros(1, dtype=torch.float64)
         epoch_users, epoch_pos = [], []

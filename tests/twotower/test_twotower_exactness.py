@@ -11,6 +11,8 @@ per fit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +32,9 @@ VARIANTS = {
                     "optim.lr=0.01"],
     "ncf-neumf-idl": ["model.method=ncf", "data.label_threshold=2", "model.backbone=neumf", "model.loss=idl",
                       "optim.lr=0.01"],
+    # IG: all-reduced ∇IDL before the sign, the three-way choice from all-reduced losses
+    "ncf-ig-as_coded": ["model.method=ncf", "data.label_threshold=2", "model.loss=ig", "model.ig_mode=as_coded"],
+    "ncf-ig-clean": ["model.method=ncf", "data.label_threshold=2", "model.loss=ig", "model.ig_mode=clean"],
 }
 NCF_KEYS = ("train/loss", "test/all/auc", "test/tail/wauc", "test/head/ndcg@10", "valid/all/bce", "test/all/users")
 KEYS = ("train/loss", "test/all/ndcg@10", "test/tail/p@10", "test/head/ndcg@20", "valid/all/ndcg@10",
@@ -47,7 +52,9 @@ def _cfg(tmp_path, name: str, extra: list[str]) -> TwoTowerConfig:
 def _single(tmp_path, variant, extra=()):
     """The one-process run: its config, data path, history and final state."""
     single_cfg = _cfg(tmp_path, variant, VARIANTS[variant] + list(extra))
-    path = prepare_pairs(single_cfg.data, progress=False)
+    path = Path(single_cfg.data.output)
+    if not (path / "meta.json").exists():  # variants share the prepared data
+        prepare_pairs(single_cfg.data, progress=False)
     run = TwoTowerRun(single_cfg, path)
     batches_with_repeats = 0
     from ray_pinet.training.batches import epoch_batches
@@ -123,7 +130,8 @@ def _gloo_rank(rank: int, world: int, jobs: list[tuple[dict, str, str]], init: s
         dist.destroy_process_group()
 
 
-GLOO_VARIANTS = ["ncf-gmf-tce", "ncf-neumf-idl", "onebp-epoch-mean", "bpr-auc_ns"]  # onebp, twobp: Ray Train above
+# onebp and twobp run on Ray Train above
+GLOO_VARIANTS = ["ncf-ig-as_coded", "ncf-ig-clean", "ncf-gmf-tce", "ncf-neumf-idl", "onebp-epoch-mean", "bpr-auc_ns"]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
@@ -132,7 +140,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
     singles, jobs = {}, []
     for v in GLOO_VARIANTS:
-        cfg, path, history, state = _single(tmp_path / v, v)
+        data = tmp_path / ("pairs-labeled" if v.startswith("ncf") else "pairs")
+        cfg, path, history, state = _single(tmp_path / v, v, [f"data.output={data}"])
         singles[v] = (history, state)
         jobs.append((cfg.to_dict(), str(path), str(tmp_path / f"{v}.pt")))
     mp.spawn(_gloo_rank, args=(2, jobs, f"file://{tmp_path / 'pg'}"), nprocs=2)
