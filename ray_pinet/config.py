@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ray_pinet.config_base import ConfigError, FileConfig
 from ray_pinet.models.config import ModelConfig, PluginConfig
 
 # joint / pinet: one backbone. reweight: joint with static per-stratum sample weights (to the
@@ -214,7 +213,7 @@ class RunSection:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FileConfig):
     method: Literal["joint", "pinet", "separate", "finetune", "reweight", "transfer"] = "pinet"
     loss: Literal["ce", "bce"] = "ce"
     data: DataSection = field(default_factory=DataSection)
@@ -256,19 +255,6 @@ class TrainConfig:
         if self.run.init_from and self.method != "pinet":
             raise ConfigError("run.init_from starts pinet's stage 2 from a trained backbone; "
                               f"method is {self.method!r}")
-
-    # -- construction ------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
-        return from_dict(cls, data or {})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
-        raw = load_yaml(path) if path else {}
-        return cls.from_dict(apply_overrides(raw, overrides))
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
     @property
     def stage1_is_joint(self) -> bool:

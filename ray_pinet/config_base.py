@@ -201,3 +201,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+class FileConfig:
+    """Construction of a top-level config dataclass (mixed into ``TrainConfig`` and
+    ``TwoTowerConfig``): from a dict, from a YAML file plus ``--set`` overrides, and back to
+    the resolved dict that travels with checkpoints and MLflow runs."""
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
+        return from_dict(cls, data or {})
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+        raw = load_yaml(path) if path else {}
+        return cls.from_dict(apply_overrides(raw, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from ray_pinet.config import RunSection, TrackingConfig
-from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ray_pinet.config_base import ConfigError, FileConfig
 from ray_pinet.data.config import SourceConfig, StrataConfig
 
 TWOTOWER_METHODS = ("onebp", "twobp", "bpr", "ncf")
@@ -152,7 +151,7 @@ class TwoTowerEval:
 
 
 @dataclass
-class TwoTowerConfig:
+class TwoTowerConfig(FileConfig):
     data: PairDataSection = field(default_factory=PairDataSection)
     model: TwoTowerModel = field(default_factory=TwoTowerModel)
     optim: TwoTowerOptim = field(default_factory=TwoTowerOptim)
@@ -178,15 +177,3 @@ class TwoTowerConfig:
                               f"got {self.eval.select_metric!r}")
         if self.run.init_from or self.run.warm_start:
             raise ConfigError("run.init_from / run.warm_start are not supported by twotower runs")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "TwoTowerConfig":
-        return from_dict(cls, data or {})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TwoTowerConfig":
-        raw = load_yaml(path) if path else {}
-        return cls.from_dict(apply_overrides(raw, overrides))
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
