@@ -25,8 +25,8 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))  # run from a checkout without installing
 from report import machine_info, write_results  # noqa: E402
 
-from ray_pinet.data.pairs import prepare_pairs  # noqa: E402
 from ray_pinet.training.twotower_loop import TwoTowerRun  # noqa: E402
+from ray_pinet.training.twotower_trainer import ensure_pairs  # noqa: E402
 from ray_pinet.twotower_config import TwoTowerConfig  # noqa: E402
 
 
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = {}
     for m in args.methods:
         cfg = TwoTowerConfig.from_yaml(args.config, sets + [f"model.method={m}"])
-        if not (Path(cfg.data.output) / "meta.json").exists():
-            prepare_pairs(cfg.data, progress=False)
-        runs[m] = TwoTowerRun(cfg, cfg.data.output)
+        runs[m] = TwoTowerRun(cfg, ensure_pairs(cfg, progress=False))
     times: dict[str, list[float]] = {m: [] for m in runs}
     info = machine_info()
     for r in range(args.rounds):

@@ -28,9 +28,21 @@ STATE_FILE = "twotower.pt"
 
 
 def ensure_pairs(cfg: TwoTowerConfig, progress: bool = True) -> Path:
+    """``data.output``, prepared from ``cfg.data`` when it is missing. Prepared data made with
+    other data settings is an error (naming the keys), never silently reused or overwritten."""
+    from ray_pinet.config_base import flatten, to_dict
+
     path = Path(cfg.data.output)
     if not (path / "meta.json").exists():
         prepare_pairs(cfg.data, progress=progress)
+        return path.resolve()
+    stored = json.loads((path / "prepare_config.json").read_text())
+    want, have = flatten(to_dict(cfg.data)), flatten(stored)
+    differ = sorted(k for k in set(want) | set(have) if k != "output" and want.get(k) != have.get(k))
+    if differ:
+        diffs = "; ".join(f"data.{k}: prepared {have.get(k)!r}, asked {want.get(k)!r}" for k in differ)
+        raise ValueError(f"{path} holds pair data prepared with other settings ({diffs}): "
+                         "set data.output to a new directory, or delete it to prepare again")
     return path.resolve()
 
 

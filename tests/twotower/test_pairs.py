@@ -90,3 +90,13 @@ def test_ncf_needs_labels_and_labels_exclude_min_rating(tmp_path):
         _cfg(tmp_path, "model.method=ncf")
     with pytest.raises(ConfigError, match="unset data.min_rating"):
         _cfg(tmp_path, "data.label_threshold=2", "data.min_rating=3")
+
+
+def test_prepared_data_with_other_settings_is_refused_not_reused(tmp_path):
+    from ray_pinet.training.twotower_trainer import ensure_pairs
+
+    cfg = _cfg(tmp_path, "data.max_users=50")
+    ensure_pairs(cfg, progress=False)
+    assert ensure_pairs(_cfg(tmp_path, "data.max_users=50"), progress=False) == (tmp_path / "pairs").resolve()
+    with pytest.raises(ValueError, match=r"data.valid_share: prepared 0.0, asked 0.1"):
+        ensure_pairs(_cfg(tmp_path, "data.max_users=50", "data.valid_share=0.1"), progress=False)
