@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ray_pinet.config import RunSection, TrackingConfig
 from ray_pinet.config_base import ConfigError, FileConfig
@@ -29,11 +29,18 @@ NCF_LOSSES = ("bce", "idl", "tce", "rce", "ig")
 
 
 @dataclass
+class PairSource(SourceConfig):
+    """The raw log (data/config.py SourceConfig), defaulting to MovieLens-100K."""
+
+    format: str = "movielens_100k"
+    path: Union[str, list[str]] = "../shared/data/ml-100k/u.data"
+
+
+@dataclass
 class PairDataSection:
     """Raw log -> dense (user, item) positives -> seeded random row split (methods.md §3.2)."""
 
-    source: SourceConfig = field(default_factory=lambda: SourceConfig(
-        format="movielens_100k", path="../shared/data/ml-100k/u.data"))
+    source: PairSource = field(default_factory=PairSource)
     output: str = "prepared/ml-100k-pairs"
     # Every row is a positive (as coded in OneBP and AUC-NS); set e.g. 4.0 for a "liked" view.
     min_rating: Optional[float] = None
@@ -151,14 +158,27 @@ class TwoTowerEval:
 
 
 @dataclass
+class TwoTowerRun(RunSection):
+    name: str = "ml-100k-onebp"
+    seed: int = 2022  # the published code's seed
+
+
+@dataclass
+class TwoTowerTracking(TrackingConfig):
+    # Subclasses, not default_factory lambdas: a YAML or --set that names one key of the section
+    # builds it from the class, and would silently drop a lambda's defaults.
+    experiment: str = "ray-pinet-twotower"
+    log_model: bool = False  # two-tower runs log no served model yet
+
+
+@dataclass
 class TwoTowerConfig(FileConfig):
     data: PairDataSection = field(default_factory=PairDataSection)
     model: TwoTowerModel = field(default_factory=TwoTowerModel)
     optim: TwoTowerOptim = field(default_factory=TwoTowerOptim)
     eval: TwoTowerEval = field(default_factory=TwoTowerEval)
-    run: RunSection = field(default_factory=lambda: RunSection(name="ml-100k-onebp", seed=2022))
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="ray-pinet-twotower",
-                                                                            log_model=False))
+    run: TwoTowerRun = field(default_factory=TwoTowerRun)
+    tracking: TwoTowerTracking = field(default_factory=TwoTowerTracking)
 
     def validate(self) -> None:
         if self.eval.select_on == "validation" and self.data.valid_share == 0:

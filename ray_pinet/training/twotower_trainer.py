@@ -100,8 +100,9 @@ def twotower_train_func(config: dict[str, Any]) -> None:
 
 
 def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,
-                 tags: Optional[dict[str, str]] = None) -> FitResult:
-    """Train ``cfg`` on Ray Train (``run.num_workers`` workers) and log it to MLflow."""
+                 tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None) -> FitResult:
+    """Train ``cfg`` on Ray Train (``run.num_workers`` workers) and log it to MLflow.
+    ``callbacks``: ``ray.train.UserCallback``s of the Train run (a Tune trial forwards reports)."""
     import ray
 
     from ray_pinet.tracking import mlflow_utils as mu
@@ -118,7 +119,7 @@ def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,
         {"method": cfg.model.method, "sampler": cfg.model.sampler, "data": str(path), **(tags or {})},
         [path / name for name in ("meta.json", "report.json", "prepare_config.json")])
     trainer = torch_trainer(twotower_train_func, {"cfg": config_dict, "path": str(path), "mlflow": mlflow_info},
-                            cfg.run, storage)
+                            cfg.run, storage, callbacks=callbacks)
     ckpt = fit_to_checkpoint(trainer, cfg.run.name, uri, run_id)
     with ckpt.as_directory() as d:
         snap = load_checkpoint_state(d)

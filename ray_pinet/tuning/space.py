@@ -93,7 +93,9 @@ class TrialSpec:
 
 @dataclass
 class TuneSpace:
-    method: Literal["joint", "pinet", "reweight"] = "pinet"
+    # joint/pinet/reweight: `ray-pinet train` methods; onebp/twobp/bpr/ncf: two-tower methods
+    # (tuning/twotower_sweep.py: absolute validation objective, no reference, no registry)
+    method: Literal["joint", "pinet", "reweight", "onebp", "twobp", "bpr", "ncf"] = "pinet"
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
@@ -250,6 +252,14 @@ def load_space(path: str | Path, base_config: Optional[str], base_overrides: lis
         space = from_dict(TuneSpace, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if space.method in ("onebp", "twobp", "bpr", "ncf"):
+        from ray_pinet.tuning.twotower_sweep import check_space
+
+        try:
+            check_space(space, base_config, base_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return space
     try:
         for key in list(space.fixed) + list(space.space):
             _check_key(key)

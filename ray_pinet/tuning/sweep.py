@@ -185,12 +185,13 @@ def default_point(setup: SweepSetup) -> dict[str, Any]:
     return point
 
 
-def make_search(space: TuneSpace, setup: SweepSetup, include_defaults: bool):
+def make_search(space: TuneSpace, setup: SweepSetup, include_defaults: bool, point: Optional[dict] = None):
+    """The search algorithm; ``point``: the defaults' values (computed from the base config when None)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     algo = space.search.algorithm
-    points = [default_point(setup)] if include_defaults and algo != "grid" else None
+    points = [point if point is not None else default_point(setup)] if include_defaults and algo != "grid" else None
     if algo in ("random", "grid"):
         # TuneConfig.max_concurrent_trials does not reach an explicitly passed generator.
         return BasicVariantGenerator(points_to_evaluate=points, random_state=space.search.seed,
@@ -320,6 +321,15 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
     space = load_space(space_path, config, overrides)
     if num_samples:
         space.search.num_samples = int(num_samples)
+    from ray_pinet.twotower_config import TWOTOWER_METHODS
+
+    if space.method in TWOTOWER_METHODS:
+        from ray_pinet.tuning.twotower_sweep import run_twotower_sweep
+
+        if smoke:
+            space.fixed.update({"optim.epochs": 2, "eval.every": 1})
+            space.search.num_samples = min(space.search.num_samples, 2)
+        return run_twotower_sweep(space, config, overrides, name, storage, include_defaults)
     if smoke:  # the space's own epoch budget would win over the base config's smoke overrides
         space.fixed.update({"optim.max_epochs": 2, "stage2.max_epochs": 1, "optim.max_minutes": 0})
         space.search.num_samples = min(space.search.num_samples, 2)
