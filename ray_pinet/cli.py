@@ -201,7 +201,12 @@ def run_compare(args: argparse.Namespace) -> int:
         print(files["report.md"].read_text())
         return 0
     output.mkdir(parents=True, exist_ok=True)
-    (output / "command.txt").write_text(command + "\n")
+    # Every command that added cells to this grid, one per line: a rerun with more methods or
+    # seeds extends the grid, and the report must show how each of its cells was made.
+    earlier = (output / "command.txt").read_text().splitlines() if (output / "command.txt").exists() else []
+    if command not in earlier:
+        (output / "command.txt").write_text("\n".join(earlier + [command]) + "\n")
+    command = "\n".join(earlier + [command] if command not in earlier else earlier)
     uri = parent = None
     if base.tracking.enabled:
         uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,

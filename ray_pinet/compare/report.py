@@ -193,12 +193,14 @@ def write_report(results: Sequence[CellResult], output: Path, title: str, comman
             f"Change = relative difference of the means against `{reference}` (same backbone); "
             "p = paired two-sided t-test over seeds; * = p < 0.05.")
     change_title = f"Change against {reference} ({', '.join(m.upper() for m in change_metrics)})"
-    md = [f"# {title}", "", f"`{command}`", "", note, "", "## Test metrics", "",
+    commands = [c for c in command.splitlines() if c.strip()]
+    md = [f"# {title}", "", *[f"`{c}`" + ("  " if i < len(commands) - 1 else "") for i, c in enumerate(commands)],
+          "", note, "", "## Test metrics", "",
           markdown(t["absolute"]), "", f"## {change_title}", "",
           markdown(t["change"]), "", "![NDCG@10 per slice](ndcg.png)", ""]
     (output / "report.md").write_text("\n".join(md))
     html = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>",
-            f"<h1>{title}</h1><p><code>{command}</code></p><p>{note}</p>",
+            f"<h1>{title}</h1>" + "".join(f"<p><code>{c}</code></p>" for c in commands) + f"<p>{note}</p>",
             "<h2>Test metrics</h2>", t["absolute"].to_html(index=False),
             f"<h2>{change_title}</h2>", t["change"].to_html(index=False),
             "<img src='ndcg.png'></body></html>"]

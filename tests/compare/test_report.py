@@ -79,3 +79,24 @@ def test_change_uses_only_the_seeds_both_cells_have():
     row = summ.loc[("pinet", "tail", "ndcg@10")]
     assert row["change"] == pytest.approx(((.055 + .058) / 2) / ((.050 + .052) / 2) - 1)
     assert row["n"] == 2
+
+
+def test_a_grid_extended_by_a_second_command_reports_both(tmp_path):
+    first = "ray-pinet compare --methods joint pinet --seeds 0 1 2"
+    second = "ray-pinet compare --methods joint separate --seeds 0 1 2"
+    files = write_report(RESULTS, tmp_path, "grid", first + "\n" + second)
+    md = files["report.md"].read_text()
+    assert f"`{first}`" in md and f"`{second}`" in md
+    assert files["report.html"].read_text().count("<code>") == 2
+
+
+def test_twotower_report_is_measured_against_its_reference(tmp_path):
+    rows = [CellResult(lab, "mf", s, lab, {"test/all/ndcg@10": v, "test/all/ohr@10": 0.6, "test/all/p@10": v,
+                                           "test/all/r@10": v, "test/all/users": 9.0}, None, None, [])
+            for lab, vals in (("twobp", (.40, .41)), ("onebp", (.42, .44))) for s, v in enumerate(vals)]
+    from ray_pinet.compare.report import TWOTOWER_CHANGE_METRICS, TWOTOWER_METRICS
+
+    md = write_report(rows, tmp_path, "tt", "cmd", reference="twobp", metrics=TWOTOWER_METRICS,
+                      change_metrics=TWOTOWER_CHANGE_METRICS)["report.md"].read_text()
+    assert "Change against twobp (NDCG@10, OHR@10)" in md
+    assert "| onebp | mf | +" in md and "against `twobp`" in md
