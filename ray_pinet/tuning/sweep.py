@@ -341,18 +341,7 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
     if not ray.is_initialized():
         init_local_ray()
 
-    uri = parent = None
-    if base.tracking.enabled:
-        # The same default store as `train` and `compare` (<run.storage_path>/mlflow.db).
-        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,
-                                      str(Path(base.run.storage_path).expanduser().resolve()))
-        # A rerun of a finished sweep reopens its parent run rather than starting a second one.
-        parent = mu.find_run(uri, base.tracking.experiment, name)
-        if parent is None:
-            parent, _ = mu.start_or_resume_run(
-                uri, base.tracking.experiment, name,
-                {"space": json.loads(json.dumps(to_dict(space))), "base": base.to_dict()},
-                tags={"sweep": name, "role": "sweep", "space_file": str(space_path)})
+    uri, parent = sweep_parent_run(base, name, space, {"space_file": str(space_path)})
     setup = SweepSetup(name=name, base_config=config, base_overrides=list(overrides),
                        space=to_dict(space), storage=str(sweep_dir), tracking_uri=uri,
                        parent_run_id=parent, reference_outcomes=str(sweep_dir / "reference_outcomes.parquet"),
@@ -424,6 +413,24 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
         if uri and parent:
             mu.finish_run(uri, parent, status="FAILED")
         raise
+
+
+def sweep_parent_run(base, name: str, space: TuneSpace, tags: Optional[dict] = None):
+    """(tracking URI, parent run id) of a sweep, (None, None) without tracking. The same default
+    store as `train` and `compare` (<run.storage_path>/mlflow.db); a rerun of a finished sweep
+    reopens its parent run rather than starting a second one."""
+    from ray_pinet.tracking import mlflow_utils as mu
+
+    if not base.tracking.enabled:
+        return None, None
+    uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, str(Path(base.run.storage_path).expanduser().resolve()))
+    parent = mu.find_run(uri, base.tracking.experiment, name)
+    if parent is None:
+        parent, _ = mu.start_or_resume_run(
+            uri, base.tracking.experiment, name,
+            {"space": json.loads(json.dumps(to_dict(space))), "base": base.to_dict()},
+            tags={"sweep": name, "role": "sweep", **(tags or {})})
+    return uri, parent
 
 
 def _trial_data_path(uri: str, run_id: str) -> Optional[str]:

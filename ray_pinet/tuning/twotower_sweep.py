@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ray_pinet.config_base import ConfigError, flatten, to_dict
 from ray_pinet.tuning.space import TuneSpace, decode_values, encode_value, split_overrides
-from ray_pinet.tuning.sweep import SweepSetup, best_trial, collect, make_search
+from ray_pinet.tuning.sweep import SweepSetup, best_trial, collect, make_search, sweep_parent_run
 
 TWOTOWER_OBJECTIVES = ("ndcg", "auc", "wauc", "bce")
 
@@ -118,14 +118,7 @@ def run_twotower_sweep(space: TuneSpace, config: Optional[str], overrides: list[
     ensure_pairs(base, progress=base.run.progress)
     if not ray.is_initialized():
         init_local_ray()
-    uri = parent = None
-    if base.tracking.enabled:
-        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, str(Path(base.run.storage_path).expanduser().resolve()))
-        parent = mu.find_run(uri, base.tracking.experiment, name)
-        if parent is None:
-            parent, _ = mu.start_or_resume_run(uri, base.tracking.experiment, name,
-                                               {"space": json.loads(json.dumps(to_dict(space))), "base": base.to_dict()},
-                                               tags={"sweep": name, "role": "sweep"})
+    uri, parent = sweep_parent_run(base, name, space)
     setup = SweepSetup(name=name, base_config=config, base_overrides=list(overrides), space=to_dict(space),
                        storage=str(sweep_dir), tracking_uri=uri, parent_run_id=parent, reference_outcomes="",
                        cwd=os.getcwd(), seed=space.search.seed)
