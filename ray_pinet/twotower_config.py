@@ -25,7 +25,6 @@ from ray_pinet.config_base import ConfigError, FileConfig
 from ray_pinet.data.config import SourceConfig, StrataConfig
 
 TWOTOWER_METHODS = ("onebp", "twobp", "bpr", "ncf")
-NCF_LOSSES = ("bce", "idl", "tce", "rce", "ig")
 
 
 @dataclass

@@ -4,7 +4,7 @@ trials each fit ``fit_twotower`` (Ray Train), with ASHA on a validation metric.
 Same space file format, search algorithms, ASHA, resume and MLflow layout as the PINet sweep
 (``sweep.py``), with two differences, both because pair data has no leave-one-out reference
 model to regroup: the objective is ``measure: absolute`` (the validation metric of
-``objective.slice``: ``ndcg`` → NDCG@10, or ``auc`` / ``wauc`` for ``ncf``; ``bce`` is minimised),
+``objective.slice``: ``ndcg`` → NDCG@10, or ``auc`` for ``ncf``),
 and there is no guard and no model registry (two-tower runs log no served model). A finished
 trial's objective is its best validation value (the epoch its test metrics are reported at).
 """
@@ -22,7 +22,7 @@ from ray_pinet.config_base import ConfigError, flatten, to_dict
 from ray_pinet.tuning.space import TuneSpace, decode_values, encode_value, split_overrides
 from ray_pinet.tuning.sweep import SweepSetup, best_trial, collect, make_search, sweep_parent_run
 
-TWOTOWER_OBJECTIVES = ("ndcg", "auc", "wauc", "bce")
+TWOTOWER_OBJECTIVES = ("ndcg", "auc")  # NDCG@10 (every method); AUC of labeled rows (ncf)
 
 
 def objective_key(space: TuneSpace) -> str:
@@ -58,7 +58,7 @@ def trial_config(config: Optional[str], overrides: list[str], values: dict[str, 
     return TwoTowerConfig.from_yaml(config, overrides + train_o + [f"model.method={method}"] + extra)
 
 
-def _report_callback(key: str, lower: bool):
+def _report_callback(key: str):
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ObjectiveReport(TuneReportCallback):
@@ -66,7 +66,7 @@ def _report_callback(key: str, lower: bool):
             m = dict(metrics[0])
             if key not in m:
                 return
-            m.update(objective=-m[key] if lower else m[key], objective_value=m[key], feasible=1.0, final=0.0)
+            m.update(objective=m[key], objective_value=m[key], feasible=1.0, final=0.0)
             super().after_report(run_context, [m], checkpoint)
 
     return ObjectiveReport()
@@ -87,15 +87,14 @@ def twotower_trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     extra += [f"tracking.tracking_uri={setup.tracking_uri}"] if setup.tracking_uri else []
     values = {**space.fixed, **decode_values(space, dict(config))}
     cfg = trial_config(setup.base_config, setup.base_overrides, values, space.method, extra)
-    key, lower = objective_key(space), space.objective.metric == "bce"
+    key = objective_key(space)
     tags = {"sweep": setup.name, "trial_id": trial_id, **{f"tune.{k}": json.dumps(v) for k, v in config.items()}}
     try:
-        res = fit_twotower(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[_report_callback(key, lower)])
+        res = fit_twotower(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[_report_callback(key)])
     finally:
         remove_trial_groups(own=True, orphans=True)
-    scores = [h[key] for h in res.history if key in h]
-    best = (min if lower else max)(scores)
-    tune.report({"objective": -best if lower else best, "objective_value": best, "feasible": 1.0, "final": 1.0,
+    best = max(h[key] for h in res.history if key in h)
+    tune.report({"objective": best, "objective_value": best, "feasible": 1.0, "final": 1.0,
                  **{k: v for k, v in res.final.items() if k.startswith(("final/", "valid_best/"))}})
 
 
