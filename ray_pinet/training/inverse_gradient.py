@@ -71,14 +71,10 @@ def ig_epoch(run) -> dict[str, float]:
     loss_sum = torch.zeros(1, dtype=torch.float64)
     branches = torch.zeros(3, dtype=torch.float64)  # forward, inverse, stay (Phase-B steps)
 
-    def local_rows(ids: torch.Tensor):
-        held, local = train.locate(ids)
-        return ids[held], train.user[local], train.item[local], train.label[local]
-
     # -- Phase A: BCE on D_tr ------------------------------------------------------------------
     acc = torch.zeros(sum(p.numel() for p in params)) if as_coded else None
     for ids in epoch_batches(run.num_train, batch, cfg.run.seed, run.epoch, ids=ids_tr):
-        _, users, items, labels = local_rows(ids)
+        _, _, users, items, labels = train.take_labeled(ids)
         loss = bce_rows(model(users, items), labels).sum() / len(ids)
         g = all_reduce_sum_(_flat_grad(loss, params))
         if as_coded:
@@ -91,7 +87,7 @@ def ig_epoch(run) -> dict[str, float]:
 
     # -- Phase B: the three-way step on D_te ---------------------------------------------------
     for ids in epoch_batches(run.num_train, batch, cfg.run.seed, run.epoch, ids=ids_te):
-        mine, users, items, labels = local_rows(ids)
+        _, mine, users, items, labels = train.take_labeled(ids)
         unlabeled = run.sampler(model, users, mine, run.epoch)[:, 0] if len(users) else users
         theta = [p.detach().clone() for p in params]
         g_idl = all_reduce_sum_(_flat_grad(idl_rows(model(users, unlabeled)).sum() / len(ids), params))

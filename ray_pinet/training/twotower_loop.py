@@ -73,6 +73,12 @@ class PairRows:
         held, pos = self.locate(global_ids)
         return global_ids[held], self.user[pos], self.item[pos]
 
+    def take_labeled(self, global_ids: torch.Tensor):
+        """(Bool[B] held here, sample ids, users, items, labels) of the labeled rows of
+        ``global_ids`` held here, in batch order."""
+        held, pos = self.locate(global_ids)
+        return held, global_ids[held], self.user[pos], self.item[pos], self.label[pos]
+
 
 def read_pair_shard(path: str | Path, rank: int, world: int) -> dict[str, PairRows]:
     """Every split's rows of the users ``user % world == rank``."""
@@ -111,8 +117,11 @@ class TwoTowerRun:
         items = pq.read_table(Path(path) / "items.parquet", columns=["popularity", "train_count"])
         self.hot = hot_items(items.column("popularity").to_numpy().copy(), float(meta["hot_share"]))
         train_count = torch.from_numpy(items.column("train_count").to_numpy().astype(np.int64))
-        tr = self.rows["train"]
-        self.sets = UserItemSets.from_pairs(tr.user, tr.item, self.num_users, self.num_items)
+        # Each split's items per user of this rank, built once: training items for the sampler and
+        # the masks, validation/test items as ranking targets (and validation as a test mask).
+        self.split_sets = {name: UserItemSets.from_pairs(r.user, r.item, self.num_users, self.num_items)
+                           for name, r in self.rows.items()}
+        self.sets = self.split_sets["train"]
         # The sampler's slot count depends on the smallest |I_u⁻| of *all* users: the same on
         # every rank only after a MAX all-reduce of the largest local |I_u⁺|.
         most = all_reduce_max_(torch.tensor([int(self.sets.pos_count(torch.arange(self.num_users)).max())]))
@@ -147,9 +156,7 @@ class TwoTowerRun:
         """Σ over this rank's rows of the global batch ``ids`` (labeled rows and one sampled
         unlabeled item per row) of the ``model.loss`` terms; the caller divides by 2·B."""
         m = self.cfg.model
-        train = self.rows["train"]
-        held, local = train.locate(ids)
-        mine, users, items, labels = ids[held], train.user[local], train.item[local], train.label[local]
+        held, mine, users, items, labels = self.rows["train"].take_labeled(ids)
         if m.loss != "tce" and len(users) == 0:
             return sum(p.sum() * 0.0 for p in self.params)
         unlabeled = self.sampler(self.model, users, mine, self.epoch)[:, 0] if len(users) else users
@@ -234,19 +241,10 @@ class TwoTowerRun:
     def _masks(self, split: str, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(target Bool[B, I], exclude Bool[B, I]) for scoring ``split``: training items are
         excluded, and when scoring test the validation items too."""
-        lookup = torch.full((self.num_users,), -1, dtype=torch.long)
-        lookup[users] = torch.arange(len(users))
-
-        def dense(rows) -> torch.Tensor:
-            mask = torch.zeros(len(users), self.num_items, dtype=torch.bool)
-            sel = lookup[rows.user] >= 0
-            mask[lookup[rows.user[sel]], rows.item[sel]] = True
-            return mask
-
-        target = dense(self.rows[split])
-        exclude = dense(self.rows["train"])
+        target = self.split_sets[split].mask(users)
+        exclude = self.sets.mask(users)
         if split == "test":
-            exclude |= dense(self.rows["valid"])
+            exclude |= self.split_sets["valid"].mask(users)
         return target, exclude
 
     @torch.no_grad()
