@@ -122,7 +122,7 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value for every cell (repeatable)")
     p.add_argument("--kind", choices=["sequence", "twotower"], default="sequence",
                    help="sequence: `ray-pinet train` methods on a train config; twotower: `ray-pinet twotower` "
-                        "methods (onebp, twobp, bpr) on a twotower config")
+                        "methods (onebp, twobp, bpr, ncf) on a twotower config")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS + TWOTOWER_METHODS),
                    help="methods to compare (the reference is always included; default: every method of --kind)")
     p.add_argument("--reference", default=None,
@@ -142,7 +142,7 @@ def run_compare(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from ray_pinet.compare.grid import build_cells, run_grid
+    from ray_pinet.compare.grid import build_cells, load_done, run_grid
     from ray_pinet.compare.report import write_report
     from ray_pinet.config import TrainConfig
     from ray_pinet.tracking import mlflow_utils as mu
@@ -189,8 +189,6 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"compare {name}: {len(cells)} cells x {len(backbones)} backbone(s) x {len(seeds)} seed(s) "
           f"-> {output}", flush=True)
     if args.report_only:
-        from ray_pinet.compare.grid import load_done
-
         if (output / "command.txt").exists():  # the grid's own command, not this one
             command = (output / "command.txt").read_text().strip()
         done = load_done(output / "cells.jsonl")
@@ -204,9 +202,9 @@ def run_compare(args: argparse.Namespace) -> int:
     # Every command that added cells to this grid, one per line: a rerun with more methods or
     # seeds extends the grid, and the report must show how each of its cells was made.
     earlier = (output / "command.txt").read_text().splitlines() if (output / "command.txt").exists() else []
-    if command not in earlier:
-        (output / "command.txt").write_text("\n".join(earlier + [command]) + "\n")
-    command = "\n".join(earlier + [command] if command not in earlier else earlier)
+    commands = earlier if command in earlier else earlier + [command]
+    (output / "command.txt").write_text("\n".join(commands) + "\n")
+    command = "\n".join(commands)
     uri = parent = None
     if base.tracking.enabled:
         uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,
@@ -218,8 +216,11 @@ def run_compare(args: argparse.Namespace) -> int:
             tags={"kind": "compare"},
         )
     try:
-        results = run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent, kind=args.kind)
-        files = write_report(results, output, f"ray-pinet compare: {name}", command, **report_args)
+        run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent, kind=args.kind)
+        # The report covers every finished cell of the grid, as command.txt lists every command
+        # that made one (an extension with more methods used to report only its own cells).
+        files = write_report(list(load_done(output / "cells.jsonl").values()), output,
+                             f"ray-pinet compare: {name}", command, **report_args)
     except BaseException:
         if uri and parent:
             mu.finish_run(uri, parent, status="FAILED")
