@@ -16,6 +16,7 @@ from typing import Optional
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml
+from ray_pinet.outputs import replaced_dir, write_file
 from ray_pinet.retrain.partitions import Partition, canonical_columns, discover, select
 
 GATE_METRICS = ("ndcg", "hr", "auc", "gauc")
@@ -38,6 +39,9 @@ class RetrainOptions:
             raise ConfigError(f"--metric {self.metric!r} is not one of {list(GATE_METRICS)}")
         if not 0.0 <= self.tolerance < 1.0:
             raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+        if "'" in self.model_name and '"' in self.model_name:  # mlflow_utils.filter_literal
+            raise ConfigError(f"--model {self.model_name!r} holds both quote characters, which MLflow's "
+                              "search filters cannot express: drop one of them")
 
 
 def prepared_dir(base: TrainConfig, through: str) -> Path:
@@ -67,8 +71,26 @@ def prepare_partitions(base: TrainConfig, parts: list[Partition], out: Path, ove
                      "columns": {c: c for c in cols if c in ("user_id", "item_id", "timestamp", "rating", "behavior")}}
     raw["output"] = str(out)
     prepare(from_dict(PrepareConfig, apply_overrides(raw, overrides)), progress=progress)
-    marker.write_text(json.dumps(record, indent=2))
+    write_file(marker, json.dumps(record, indent=2))  # atomic: a torn marker would mislabel the data
     return out
+
+
+def write_report(out: Path, summary: dict, uri: str, run_id: str) -> None:
+    """The report folder ``out`` (summary.json, drift.json, drift.md, drift.png), also logged to
+    the candidate's MLflow run. It appears whole or not at all: a retrain failing here (a plot,
+    the tracking server) leaves the previous report of this run name as it was. ``warm_start/``
+    (the candidate's start, written there before the fit) stays in the folder."""
+    from ray_pinet.retrain.gate import report_markdown
+    from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.tracking.plots import plot_retrain
+
+    with replaced_dir(out, keep=("warm_start",)) as new:
+        (new / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        (new / "drift.json").write_text(json.dumps({"drift": summary["drift"], "gate": summary["gate"]}, indent=2))
+        (new / "drift.md").write_text(report_markdown(summary))
+        plot_retrain(summary["gate"], summary["drift"], new / "drift.png")
+        for f in ("summary.json", "drift.json", "drift.md", "drift.png"):
+            mu.log_artifact(uri, run_id, new / f, "retrain")
 
 
 def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -> dict:
@@ -80,9 +102,8 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     from ray_pinet.models.registry import build_model
     from ray_pinet.retrain import warm
     from ray_pinet.evaluation.bootstrap import paired_intervals
-    from ray_pinet.retrain.gate import drift, gate, report_markdown
+    from ray_pinet.retrain.gate import drift, gate
     from ray_pinet.tracking import mlflow_utils as mu
-    from ray_pinet.tracking.plots import plot_retrain
     from ray_pinet.tracking.registry import register_run
     from ray_pinet.training.batches import EvalRows
     from ray_pinet.training.trainer import fit, load_run_meta, rebuild_model
@@ -165,13 +186,7 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
         summary["registered"] = reg["uri"]
 
     out = storage / "retrain" / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    (out / "drift.json").write_text(json.dumps({"drift": summary["drift"], "gate": summary["gate"]}, indent=2))
-    (out / "drift.md").write_text(report_markdown(summary))
-    plot_retrain(summary["gate"], summary["drift"], out / "drift.png")
-    for f in ("summary.json", "drift.json", "drift.md", "drift.png"):
-        mu.log_artifact(uri, res.run_id, out / f, "retrain")
+    write_report(out, summary, uri, res.run_id)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

@@ -146,36 +146,48 @@ def from_checkpoint(checkpoint_dir: str) -> Incumbent:
 
 
 def from_registry(uri: str, model_name: str) -> Optional[Incumbent]:
-    """The latest version of a registered model (None when the name has no version yet)."""
+    """The latest version of a registered model; None only when the registry has no model of
+    that name (or no version of it). A registry it cannot read is a ``RegistryError``, never
+    "no incumbent" (that would register the candidate ungated).
+
+    The model is rebuilt from the run's plain weights artifact (``MODEL_STATE_ARTIFACT``), read
+    with ``weights_only=True``: the pickled served model is never loaded, so a tampered version
+    runs nothing (``RefusedCheckpoint``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        versions = client.search_model_versions(f"name='{model_name}'")
-    except MlflowException:
-        return None
+    from ray_pinet.checkpoint_io import RefusedCheckpoint, load_weights
+    from ray_pinet.tracking.mlflow_utils import MODEL_STATE_ARTIFACT
+    from ray_pinet.tracking.registry import RegistryError, model_versions, registry_failure
+    from ray_pinet.training.trainer import rebuild_model
+
+    versions = model_versions(uri, model_name)
     if not versions:
         return None
     mv = max(versions, key=lambda v: int(v.version))
-    mlflow.set_tracking_uri(uri)
-    served = mlflow.pytorch.load_model(f"models:/{model_name}/{mv.version}")
+    where = f"models:/{model_name}/{mv.version}"
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            vocab = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=VOCAB_ARTIFACT, dst_path=tmp)
-            strata_file = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="data/strata.json",
-                                                              dst_path=tmp)
-        except (MlflowException, OSError) as exc:
-            raise FileNotFoundError(f"models:/{model_name}/{mv.version} (run {mv.run_id}) has no "
-                                    f"{VOCAB_ARTIFACT} / data/strata.json artifact: it was not logged by "
-                                    f"ray-pinet >= 0.1 train; warm-start with --checkpoint instead") from exc
-        ids = item_ids(vocab)
-        strata = json.loads(Path(strata_file).read_text())
-    model = served.model
-    model.use_plugins = getattr(model, "use_plugins", False)
-    model.eval()
-    return Incumbent(model, ids, strata, mv.tags.get("data.through"), f"models:/{model_name}/{mv.version}",
+        files = {}
+        for key, artifact in (("vocab", VOCAB_ARTIFACT), ("strata", "data/strata.json"),
+                              ("state", MODEL_STATE_ARTIFACT)):
+            try:
+                files[key] = mlflow.artifacts.download_artifacts(
+                    run_id=mv.run_id, artifact_path=artifact, dst_path=tmp, tracking_uri=uri)
+            except (MlflowException, OSError) as exc:
+                missing = isinstance(exc, OSError) or exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+                if not missing:
+                    raise registry_failure(uri, model_name, exc, "download from") from exc
+                raise RegistryError(
+                    f"{where} (run {mv.run_id}) has no {artifact} artifact: it was logged by an older "
+                    "ray-pinet (or is a per-stratum ensemble); warm-start with --checkpoint") from exc
+        ids = item_ids(files["vocab"])
+        strata = json.loads(Path(files["strata"]).read_text())
+        label = f"{where} {MODEL_STATE_ARTIFACT}"
+        snap = load_weights(files["state"], label=label)
+    if not isinstance(snap, dict) or not {"config", "meta", "model"} <= set(snap):
+        raise RefusedCheckpoint("not a ray-pinet model state (a dict with config, meta and model)", file=label)
+    model, _, _ = rebuild_model(snap)
+    return Incumbent(model, ids, strata, mv.tags.get("data.through"), where,
                      version=str(mv.version), run_id=mv.run_id)
 
 
@@ -189,7 +201,10 @@ def write_warm_checkpoint(state: dict, cfg_dict: dict, meta: dict, where: str | 
     candidate's own config and data (warm_start reads the backbone part)."""
     from ray_pinet.training.worker import STATE_FILE
 
-    os.makedirs(where, exist_ok=True)
-    torch.save({"config": cfg_dict, "meta": meta, "model": state, "engine": {"stage": 3}},
-               os.path.join(where, STATE_FILE))
+    from ray_pinet.checkpoint_io import save_weights
+    from ray_pinet.outputs import replaced_dir
+
+    with replaced_dir(where) as new:  # a failed write leaves the previous warm start whole
+        save_weights({"config": cfg_dict, "meta": meta, "model": state, "engine": {"stage": 3}},
+                     os.path.join(new, STATE_FILE))
     return str(where)

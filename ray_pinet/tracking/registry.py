@@ -7,6 +7,44 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ray_pinet.config_base import ConfigError
+
+
+class RegistryError(ConfigError):
+    """The model registry could not be read or written (unreachable, refused, or a registered
+    version ray-pinet cannot use). Never read as "no registered model": that would register a
+    candidate as a first training, past the gate."""
+
+
+def registry_failure(uri: str, model_name: str, exc: BaseException, doing: str = "read") -> RegistryError:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return RegistryError(f"could not {doing} the model registry at {uri} for model {model_name!r}: {text[:400]}")
+
+
+def model_versions(uri: str, model_name: str) -> Optional[list]:
+    """Every version of the registered model ``model_name``; None when the registry has no model
+    of that name or it has no version. Any other registry error is a ``RegistryError``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ray_pinet.tracking.mlflow_utils import filter_literal
+
+    literal = filter_literal(model_name)  # a name no filter can express fails before any request
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise registry_failure(uri, model_name, exc) from exc
+    except Exception as exc:  # connection errors that MLflow did not wrap
+        raise registry_failure(uri, model_name, exc) from exc
+    try:
+        found = client.search_model_versions(f"name={literal}")
+    except Exception as exc:
+        raise registry_failure(uri, model_name, exc) from exc
+    return [v for v in found if v.name == model_name] or None
+
 
 def stratum_tags(data_path: Optional[str]) -> dict[str, str]:
     """Tags describing the stratification of a prepared-data directory (its strata.json)."""
@@ -33,10 +71,7 @@ def register_run(uri: str, run_id: str, model_name: str, tags: dict[str, str],
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    try:
-        existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
-    except Exception:  # the registered model does not exist yet
-        existing = []
+    existing = [v for v in model_versions(uri, model_name) or [] if v.run_id == run_id]
     tags = {"source_run": run_id, **tags, **stratum_tags(data_path)}
     if existing:
         mv = existing[0]

@@ -158,6 +158,8 @@ def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
 def _worker(config: dict) -> None:
     import ray.train
 
+    from ray_pinet.checkpoint_io import save_weights
+
     torch.set_num_threads(1)
     p = Problem(**config["problem"])
     out = compute(p, synthetic_train_table(p))
@@ -165,7 +167,7 @@ def _worker(config: dict) -> None:
     if ctx.get_world_rank() == 0:
         d = tempfile.mkdtemp(prefix="ray-pinet-exact-")
         try:
-            torch.save(out, os.path.join(d, "out.pt"))
+            save_weights(out, os.path.join(d, "out.pt"))
             ray.train.report({"done": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
         finally:
             shutil.rmtree(d, ignore_errors=True)
@@ -184,9 +186,11 @@ def run_distributed(p: Problem, num_workers: int, storage_path: str, name: str =
         scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name=name, storage_path=storage_path),
     )
+    from ray_pinet.checkpoint_io import load_weights
+
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, "out.pt"), weights_only=False)
+        return load_weights(os.path.join(d, "out.pt"))
 
 
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

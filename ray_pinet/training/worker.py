@@ -69,8 +69,12 @@ def _read_shard(name: str) -> pa.Table:
 
 
 def load_state(checkpoint_dir: str) -> dict:
-    """The engine snapshot (``state.pt``) of a checkpoint directory, on the CPU."""
-    return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    """The engine snapshot (``state.pt``) of a checkpoint directory, on the CPU. Loaded with
+    ``weights_only=True`` (``checkpoint_io``): a file holding anything but tensors and plain values
+    is refused (``RefusedCheckpoint``, a ``DataError`` naming it) and nothing in it runs."""
+    from ray_pinet.checkpoint_io import load_weights
+
+    return load_weights(os.path.join(checkpoint_dir, STATE_FILE))
 
 
 def load_backbone_state(checkpoint_dir: str) -> dict:
@@ -109,6 +113,8 @@ def _mlflow_logger(info: Optional[dict]):
 def train_func(config: dict[str, Any]) -> None:
     import ray.train
 
+    from ray_pinet.checkpoint_io import save_weights
+
     cfg = TrainConfig.from_dict(config["train"])
     meta = RunMeta(**config["meta"])
     ctx = ray.train.get_context()
@@ -129,7 +135,7 @@ def train_func(config: dict[str, Any]) -> None:
             return
         d = tempfile.mkdtemp(prefix="ray-pinet-ckpt-")
         try:
-            torch.save(snap, os.path.join(d, STATE_FILE))
+            save_weights(snap, os.path.join(d, STATE_FILE))
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
         finally:
             shutil.rmtree(d, ignore_errors=True)
