@@ -21,9 +21,19 @@ from ray_pinet.config_base import ConfigError
 _TMP_PREFIX = "."  # hidden: listings of the parent (date partitions, report folders) skip it
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(target: Path, kind: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}.{kind}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}.{kind}-", dir=target.parent))
+    # mkdtemp makes it owner-only (0700); once swapped in it is the output, with the mode a
+    # plain mkdir gives (prepared data on a shared mount is read by other users' workers)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 @contextmanager
@@ -73,6 +83,7 @@ def write_file(target: str | Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -91,3 +102,17 @@ def refuse_input_inside(output: str | Path, inputs: Iterable[str | Path], what: 
         if q == out or out in q.parents:
             raise ConfigError(f"input {p} lies inside the {what} {output}, which this command replaces: "
                               f"copy the input elsewhere or choose another {what}")
+
+
+def refuse_foreign(output: str | Path, known: Iterable[str], what: str = "output") -> None:
+    """ConfigError when an existing ``output`` folder holds entries outside ``known`` (the names
+    the command writes): replacing the folder as a whole would delete them with it, e.g. a
+    prepare pointed at ``.`` or at a folder of raw logs."""
+    out = Path(output)
+    if not out.is_dir():
+        return
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in set(known))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"the {what} {output} holds entries this command did not write ({shown}); "
+                          f"it replaces the whole folder: choose another {what}, or move them away")

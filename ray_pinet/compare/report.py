@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ray_pinet.compare.grid import CellResult
+from ray_pinet.outputs import write_file
 
 METRICS = ("ndcg@10", "hr@10", "auc", "gauc")
 CHANGE_METRICS = ("ndcg@10", "auc")
@@ -130,7 +131,8 @@ def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], met
     return {"absolute": pd.DataFrame(absolute), "change": pd.DataFrame(change)}
 
 
-def plot(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], path: Path, metric: str = "ndcg@10") -> None:
+def plot(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], path, metric: str = "ndcg@10") -> None:
+    """The bar chart, saved to ``path`` (a file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,8 +155,10 @@ def plot(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], path:
         ax.set_title(backbone)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def with_stage1_rows(results: Sequence[CellResult]) -> list[CellResult]:
@@ -177,17 +181,21 @@ def with_stage1_rows(results: Sequence[CellResult]) -> list[CellResult]:
 def write_report(results: Sequence[CellResult], output: Path, title: str, command: str, reference: str = "joint",
                  metrics: Sequence[str] = METRICS, change_metrics: Sequence[str] = CHANGE_METRICS) -> dict[str, Path]:
     """report.md, report.html, results.csv (every seed), summary.csv and ndcg.png in ``output``;
-    changes are measured against the ``reference`` cell (joint; twobp in two-tower grids)."""
-    output.mkdir(parents=True, exist_ok=True)
+    changes are measured against the ``reference`` cell (joint; twobp in two-tower grids).
+
+    Every file is made in memory first and then written atomically (``write_file``), so a report
+    that fails (a plot that cannot be drawn, a bad cell) leaves the previous one as it was; the
+    folder itself is not replaced: it also holds the grid's cells.jsonl and command.txt."""
+    import io
+
     results = with_stage1_rows(results)
     df = long_table(results, metrics)
     summ = summary(df, reference)
     slices = slices_of(results)
     labels = list(dict.fromkeys(r.label for r in results))
     t = tables(summ, slices, labels, metrics, change_metrics)
-    df.to_csv(output / "results.csv", index=False)
-    summ.to_csv(output / "summary.csv", index=False)
-    plot(summ, slices, labels, output / "ndcg.png")
+    png = io.BytesIO()
+    plot(summ, slices, labels, png)
     seeds = sorted({r.seed for r in results})
     note = (f"Test split; mean ± std over seeds {seeds}; models selected on validation only. "
             f"Change = relative difference of the means against `{reference}` (same backbone); "
@@ -198,11 +206,13 @@ def write_report(results: Sequence[CellResult], output: Path, title: str, comman
           "", note, "", "## Test metrics", "",
           markdown(t["absolute"]), "", f"## {change_title}", "",
           markdown(t["change"]), "", "![NDCG@10 per slice](ndcg.png)", ""]
-    (output / "report.md").write_text("\n".join(md))
     html = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>",
             f"<h1>{title}</h1>" + "".join(f"<p><code>{c}</code></p>" for c in commands) + f"<p>{note}</p>",
             "<h2>Test metrics</h2>", t["absolute"].to_html(index=False),
             f"<h2>{change_title}</h2>", t["change"].to_html(index=False),
             "<img src='ndcg.png'></body></html>"]
-    (output / "report.html").write_text("\n".join(html))
+    files = {"results.csv": df.to_csv(index=False), "summary.csv": summ.to_csv(index=False),
+             "ndcg.png": png.getvalue(), "report.md": "\n".join(md), "report.html": "\n".join(html)}
+    for name, data in files.items():  # the two reports last: they show the rest
+        write_file(output / name, data)
     return {n: output / n for n in ("report.md", "report.html", "results.csv", "summary.csv", "ndcg.png")}

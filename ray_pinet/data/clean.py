@@ -2,6 +2,12 @@
 
 Order of the steps, each counted in the returned stats (rows, and users that lose all their rows):
 
+Before any step, a user whose timestamps lie on two scales (some in seconds, some ~1000x larger in
+milliseconds, or us/ns) is an error (``MixedScale``, a DataError): sorting such a user's events would
+put the millisecond ones last without a word. Scales are the bands of epoch times from 1973 to 2286
+(1e8..1e10 s, 1e11..1e13 ms, ...); values outside every band (positions, small counters) are not
+judged.
+
 0. ``sample_users`` < 1: only users whose id hashes below that share are kept (``in_user_sample``);
    then ``source.behaviors``: when not empty, only rows with one of these behaviours are kept.
 1. ``min_rating``: rows rated below it are removed.
@@ -28,6 +34,7 @@ import pyarrow.compute as pc
 from ray_pinet.data.config import CleanConfig
 from ray_pinet.data.samples import sorted_unique
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
+from ray_pinet.errors import DataError
 
 STAT_KEYS = (
     "rows_in",
@@ -60,6 +67,7 @@ def clean_bucket(
     table: pa.Table, cfg: CleanConfig, behaviors: list[str] | tuple[str, ...] = ()
 ) -> CleanedBucket:
     """Apply the cleaning policies to ``table`` (canonical columns, rows in source order)."""
+    check_scales(table)
     stats = dict.fromkeys(STAT_KEYS, 0)
     stats["rows_in"] = table.num_rows
     stats["users_in"] = n_users = pc.count_distinct(table[USER]).as_py()
@@ -156,6 +164,55 @@ def clean_bucket(
         ),
         stats=stats,
     )
+
+
+_SCALES = ("seconds", "milliseconds", "microseconds", "nanoseconds")
+
+
+def _scale_band(ts: np.ndarray) -> np.ndarray:
+    """Per value: 0 s, 1 ms, 2 us, 3 ns (epoch times 1973..2286 in that unit), -1 outside all bands."""
+    band = np.full(len(ts), -1, dtype=np.int64)
+    for k in range(len(_SCALES)):
+        band[(ts >= 10 ** (8 + 3 * k)) & (ts < 10 ** (10 + 3 * k))] = k
+    return band
+
+
+class MixedScale(DataError):
+    """A user's timestamps on two scales; ``position`` = the table row of the offending value."""
+
+    def __init__(self, reason: str, position: int, value: int) -> None:
+        super().__init__(reason, column=TS, value=value)
+        self.position = position
+
+
+def check_scales(table: pa.Table) -> None:
+    """Raise ``MixedScale`` for the first row (table order) whose timestamp is on another scale
+    than most of its user's. Two reductions when the whole table is on one scale (real logs)."""
+    if table.num_rows == 0:
+        return
+    lo, hi = (v.as_py() for v in pc.min_max(table[TS]).values())
+    ends = _scale_band(np.array([lo, hi], dtype=np.int64))
+    if ends[0] == ends[1] and ends[0] >= 0 or hi < 10**8:
+        return  # all on one scale, or none in any band
+    ts = table[TS].to_numpy()
+    band = _scale_band(ts)
+    ok = band >= 0
+    if len(np.unique(band[ok])) < 2:
+        return
+    _, u = _encode(table[USER])
+    k = len(_SCALES)
+    counts = np.bincount(u[ok] * k + band[ok], minlength=(int(u.max()) + 1) * k).reshape(-1, k)
+    mixed = (counts > 0).sum(axis=1) > 1
+    if not mixed.any():
+        return
+    major = counts.argmax(axis=1)
+    bad = ok & mixed[u] & (band != major[u])
+    i = int(np.flatnonzero(bad)[0])
+    other = int(ts[np.flatnonzero((u == u[i]) & (band == major[u[i]]))[0]])
+    raise MixedScale(
+        f"timestamps of user {table[USER][i].as_py()!r} mix scales: this one looks like "
+        f"{_SCALES[band[i]]}, most of theirs like {_SCALES[major[u[i]]]} (e.g. {other}); "
+        "their order would be wrong: convert the log to one unit", i, int(ts[i]))
 
 
 def per_user(user_ids: pa.Array | pa.ChunkedArray, fn: Callable[[str], Any], dtype) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ray_pinet.config_base import ConfigError
+from ray_pinet.config_base import ConfigError, require
 
 SOURCES = ("movielens_100k", "movielens_csv", "amazon_seq", "amazon2018_csv", "taobao_csv", "csv", "parquet")
 
@@ -31,6 +31,9 @@ class SourceConfig:
     def validate(self) -> None:
         if self.format not in SOURCES:
             raise ConfigError(f"format: {self.format!r} is not one of {list(SOURCES)}")
+        paths = self.path if isinstance(self.path, list) else [self.path]
+        # An empty path would read the working directory (recursively).
+        require(all(str(p).strip() for p in paths), "path", "a file, folder, glob or URI (not empty)", self.path)
         if self.format in ("csv", "parquet"):
             missing = {"user_id", "item_id"} - set(self.columns) - {"timestamp"}
             # Generic readers default each canonical column to the same name in the file.
@@ -120,3 +123,8 @@ class PrepareConfig:
     output: str = "prepared/ml-latest-small"
     seed: int = 0
     num_buckets: int = 8  # user-hash partitions: each bucket holds whole users; bounds memory per task
+
+    def validate(self) -> None:
+        require(bool(self.output.strip()), "output", "a directory", self.output)
+        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        require(self.num_buckets >= 1, "num_buckets", ">= 1", self.num_buckets)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,13 @@ from ray_pinet.config_base import to_dict
 from ray_pinet.data.sources import read_log
 from ray_pinet.data.strata import assign_strata, format_strata_table, strata_stats
 from ray_pinet.keyed_random import stream_key, uniform_matrix
+from ray_pinet.outputs import refuse_foreign, refuse_input_inside, replaced_dir
 
 PURPOSE_SPLIT = 41
 SPLITS = ("train", "valid", "test")
 PAIR_COLUMNS = ("sample_id", "user", "item", "stratum")
+PAIR_OUTPUTS = (*(f"{s}.parquet" for s in SPLITS), "users.parquet", "items.parquet", "meta.json",
+                "report.json", "prepare_config.json")
 
 
 def keyed_split(keys: np.ndarray, test_share: float, valid_share: float, seed: int) -> np.ndarray:
@@ -51,8 +55,13 @@ def keyed_split(keys: np.ndarray, test_share: float, valid_share: float, seed: i
 def _dense(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique raw ids, dense index of each row); numeric ids sort as numbers."""
     values = ids.astype(str)
-    if len(values) and np.char.isdigit(values).all():
-        uniq, inv = np.unique(values.astype(np.int64), return_inverse=True)
+    if len(values) and np.char.isdecimal(values).all():
+        try:
+            numbers = values.astype(np.int64)
+        except OverflowError:  # an id above int64 (issue 18): Python ints, on this path only
+            uniq, inv = np.unique(np.array([int(v) for v in values], dtype=object), return_inverse=True)
+            return np.array([str(v) for v in uniq]), inv
+        uniq, inv = np.unique(numbers, return_inverse=True)
         return uniq.astype(str), inv
     return np.unique(values, return_inverse=True)
 
@@ -61,6 +70,8 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
     """Write the pair splits of ``cfg`` (a ``PairDataSection``) to ``cfg.output``; its path."""
     out = Path(cfg.output)
     table, files = read_log(cfg.source)
+    refuse_input_inside(out, [f for f in files if os.path.isabs(f)])  # local files (not bucket/key)
+    refuse_foreign(out, PAIR_OUTPUTS)
     report: dict = {"files": files, "rows_read": table.num_rows, "removed": {}}
     users_raw = table.column("user_id").to_numpy(zero_copy_only=False)
     items_raw = table.column("item_id").to_numpy(zero_copy_only=False)
@@ -97,32 +108,34 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
     activeness = np.bincount(users[part == 0], minlength=num_users)
     stratum = assign_strata(activeness, cfg.strata)
     stats = strata_stats(activeness, stratum, cfg.strata)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for code, name in enumerate(SPLITS):
-        sel = part == code
-        rows[name] = int(sel.sum())
-        cols = {"sample_id": np.arange(rows[name], dtype=np.int64), "user": users[sel].astype(np.int64),
-                "item": items[sel].astype(np.int64), "stratum": stratum[users[sel]].astype(np.int8)}
+    # Written into a temporary sibling and swapped in whole: a failed run leaves the previous
+    # folder as it was, and ensure_pairs (which trusts meta.json) never meets a half-written one.
+    with replaced_dir(out) as tmp:
+        rows = {}
+        for code, name in enumerate(SPLITS):
+            sel = part == code
+            rows[name] = int(sel.sum())
+            cols = {"sample_id": np.arange(rows[name], dtype=np.int64), "user": users[sel].astype(np.int64),
+                    "item": items[sel].astype(np.int64), "stratum": stratum[users[sel]].astype(np.int8)}
+            if labels is not None:
+                cols["label"] = labels[sel]
+            pq.write_table(pa.table(cols), tmp / f"{name}.parquet")
+        pq.write_table(pa.table({"user_id": user_ids, "user": np.arange(num_users, dtype=np.int64),
+                                 "activeness": activeness.astype(np.int64), "stratum": stratum.astype(np.int8)}),
+                       tmp / "users.parquet")
+        popularity = np.bincount(items, minlength=num_items)
+        pq.write_table(pa.table({"item_id": item_ids, "item": np.arange(num_items, dtype=np.int64),
+                                 "popularity": popularity.astype(np.int64),
+                                 "train_count": np.bincount(items[part == 0], minlength=num_items).astype(np.int64)}),
+                       tmp / "items.parquet")
+        meta = {"num_users": num_users, "num_items": num_items, "rows": rows, "num_strata": cfg.strata.num_strata,
+                "strata": stats, "hot_share": cfg.hot_share, "labeled": labels is not None}
         if labels is not None:
-            cols["label"] = labels[sel]
-        pq.write_table(pa.table(cols), out / f"{name}.parquet")
-    pq.write_table(pa.table({"user_id": user_ids, "user": np.arange(num_users, dtype=np.int64),
-                             "activeness": activeness.astype(np.int64), "stratum": stratum.astype(np.int8)}),
-                   out / "users.parquet")
-    popularity = np.bincount(items, minlength=num_items)
-    pq.write_table(pa.table({"item_id": item_ids, "item": np.arange(num_items, dtype=np.int64),
-                             "popularity": popularity.astype(np.int64),
-                             "train_count": np.bincount(items[part == 0], minlength=num_items).astype(np.int64)}),
-                   out / "items.parquet")
-    meta = {"num_users": num_users, "num_items": num_items, "rows": rows, "num_strata": cfg.strata.num_strata,
-            "strata": stats, "hot_share": cfg.hot_share, "labeled": labels is not None}
-    if labels is not None:
-        meta["positive_share"] = {name: float(labels[part == code].mean()) if rows[name] else math.nan
-                                  for code, name in enumerate(SPLITS)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            meta["positive_share"] = {name: float(labels[part == code].mean()) if rows[name] else math.nan
+                                      for code, name in enumerate(SPLITS)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if progress:
         removed = ", ".join(f"{v:,} {k}" for k, v in report["removed"].items()) or "nothing"
         print(f"pairs: {report['rows_read']:,} rows read from {', '.join(files)}; removed {removed}")

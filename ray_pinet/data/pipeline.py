@@ -27,6 +27,7 @@ has each phase's task count, summed and maximum task wall time and summed task C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -38,17 +39,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_pinet.config_base import ConfigError, to_dict
-from ray_pinet.data.clean import STAT_KEYS, clean_bucket, per_user
+from ray_pinet.data.clean import STAT_KEYS, MixedScale, clean_bucket, per_user
 from ray_pinet.data.config import PrepareConfig
 from ray_pinet.data.samples import SampleMaps, build_samples, num_windows
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
-from ray_pinet.data.sources import FileStats, display_name, output_columns, read_file, resolve_inputs
+from ray_pinet.data.sources import (FileStats, display_name, first_row, output_columns, read_file,
+                                    resolve_inputs)
 from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
 from ray_pinet.data.strata import assign_strata, format_strata_table, strata_stats
 from ray_pinet.errors import DataError
+from ray_pinet.outputs import refuse_foreign, refuse_input_inside, replaced_dir
 
 SPLITS = ("train", "valid", "test")
 CANONICAL_PART_ROWS = 4 << 20
@@ -58,6 +62,7 @@ CANONICAL_PART_ROWS = 4 << 20
 SCRATCH_PARQUET = {"compression": "none", "use_dictionary": False}
 _OUTPUTS = ("canonical", *SPLITS, "users.parquet", "items.parquet", "strata.json", "report.json",
             "prepare_config.json", "_work")
+_DROPPED = ("partitions.json",)  # written into a prepared folder by retrain; see prepare()
 
 
 @dataclass
@@ -68,60 +73,79 @@ class PrepareResult:
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
-    """Run the whole preparation and write ``cfg.output``; prints a summary. See docs/design.md."""
+    """Run the whole preparation and write ``cfg.output``; prints a summary. See docs/design.md.
+
+    The output appears whole or not at all: everything is written into a temporary sibling
+    folder, swapped in only when every phase succeeded, so a failed run (a mistyped input path,
+    a bad row) leaves a previous prepared folder exactly as it was. Refused before anything is
+    written: an input inside the output (replacing the output would delete it) and an existing
+    output holding entries prepare does not write (they would be deleted with it).
+    """
     import ray
 
     _validate(cfg)
     out = Path(cfg.output)
-    work = out / "_work"
-    for name in _OUTPUTS:  # only the paths this function writes
-        p = out / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    for d in ("canonical", *SPLITS, "_work/buckets", "_work/clean"):
-        (out / d).mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    fs, files = resolve_inputs(cfg.source.path, notes)  # before anything is touched
+    if isinstance(fs, pafs.LocalFileSystem):
+        refuse_input_inside(out, files)
+    # Nothing that other commands put into a prepared folder is carried over: ``partitions.json``
+    # (retrain) says which date partitions the folder holds, which a re-prepare may change;
+    # retrain writes it again after the prepare it runs itself, and a missing one only costs
+    # retrain a fresh prepare, while a stale one would make it reuse the wrong data.
+    refuse_foreign(out, (*_OUTPUTS, *_DROPPED))
     ensure_ray()
     timings: dict[str, float] = {}
     tasks: dict[str, dict] = {}
-    t = time.perf_counter()
-    try:
-        fs, files = resolve_inputs(cfg.source.path)
-        bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
-        bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
-        ingest_args = [(i, fs, f, cfg, bucket_cols) for i, f in enumerate(files)]
-        ingested = run_tasks(_ingest_file, ingest_args, "ingest", progress, tasks)
-        rows_read = sum(r["rows_read"] for r in ingested)
-        if rows_read == 0:
-            where = files[0] if len(files) == 1 else cfg.source.path
-            raise DataError("input is empty: no data rows", file=where)
-        timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
+    # A real output that is a symlink is replaced at its target (the link stays).
+    with replaced_dir(out.resolve() if out.is_symlink() else out) as tmp:
+        # The tasks write under ``cfg.output``: the temporary folder; prepare_config.json below
+        # records the real one.
+        tcfg = dataclasses.replace(cfg, output=str(tmp))
+        work = tmp / "_work"
+        for d in ("canonical", *SPLITS, "_work/buckets", "_work/clean"):
+            (tmp / d).mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        try:
+            bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
+            bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
+            ingest_args = [(i, fs, f, tcfg, bucket_cols) for i, f in enumerate(files)]
+            ingested = run_tasks(_ingest_file, ingest_args, "ingest", progress, tasks)
+            rows_read = sum(r["rows_read"] for r in ingested)
+            if rows_read == 0:
+                where = files[0] if len(files) == 1 else cfg.source.path
+                raise DataError("input is empty: no data rows", file=where)
+            timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
 
-        buckets = range(cfg.num_buckets)
-        cleaned = run_tasks(_clean_bucket, [(b, cfg, bucket_cols) for b in buckets], "clean", progress, tasks)
-        timings["clean"], t = time.perf_counter() - t, time.perf_counter()
+            buckets = range(cfg.num_buckets)
+            cleaned = run_tasks(_clean_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
+                                progress, tasks)
+            timings["clean"], t = time.perf_counter() - t, time.perf_counter()
 
-        plan = _plan(cfg, cleaned)
-        maps_refs = [ray.put(m) for m in plan.maps]
-        items_ref = ray.put(plan.item_ids)
-        pq.write_table(plan.users, out / "users.parquet")
-        pq.write_table(plan.items, out / "items.parquet")
-        timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
+            plan = _plan(cfg, cleaned)
+            maps_refs = [ray.put(m) for m in plan.maps]
+            items_ref = ray.put(plan.item_ids)
+            pq.write_table(plan.users, tmp / "users.parquet")
+            pq.write_table(plan.items, tmp / "items.parquet")
+            timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
 
-        sample_args = [(b, cfg, maps_refs[b], items_ref) for b in buckets]
-        written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks)
-        timings["samples"] = time.perf_counter() - t
-        del maps_refs, items_ref, sample_args
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            sample_args = [(b, tcfg, maps_refs[b], items_ref) for b in buckets]
+            written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks)
+            timings["samples"] = time.perf_counter() - t
+            del maps_refs, items_ref, sample_args
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
-    counts = {s: sum(w[s] for w in written) for s in SPLITS}
-    expected = {"train": plan.train_rows, "valid": plan.valid_rows, "test": plan.test_rows}
-    if counts != expected:
-        raise RuntimeError(f"internal error: wrote {counts} rows, planned {expected}")
-    report = _report(cfg, ingested, cleaned, plan, counts, timings)
-    report["tasks"] = tasks
-    (out / "strata.json").write_text(json.dumps(plan.strata, indent=2))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        counts = {s: sum(w[s] for w in written) for s in SPLITS}
+        expected = {"train": plan.train_rows, "valid": plan.valid_rows, "test": plan.test_rows}
+        if counts != expected:
+            raise RuntimeError(f"internal error: wrote {counts} rows, planned {expected}")
+        report = _report(cfg, ingested, cleaned, plan, counts, timings)
+        report["source"]["skipped_paths"] = notes
+        report["tasks"] = tasks
+        (tmp / "strata.json").write_text(json.dumps(plan.strata, indent=2))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     result = PrepareResult(output=out, strata=plan.strata, report=report)
     print(format_summary(result), flush=True)
     return result
@@ -186,14 +210,39 @@ def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[st
 # ----------------------------------------------------------------------------------------------
 
 
-def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str]) -> tuple[pa.Table, pa.Table, dict]:
+def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: list[str],
+                  fs=None) -> tuple[pa.Table, pa.Table, dict]:
     work = Path(cfg.output) / "_work"
-    files = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
+    paths = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
     schema = pa.schema([(c, {RATING: pa.float64(), TS: pa.int64()}.get(c, pa.string())) for c in bucket_cols])
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema.empty_table()
-    res = clean_bucket(table, cfg.clean, cfg.source.behaviors)
+    parts = [pq.read_table(f) for f in paths]
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    try:
+        res = clean_bucket(table, cfg.clean, cfg.source.behaviors)
+    except MixedScale as exc:
+        # The bucket keeps no line numbers (they would cost every row a column); on this error
+        # path the one input file holding the row is read again to name its line.
+        ends = np.cumsum([t.num_rows for t in parts])
+        k = int(np.searchsorted(ends, exc.position, side="right"))
+        source = int(paths[k].stem.split("-")[1])  # part-<input file index>.parquet
+        user = table[USER][exc.position].as_py()
+        raise _locate(exc, fs, files[source], cfg, user) from None
     pq.write_table(res.rows, work / "clean" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
     return res.users, res.items, res.stats
+
+
+def _locate(exc: MixedScale, fs, path: str, cfg: PrepareConfig, user: str) -> DataError:
+    """``exc`` with the file and line of the first row of ``user`` with timestamp ``exc.value``."""
+    name = display_name(fs, path)
+    row = 0
+    for t in read_file(fs, path, cfg.source, FileStats(name)):
+        hit = np.flatnonzero(pc.and_(pc.equal(t[USER], user), pc.equal(t[TS], exc.value)).to_numpy(
+            zero_copy_only=False))
+        if len(hit):
+            line = first_row(cfg.source) + row + int(hit[0]) if cfg.source.format != "amazon_seq" else None
+            return DataError(exc.reason, file=name, column=TS, row=line, value=exc.value)
+        row += t.num_rows
+    return DataError(exc.reason, file=name, column=TS, value=exc.value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +417,12 @@ def format_summary(result: PrepareResult) -> str:
         f"  read     {r['source']['rows_read']:>12,} rows  {r['source']['users_read']:>10,} users  "
         f"from {len(r['source']['files'])} file(s) ({r['source']['format']})",
     ]
+    skipped = r["source"].get("skipped_paths", [])
+    for note in skipped[:10]:
+        lines.append(f"  input    {note}")
+    if len(skipped) > 10:
+        lines.append(f"  input    ... {len(skipped) - 10} more skipped path(s): "
+                     "report.json source.skipped_paths")
     for f in r["filters"][:-1]:
         lines.append(
             f"  {f['filter']:<12} {str(f['setting']):<12} removed {f['removed_rows']:>10,} rows "

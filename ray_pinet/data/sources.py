@@ -22,7 +22,8 @@ what they are) and turn ISO-8601 strings (``timestamp_unit: iso``) and Parquet t
 unix seconds.
 
 Canonical form: ids are strings with surrounding whitespace removed (integer ids become their decimal
-text); ``timestamp`` int64; ``rating`` float64; ``behavior`` string. Nothing may be null or empty.
+text); ``timestamp`` int64; ``rating`` float64; ``behavior`` string. Nothing may be null or empty,
+and no id may hold a control character (C0 or DEL: a NUL, a newline).
 Every problem raises :class:`~ray_pinet.errors.DataError` naming the file, the column, the 1-based
 row (the physical line number in text files, counting the header; the row number in Parquet files)
 and the value. Blank lines are not skipped: they are reported, so line numbers stay exact.
@@ -30,8 +31,9 @@ and the value. Blank lines are not skipped: they are reported, so line numbers s
 
 from __future__ import annotations
 
-import glob as _glob
 import os
+import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -51,6 +53,7 @@ from ray_pinet.errors import DataError
 CHUNK_ROWS = 1 << 20  # rows per yielded table (bounds the memory of one reader)
 _CSV_BLOCK = 8 << 20
 _GLOB_CHARS = "*?["
+_CONTROL = "[\\x00-\\x1f\\x7f]"  # C0 controls and DEL
 
 # Headerless fixed layouts: file columns in order (canonical names; others are read and dropped).
 _FIXED = {
@@ -66,33 +69,62 @@ _MOVIELENS_CSV = {USER: "userId", ITEM: "movieId", RATING: "rating", TS: "timest
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_inputs(path: str | list[str]) -> tuple[pafs.FileSystem, list[str]]:
+def resolve_inputs(path: str | list[str],
+                   notes: list[str] | None = None) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and the sorted list of data files for a local path/dir/glob or a URI, or
     for a list of them (their union: how ``retrain`` names the date partitions it reads).
 
     Directories are listed recursively; names starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc``)
     are skipped. URIs go through pyarrow (``file://``, ``s3://``, ``gs://``, ``hdfs://``) and fall back
     to fsspec for other schemes and for globs.
+
+    Local symlinks are followed, to files and to folders (data often lives on another disk), but
+    every real folder is listed once and every real file read once: a link back into a folder
+    already listed (a loop) is not entered, and a file reached under a second name (a link and its
+    target, a list naming a folder and a file in it) is read under the first name only. Each such
+    path, and each broken link or non-regular file, goes into ``notes`` (printed to stderr when
+    ``notes`` is None) rather than being dropped without a word. An empty ``source.path`` is a
+    ConfigError (it would read the working directory).
     """
+    found: list[str] = []
+    fs, files = _resolve(path, found)
+    if notes is not None:
+        notes.extend(found)
+    else:
+        for n in found:
+            print(f"ray-pinet: input: {n}", file=sys.stderr, flush=True)
+    return fs, files
+
+
+def _resolve(path: str | list[str], notes: list[str]) -> tuple[pafs.FileSystem, list[str]]:
     if isinstance(path, (list, tuple)):
         if not path:
             raise DataError("input is empty: source.path is an empty list")
-        resolved = [resolve_inputs(p) for p in path]
+        resolved = [_resolve(p, notes) for p in path]
         kinds = {type(fs).__name__ + getattr(fs, "type_name", "") for fs, _ in resolved}
         if len(kinds) > 1:
             raise DataError(f"source.path mixes filesystems ({sorted(kinds)}): list paths of one kind")
-        return resolved[0][0], sorted({f for _, files in resolved for f in files})
+        fs, files = resolved[0][0], sorted({f for _, files in resolved for f in files})
+        if isinstance(fs, pafs.LocalFileSystem):
+            files = _once(files, notes)
+        return fs, files
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"source.path is empty ({path!r}): name a file, folder, glob or URI "
+                          "(an empty path would read the working directory)", key="source.path")
     if "://" in path:
         fs, root = _uri_filesystem(path)
     else:
         fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    local = isinstance(fs, pafs.LocalFileSystem)
     if any(c in root for c in _GLOB_CHARS):
-        files = _expand_glob(fs, path, root)
+        files = _local_glob(root, notes) if local else _expand_glob(fs, path, root)
     else:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise DataError("input path does not exist", file=path)
-        if info.type == pafs.FileType.Directory:
+        if info.type == pafs.FileType.Directory and local:
+            files = _walk(root, notes)
+        elif info.type == pafs.FileType.Directory:  # object stores: no links, no loops
             listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
             files = [i.path for i in listing if i.type == pafs.FileType.File and not _hidden(i.path, root)]
         else:
@@ -100,6 +132,119 @@ def resolve_inputs(path: str | list[str]) -> tuple[pafs.FileSystem, list[str]]:
     if not files:
         raise DataError("input is empty: no data files found", file=path)
     return fs, sorted(files)
+
+
+def _walk(root: str, notes: list[str], hidden: tuple[str, ...] = (".", "_"), depth: int = -1) -> list[str]:
+    """Regular files under ``root`` (links followed), each real folder listed and each real file
+    kept once; what is passed over is noted. Folders in sorted order, so which of two names of
+    one file is kept does not depend on the listing order. ``depth`` >= 0: no deeper folders."""
+    files: list[str] = []
+    dirs: dict[tuple[int, int], str] = {}
+    seen: dict[tuple[int, int], str] = {}
+    stack = [(root, 0)]
+    while stack:
+        d, level = stack.pop()
+        st = os.stat(d)
+        key = (st.st_dev, st.st_ino)
+        if key in dirs:
+            notes.append(f"{d}: not listed, the same folder as {dirs[key]} (a symlink loop or a second link)")
+            continue
+        dirs[key] = d
+        with os.scandir(d) as it:
+            entries = sorted((e for e in it if not e.name.startswith(hidden)), key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir():
+                    if depth < 0 or level < depth:
+                        subdirs.append((e.path, level + 1))
+                    continue
+                if not e.is_file():
+                    notes.append(f"{e.path}: skipped, " + ("a broken symlink" if e.is_symlink() else
+                                                             "not a regular file"))
+                    continue
+                fst = os.stat(e.path)
+            except OSError as exc:  # e.g. a link loop on a file name (ELOOP)
+                notes.append(f"{e.path}: skipped, {exc.strerror or exc}")
+                continue
+            fkey = (fst.st_dev, fst.st_ino)
+            if fkey in seen:
+                first = seen[fkey]
+                if os.path.islink(first) and not e.is_symlink():  # the file's own name wins over a link's
+                    files[files.index(first)] = seen[fkey] = e.path
+                    first, e_path = e.path, first
+                else:
+                    e_path = e.path
+                notes.append(f"{e_path}: skipped, the same file as {first} (read once)")
+                continue
+            seen[fkey] = e.path
+            files.append(e.path)
+        stack.extend(reversed(subdirs))  # depth-first in name order
+    return files
+
+
+def _once(files: list[str], notes: list[str]) -> list[str]:
+    """``files`` (sorted) without second names of one real file, each noted."""
+    out, seen = [], {}
+    for f in files:
+        st = os.stat(f)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            notes.append(f"{f}: skipped, the same file as {seen[key]} (read once)")
+            continue
+        seen[key] = f
+        out.append(f)
+    return out
+
+
+def _local_glob(pattern: str, notes: list[str]) -> list[str]:
+    """The files matching a local glob (``*``, ``?``, ``[...]`` within a name, ``**`` for any
+    folders), found by ``_walk`` from the pattern's fixed prefix: Python's ``glob`` follows a
+    symlink loop 40 levels deep (a file listed 41 times), and two loops multiply."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+    base = "/".join(parts[:fixed]) or "/"
+    if not os.path.isdir(base):
+        return []
+    regex = re.compile(re.escape(base.rstrip("/")) + "/" + _glob_regex(parts[fixed:]))
+    # glob's own rule: wildcards do not match names starting with "." (``_x`` names do match)
+    depth = -1 if "**" in parts[fixed:] else len(parts) - fixed - 1
+    return [f for f in _walk(base, notes, hidden=(".",), depth=depth) if regex.fullmatch(f)]
+
+
+def _glob_regex(parts: list[str]) -> str:
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, rx = 0, ""
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                rx += "[^/]*"
+            elif c == "?":
+                rx += "[^/]"
+            elif c == "[":
+                k = j + 1 + (part[j + 1:j + 2] == "!")
+                k += part[k:k + 1] == "]"  # a "]" first in the class is literal
+                end = part.find("]", k)
+                if end < 0:
+                    rx += re.escape(c)
+                else:
+                    body = part[j + 1:end].replace("\\", "\\\\")
+                    if body.startswith("!"):
+                        body = "^" + body[1:]
+                    elif body.startswith("^"):  # literal in a glob, negation in a regex
+                        body = "\\" + body
+                    rx += "[" + body + "]"
+                    j = end
+            else:
+                rx += re.escape(c)
+            j += 1
+        out.append(rx + ("" if last else "/"))
+    return "".join(out)
 
 
 def _hidden(p: str, root: str) -> bool:
@@ -120,8 +265,6 @@ def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _expand_glob(fs: pafs.FileSystem, path: str, root: str) -> list[str]:
-    if isinstance(fs, pafs.LocalFileSystem):
-        return [p for p in _glob.glob(root, recursive=True) if os.path.isfile(p)]
     ffs = fs.handler.fs  # PyFileSystem over fsspec (see _uri_filesystem)
     return [p for p in ffs.glob(root) if ffs.isfile(p)]
 
@@ -187,11 +330,29 @@ def read_file(fs: pafs.FileSystem, path: str, src: SourceConfig, stats: FileStat
         yield table
 
 
-def read_log(src: SourceConfig) -> tuple[pa.Table, list[str]]:
+def read_log(src: SourceConfig, file_rows: list[int] | None = None) -> tuple[pa.Table, list[str]]:
     """A whole (small) source as one canonical table, and its files: for tools that need the log
-    in memory (``ray-pinet partition``); ``prepare`` streams it instead."""
+    in memory (``ray-pinet partition``); ``prepare`` streams it instead. ``file_rows`` (optional)
+    gets the number of rows of each file, in order, so a row of the table can be traced back to
+    its file and line (``first_row``)."""
     fs, files = resolve_inputs(src.path)
-    return pa.concat_tables([t for f in files for t in read_file(fs, f, src, FileStats(f))]), files
+    tables = []
+    for f in files:
+        stats = FileStats(display_name(fs, f))
+        tables.extend(read_file(fs, f, src, stats))
+        if file_rows is not None:
+            file_rows.append(stats.rows_read)
+    if not tables:
+        raise DataError("input is empty: no data rows", file=files[0] if len(files) == 1 else str(src.path))
+    return pa.concat_tables(tables), files
+
+
+def first_row(src: SourceConfig) -> int:
+    """The 1-based line (row, in Parquet) of a file's first data row: 2 below a header, else 1.
+    Data rows are consecutive lines from there (blank lines are errors, never skipped); not for
+    ``amazon_seq``, whose rows are items of a line."""
+    header = src.format == "movielens_csv" or (src.format == "csv" and src.has_header)
+    return 2 if header else 1
 
 
 def _generic_mapping(src: SourceConfig) -> dict[str, str]:
@@ -252,6 +413,9 @@ def _csv_chunks(fs, path, name, src: SourceConfig) -> Iterator[tuple[dict[str, p
         stream = fs.open_input_stream(path, compression="detect")
         try:
             return pacsv.open_csv(stream, pacsv.ReadOptions(**read_opts), parse, convert)
+        except OSError as exc:  # truncated or corrupt compressed stream, I/O error
+            stream.close()
+            raise _unreadable(exc, name, 1) from None
         except pa.ArrowInvalid as exc:
             stream.close()
             if "Empty CSV file" in str(exc):
@@ -287,9 +451,18 @@ def _csv_chunks(fs, path, name, src: SourceConfig) -> Iterator[tuple[dict[str, p
                 break
             except pa.ArrowInvalid as exc:
                 raise _csv_error(exc, invalid, name, names or file_cols, line, canonical) from None
+            except OSError as exc:
+                raise _unreadable(exc, name, line) from None
             if batch.num_rows:
                 yield {canon: batch.column(col) for canon, col in mapping.items()}, _Lines(line)
                 line += batch.num_rows
+
+
+def _unreadable(exc: OSError, name: str, line: int) -> DataError:
+    """A file that stops being readable part-way (a truncated ``.gz``, an I/O error): the rows
+    before ``line`` were read, the rest cannot be."""
+    return DataError(f"cannot read the file at or after this line (truncated or corrupt?): {exc}",
+                     file=name, row=line)
 
 
 def _header_names(fs, path: str, delimiter: str) -> list[str]:
@@ -329,7 +502,10 @@ def _seq_chunks(fs, path, name, block: int = _CSV_BLOCK) -> Iterator[tuple[dict[
     rest = b""
     with fs.open_input_stream(path, compression="detect") as f:
         while True:
-            buf = f.read(block)
+            try:
+                buf = f.read(block)
+            except OSError as exc:
+                raise _unreadable(exc, name, line) from None
             data = rest + buf
             if buf:
                 cut = data.rfind(b"\n")
@@ -464,7 +640,27 @@ def _strings(arr: pa.Array, err: _Err) -> pa.Array:
     empty = pc.equal(pc.utf8_length(arr), 0).to_numpy(zero_copy_only=False)
     if empty.any():
         raise err(f"empty {err.col!r}", int(np.flatnonzero(empty)[0]))
+    # A NUL, newline or other control character inside an id is a broken export, and it would
+    # break every line-based file written from it later (samples, reports, served id lists).
+    if _has_control_bytes(arr):  # a scan of the bytes first: the regex costs 5x more per row
+        ctrl = pc.match_substring_regex(arr, _CONTROL).to_numpy(zero_copy_only=False)
+        if ctrl.any():
+            raise err(f"control character (NUL, newline, tab, ...) inside {err.col!r}",
+                      int(np.flatnonzero(ctrl)[0]))
     return arr
+
+
+def _has_control_bytes(arr: pa.Array) -> bool:
+    """Whether the bytes of a string array's values contain a C0 control or DEL (UTF-8 encodes
+    them as themselves, never inside a multi-byte character)."""
+    if isinstance(arr, pa.ChunkedArray):
+        return any(_has_control_bytes(c) for c in arr.chunks)
+    _, offsets, data = arr.buffers()
+    if data is None or len(arr) == 0:
+        return False
+    off = np.frombuffer(offsets, dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    b = np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]
+    return bool(((b < 0x20) | (b == 0x7F)).any())
 
 
 def _timestamps(arr: pa.Array, unit: str, err: _Err) -> pa.Array:

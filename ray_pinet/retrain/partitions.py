@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_pinet.config_base import ConfigError
 from ray_pinet.errors import DataError
+from ray_pinet.outputs import replaced_dir
 
 _NAME = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
@@ -73,33 +75,77 @@ def select(parts: list[Partition], through: Optional[str] = None) -> list[Partit
     return chosen
 
 
-def write_partitions(table: pa.Table, out_root: str | Path, cuts: list[str]) -> list[tuple[Partition, int]]:
+def write_partitions(table: pa.Table, out_root: str | Path, cuts: list[str],
+                     overwrite: bool = False) -> list[tuple[Partition, int]]:
     """Split a canonical log by time at the ``cuts`` (dates, ascending) and write one partition per
     period: rows before the first cut are labelled with the day before it, rows in [cut_i,
     cut_{i+1}) with the day before cut_{i+1}, rows from the last cut on with the day of the latest
-    event. Returns (partition, rows) per period; every row lands in exactly one partition."""
+    event. Returns (partition, rows) per period; every row lands in exactly one partition.
+
+    ``out_root`` must be absent or empty unless ``overwrite``: partitions already there would be
+    read by retrain beside the new ones (stale days, rows counted twice). Either way the root is
+    written into a temporary sibling and swapped in whole, so it holds exactly these partitions,
+    and a failed run leaves the previous root as it was. Timestamps are unix seconds."""
+    out_root = Path(out_root)
+    if out_root.exists() and not overwrite and (not out_root.is_dir() or any(out_root.iterdir())):
+        raise ConfigError(f"--output {out_root} is not empty: partitioning into it would mix these "
+                          "partitions with the ones there; choose a new root, or pass --overwrite to "
+                          "replace it as a whole")
     days = [parse_date(c, "--cut") for c in cuts]
     if days != sorted(set(days)):
         raise DataError(f"--cut dates must be distinct and ascending, got {cuts}", value=cuts)
     ts = table.column("timestamp").to_numpy()
+    check_seconds(table)
     bounds = np.array([_epoch(d) for d in days], dtype=np.int64)
     period = np.searchsorted(bounds, ts, side="right")  # 0 = before the first cut
-    last_day = dt.datetime.fromtimestamp(int(ts.max()), dt.timezone.utc).date() if len(ts) else days[-1]
+    last_day = _day(int(ts.max())) if len(ts) else days[-1]
     labels = [d - dt.timedelta(days=1) for d in days] + [max(last_day, days[-1])]
-    out_root = Path(out_root)
     written = []
-    for i, label in enumerate(labels):
-        rows = table.filter(pa.array(period == i))
-        if rows.num_rows == 0:
-            raise DataError(f"period {i} (ending {label}) has no rows: choose cuts inside the log's "
-                            f"time range", value=cuts)
-        part = Partition(label.isoformat(), str(out_root / f"date={label.isoformat()}"))
-        Path(part.path).mkdir(parents=True, exist_ok=True)
-        pq.write_table(rows, Path(part.path) / "part-0.parquet")
-        written.append((part, rows.num_rows))
-    if sum(n for _, n in written) != table.num_rows:
-        raise RuntimeError("internal error: partitions do not add up to the input rows")
+    with replaced_dir(out_root) as tmp:
+        for i, label in enumerate(labels):
+            rows = table.filter(pa.array(period == i))
+            if rows.num_rows == 0:
+                raise DataError(f"period {i} (ending {label}) has no rows: choose cuts inside the log's "
+                                f"time range", value=cuts)
+            name = f"date={label.isoformat()}"
+            (tmp / name).mkdir()
+            pq.write_table(rows, tmp / name / "part-0.parquet")
+            written.append((Partition(label.isoformat(), str(out_root / name)), rows.num_rows))
+        if sum(n for _, n in written) != table.num_rows:
+            raise RuntimeError("internal error: partitions do not add up to the input rows")
     return written
+
+
+# Unix seconds a calendar date can hold: 0001-01-01 .. 9999-12-31 (UTC)
+_MIN_S = -62135596800
+_MAX_S = 253402300799
+
+
+def check_seconds(table: pa.Table, files: Optional[list[str]] = None, file_rows: Optional[list[int]] = None,
+                  first_row: int = 1) -> None:
+    """DataError for the first timestamp that is no date in years 1..9999 as unix seconds
+    (typically milliseconds read as seconds). With the table's ``files`` and their row counts
+    (``read_log``), the error names the file and line; ``first_row`` = the line of a file's
+    first data row."""
+    if table.num_rows == 0:
+        return
+    ts = table.column("timestamp")
+    lo, hi = (v.as_py() for v in pc.min_max(ts).values())
+    if _MIN_S <= lo and hi <= _MAX_S:
+        return
+    values = ts.to_numpy()
+    i = int(np.flatnonzero((values < _MIN_S) | (values > _MAX_S))[0])
+    file, row = None, i + 1
+    if files and file_rows:
+        k = int(np.searchsorted(np.cumsum(file_rows), i, side="right"))
+        file, row = files[k], first_row + i - (int(np.sum(file_rows[:k])))
+    hint = " (milliseconds? the log must hold unix seconds)" if values[i] > _MAX_S else ""
+    raise DataError(f"timestamp is not a date in years 1..9999 as unix seconds{hint}", file=file,
+                    column="timestamp", row=row, value=int(values[i]))
+
+
+def _day(seconds: int) -> dt.date:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).date()
 
 
 def canonical_columns(part: Partition) -> list[str]:
@@ -114,6 +160,6 @@ def _epoch(day: dt.date) -> int:
 
 def date_range(table: pa.Table) -> tuple[str, str]:
     """First and last event day (UTC) of a canonical table."""
+    check_seconds(table)
     lo, hi = pc.min_max(table.column("timestamp")).values()
-    f = lambda v: dt.datetime.fromtimestamp(int(v.as_py()), dt.timezone.utc).date().isoformat()  # noqa: E731
-    return f(lo), f(hi)
+    return _day(int(lo.as_py())).isoformat(), _day(int(hi.as_py())).isoformat()
