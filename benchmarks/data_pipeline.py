@@ -97,14 +97,16 @@ def ray_child(inp: str, out: str, result: str, conf: dict) -> int:
     from ray_pinet.config_base import from_dict
     from ray_pinet.data.config import PrepareConfig
     from ray_pinet.data.pipeline import prepare
+    from ray_pinet.local_ray import start_ray
 
     t0 = time.perf_counter()
     for attempt in range(3):
         try:
-            # address="local": never join another Ray instance on this host (RAY_ADDRESS, `ray start`).
-            ray.init(address="local", num_cpus=conf["cpus"], include_dashboard=False, log_to_driver=False,
-                     object_store_memory=(conf["object_store_mb"] << 20) or None,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            # The commands' start-up, with the CPU count under test and no dashboard (no Train
+            # here: it would only add start-up time); address="local": never join another Ray
+            # instance on this host (RAY_ADDRESS, `ray start`).
+            start_ray(address="local", num_cpus=conf["cpus"], include_dashboard=False, log_to_driver=False,
+                      object_store_memory=(conf["object_store_mb"] << 20) or None)
             break
         except Exception as exc:  # Ray 2.60 gives the raylet a fixed 30 s to register: a loaded box misses it
             if "timed out during startup" not in str(exc) or attempt == 2:

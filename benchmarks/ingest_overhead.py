@@ -32,7 +32,9 @@ def one_pass(path: str, v2: bool, world: int = 2) -> float:
 
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else "prepared/ml-latest-small"
-    ray.init(num_cpus=4, include_dashboard=False)
+    from ray_pinet.local_ray import start_ray
+
+    start_ray(num_cpus=4, include_dashboard=False)  # the commands' start-up, without the dashboard
     ray.data.DataContext.get_current().enable_progress_bars = False
     for v2 in (True, True, False, False):  # the first pass of each pays worker start-up
         print(f"datasource_v2={v2}: 6 executions in {one_pass(path, v2):.1f} s", flush=True)

@@ -15,11 +15,11 @@ Submission ids are idempotent: a job whose id already exists is not submitted ag
 or pending one is attached to (its logs are tailed); a finished one is reported as it ended
 (resubmitting a finished id returns its old outcome; use a new id to rerun).
 
-Auth: Ray 2.59+ turns token auth on for local clusters. The SDK sends a token by itself only
-when this process has ``RAY_AUTH_MODE=token`` (it then reads ``RAY_AUTH_TOKEN``,
-``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``); ``submit`` additionally sends
-``RAY_AUTH_TOKEN`` / the file named by ``RAY_AUTH_TOKEN_PATH`` whenever one is set, whatever the
-local auth mode. A cluster started with ``RAY_AUTH_MODE=disabled`` needs no token.
+Auth: our clusters run with token auth on (``RAY_AUTH_MODE=token``). The SDK sends a token by
+itself only when this process has ``RAY_AUTH_MODE=token`` (it then reads ``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``); ``submit`` sends the same token in its own
+reachability check, and ``RAY_AUTH_TOKEN`` / the file named by ``RAY_AUTH_TOKEN_PATH`` whenever
+one is set, whatever the local auth mode.
 """
 
 from __future__ import annotations
@@ -94,9 +94,14 @@ def resolve_address(address: Optional[str]) -> str:
 
 
 def auth_headers() -> dict:
-    """An ``Authorization`` header from ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH``."""
+    """An ``Authorization`` header from ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH``,
+    and with ``RAY_AUTH_MODE=token`` from Ray's default file ``~/.ray/auth_token`` (Ray's own
+    order): the reachability check below must send the token the SDK would send."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and not path and os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        default = Path.home() / ".ray" / "auth_token"
+        path = str(default) if default.is_file() else None
     if not token and path:
         try:
             token = Path(path).expanduser().read_text().strip()
@@ -158,8 +163,9 @@ def connect(address: Optional[str] = None, connect_timeout: float = 10.0):
                               f"{type(exc).__name__}: {exc}") from exc
         if r.status_code in (401, 403):
             raise SubmitError(f"the Ray cluster at {address} refused the request ({r.status_code}): "
-                              "token auth is on; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
-                              "(or start the cluster with RAY_AUTH_MODE=disabled)")
+                              "token auth is on; give this shell the cluster's token "
+                              "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or RAY_AUTH_MODE=token "
+                              "with ~/.ray/auth_token)")
         if r.status_code != 200:
             raise SubmitError(f"{address} does not look like a Ray job server "
                               f"(GET /api/version -> {r.status_code})")

@@ -30,28 +30,15 @@ def ray_cluster():
     """One local Ray instance for every test that needs Ray (start-up costs ~4 s)."""
     import ray
 
-    if not ray.is_initialized():
-        # 4 logical CPUs on a 2-core box: Train workers take fractional CPUs and Ray Data
-        # still gets scheduled (see ../shared/docs/ray-notes.md §6).
-        from ray_pinet.training.trainer import free_local_port
+    # The commands' own start-up (ray_pinet.local_ray.start_ray: dashboard on 127.0.0.1 for the
+    # State API that Train V2's placement-group cleaner polls, gloo on loopback, the State API
+    # pinned to this instance and not the tests/submit cluster beside it), with 4 logical CPUs
+    # (Train workers and Ray Data both scheduled on 2 cores, ray-notes §6), a smaller object
+    # store and worker logs kept off the test output; address="local": a new instance even when
+    # RAY_ADDRESS names a cluster.
+    from ray_pinet.local_ray import start_ray
 
-        port = free_local_port(8265)
-        ray.init(
-            address="local",  # a new instance, never a `ray start` cluster on this host
-            num_cpus=4,
-            dashboard_port=port,
-            # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls:
-            # without it the worker placement group of a trial that Tune stops early is not
-            # removed, and the next trial waits for CPUs forever (found in the tune e2e test).
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            object_store_memory=1_500_000_000,
-            log_to_driver=False,
-            # RAY_API_SERVER_ADDRESS: Train's placement-group cleaner must query this instance,
-            # not the tests/submit cluster that runs beside it (see init_local_ray).
-            runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo",
-                                      "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-        )
+    start_ray(address="local", num_cpus=4, object_store_memory=1_500_000_000, log_to_driver=False)
     yield ray
     ray.shutdown()
 

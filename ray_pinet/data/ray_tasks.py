@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from ray_pinet.config_base import ConfigError
@@ -12,20 +10,13 @@ from ray_pinet.errors import DataError
 
 
 def ensure_ray() -> None:
-    """``ray.init()`` unless Ray is already initialised (then its settings are left alone)."""
-    import ray
+    """Ray as every command starts it (``ray_pinet.local_ray.start_ray``), unless already running.
 
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {}
-    if not os.environ.get("RAY_ADDRESS"):
-        # Workers must import ray_pinet even when it runs from a checkout that is not installed.
-        root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        # address="local": a new instance, not a `ray start` cluster that happens to run here.
-        kwargs = {"address": "local", "include_dashboard": False,
-                  "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
-    ray.init(**kwargs)
+    A Train run that follows in the same process keeps this instance, so prepare must not start
+    a smaller one of its own (issue 18: no dashboard, only the real cores, and the run hung)."""
+    from ray_pinet.local_ray import start_ray
+
+    start_ray()
 
 
 def _timed(fn: Callable, *args) -> tuple[Any, float, float]:

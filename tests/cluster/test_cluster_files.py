@@ -5,8 +5,10 @@
 - Ray, Python and torch versions in manifests, image tags, pip lines and comments agree with
   pyproject.toml;
 - nothing is published (no LoadBalancer/NodePort/Ingress, dashboard on loopback for ``ray up``,
-  no security-group rule for 8265/5000), token auth is on, and the multi-node settings (shared
-  volume, in-cluster MLflow, Gloo interface) are in place;
+  no security-group rule for 8265/5000), token auth is on, MLflow asks every client for a login
+  (basic-auth, credentials from a Secret / a mounted file) and the shared mount is not
+  world-writable, and the multi-node settings (shared volume, in-cluster MLflow, Gloo interface)
+  are in place;
 - jobs/*.py run ``--help`` of their subcommand, with ``--smoke-test`` in it.
 """
 
@@ -404,6 +406,85 @@ def test_token_auth_on_everywhere():
     run_options = cfg["docker"]["run_options"]
     assert "--env=RAY_AUTH_MODE=token" in run_options, run_options
     assert any(k.endswith(".ray/auth_token") for k in cfg["file_mounts"]), "the token on every node"
+
+
+def ray_up_commands() -> list[str]:
+    cfg = ray_up()
+    return [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                          "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+            for c in cfg.get(key) or []]
+
+
+def test_ray_up_shared_mount_is_not_world_writable():
+    """The shared mount holds checkpoints, prepared data and the MLflow stores: another account
+    on a node must not rewrite them (was ``chmod 1777``). Every chmod of it leaves others no
+    access, and it is given to the container's user/group."""
+    modes = []
+    for c in ray_up_commands():
+        for part in re.split(r"&&|;|\|\|", c):
+            argv = shlex.split(part) if re.search(r"\bchmod\b", part) else []
+            if "chmod" in argv and argv[-1].rstrip("/") == SHARED:
+                mode = argv[argv.index("chmod") + 1]
+                assert re.fullmatch(r"[0-7]{3,4}", mode), f"use an octal mode: {part}"
+                assert int(mode, 8) & 0o007 == 0, f"others may use {SHARED}: {part}"
+                modes.append(mode)
+            assert not re.search(r"\b(chmod|setfacl)\b.*\b(o|a)[+=][rwx]*w", part), part
+    assert modes, f"no chmod of {SHARED}: its mode would be the file system's default"
+    assert any(re.search(rf"\bch(own|grp) \S+ {SHARED}\b", c) for c in ray_up_commands()), \
+        "the mount must belong to the container's user or group (chown/chgrp)"
+
+
+def mlflow_server_commands() -> list[tuple[str, str, dict]]:
+    """(where, command line, container env) of every ``mlflow server`` that cluster/ starts."""
+    out = []
+    for _, d in k8s_docs("Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            line = " ".join(c.get("command", []) + c.get("args", []))
+            if "mlflow server" in line:
+                out.append((f"Deployment {d['metadata']['name']}", line, c))
+    out += [("ray-up.yaml", c, {}) for c in ray_up_commands() if "mlflow server" in c]
+    return out
+
+
+def test_mlflow_server_requires_a_login():
+    """An MLflow server that listens beyond the loopback runs the basic-auth app (with Flask-WTF,
+    which it needs), its admin password comes from a Secret or the mounted credentials file, never
+    from the manifest; users other than the admin get no permission."""
+    servers = mlflow_server_commands()
+    assert len(servers) >= 2, servers
+    for where, line, container in servers:
+        host = re.search(r"--host[= ](\S+)", line)
+        if host and host.group(1) in ("127.0.0.1", "localhost"):
+            continue
+        assert re.search(r"--app-name[= ]basic-auth\b", line), (where, line)
+        assert "default_permission = NO_PERMISSIONS" in line, (where, line)
+        if container:
+            env = {e["name"]: e for e in container.get("env", [])}
+            for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                        "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+                assert "secretKeyRef" in env.get(var, {}).get("valueFrom", {}), (where, var)
+            assert "Flask-WTF" in line, where
+        else:
+            assert "~/.mlflow/credentials" in line, "the admin account is the mounted one"
+            assert any("pip install Flask-WTF" in c for c in ray_up()["head_setup_commands"])
+
+
+def test_every_mlflow_client_has_the_login():
+    """Every Ray pod that logs to the in-cluster server gets the user and password from the
+    Secret the server's admin comes from; every ``ray up`` node gets the credentials file."""
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"]
+               for _, _, c in mlflow_server_commands() if c for e in c["env"]
+               if e["name"] == "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    assert len(secrets) == 1, secrets
+    for where, spec in cluster_specs():
+        for group, pod in pods(spec):
+            for c in pod["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
+                    assert ref.get("name") in secrets, (where, group, var)
+    assert any(k.endswith(".mlflow/credentials") for k in ray_up()["file_mounts"]), \
+        "the MLflow login on every ray up node"
 
 
 def test_every_ray_pod_mounts_the_shared_rwx_volume():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -90,19 +91,32 @@ def _kill(pids: list[int], sig: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def submit_cluster():
-    """``ray start --head`` on free, non-default ports with RAY_AUTH_MODE=disabled; yields the
-    job server URL."""
-    from ray_pinet.submit import connect
+def cluster_token(tmp_path_factory) -> Path:
+    """The file holding this cluster's token (owner-only), as `ray get-auth-token --generate`
+    makes ~/.ray/auth_token; the user's own ~/.ray is left alone."""
+    path = tmp_path_factory.mktemp("auth") / "auth_token"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def submit_cluster(cluster_token):
+    """``ray start --head`` on free, non-default ports with token auth on (RAY_AUTH_MODE=token,
+    the token in ``cluster_token``), as the README's local cluster; yields the job server URL."""
+    import requests
 
     temp_dir = f"/tmp/rp-submit-{os.getpid()}"
     shutil.rmtree(temp_dir, ignore_errors=True)
     (gcs, dash, client_srv, agent_listen, agent_grpc, metrics, rt_env, node_mgr,
      obj_mgr) = _free_ports(9)
     wlo, whi = _worker_port_range()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update({
-        "RAY_AUTH_MODE": "disabled",
+        # Token auth on: GCS, raylet and the job server refuse any process without the token,
+        # and the job's driver and workers inherit it from the node.
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster_token),
         # the job's `python` is the first on the cluster's PATH: this virtual environment's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0",
@@ -133,7 +147,9 @@ def submit_cluster():
                 raise RuntimeError(f"ray start exited with {proc.returncode}: "
                                    + Path(f"{temp_dir}/ray-start.log").read_text()[-3000:])
             try:
-                connect(address, connect_timeout=2).list_jobs()
+                r = requests.get(f"{address}/api/jobs/", timeout=(2, 10),
+                                 headers={"Authorization": f"Bearer {cluster_token.read_text()}"})
+                r.raise_for_status()
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -169,12 +185,31 @@ def _stop_cluster(proc: subprocess.Popen, temp_dir: str, gcs_port: int) -> None:
 
 
 @pytest.fixture
-def client_env(monkeypatch):
-    """The submitting side: auth mode as the cluster's, no inherited cluster address / MLflow."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
-              "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+def client_env(monkeypatch, cluster_token):
+    """The submitting side: token auth with the cluster's token, no inherited cluster address /
+    MLflow."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(cluster_token))
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN"):
         monkeypatch.delenv(k, raising=False)
+
+
+def test_cluster_refuses_a_client_without_its_token(submit_cluster, client_env, monkeypatch, capsys,
+                                                    tmp_path):
+    """Token auth stays on: the job server answers nothing to a client without the token or with
+    another one, and ``submit`` says so in one line (issue 18: the README's cluster ran with
+    RAY_AUTH_MODE=disabled, open to any process that reached it)."""
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "other_token").write_text(secrets.token_hex(32))
+    cmd = ["submit", "--address", submit_cluster, "--working-dir", str(tmp_path / "wd"), "--no-wait",
+           "--", "python", "-c", "print(1)"]
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    assert main(cmd) == 1
+    assert "refused the request (401)" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "other_token"))
+    assert main(cmd) == 1
+    assert "refused the request (403)" in capsys.readouterr().err
 
 
 def test_bad_address_fails_fast_and_names_it(client_env, capsys):
