@@ -75,8 +75,8 @@ def train_config(args: argparse.Namespace, method: str, workers: int, data_path:
         f"run.num_workers={workers}", f"run.torch_threads={max(1, args.threads // workers)}",
         f"run.name={name}", f"run.storage_path={args.work_dir / 'runs'}",
     ]
-    if data_path:
-        sets.append(f"data.path={data_path}")
+    if data_path:  # prepared here, not by the config's data.prepare (which train would check it against)
+        sets += [f"data.path={data_path}", "data.prepare=null"]
     return TrainConfig.from_yaml(args.config, sets)
 
 

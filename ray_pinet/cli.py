@@ -30,6 +30,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --method joint --method pinet: train pinet's stage 1 even when it "
                         "equals joint training (by default pinet then starts from joint's backbone)")
     p.add_argument("--json", metavar="PATH", help="write the final metrics of every method to this JSON file")
+    p.add_argument("--fresh", action="store_true",
+                   help="train anew under the same run.name: its previous run folder (checkpoints) is "
+                        "moved aside to <name>.replaced-<time> (nothing deleted) and a new MLflow run "
+                        "opened; without it a relaunch resumes, and only with an unchanged config")
+
+
+def check_output_file(path: Optional[str], flag: str) -> None:
+    """An output file named on the command line must be writable where it is: refused before
+    training, not when the results are written."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory")
 
 
 SMOKE_OVERRIDES = [
@@ -48,6 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    check_output_file(args.json, "--json")
     from ray_pinet.training.trainer import fit, format_table, reuse_joint
 
     methods = args.method or [cfg.method]
@@ -68,7 +87,7 @@ def run_train(args: argparse.Namespace) -> int:
                   f"starting from the joint backbone ({mcfg.run.init_from}); --retrain-stage1 to retrain")
         print(f"\n=== {method}: {mcfg.model.backbone} on {mcfg.data.path} "
               f"({mcfg.run.num_workers} worker(s), run {mcfg.run.name}) ===", flush=True)
-        res = fit(mcfg, base_checkpoint=base)
+        res = fit(mcfg, base_checkpoint=base, fresh=args.fresh)
         results[method] = res
         k = mcfg.eval.k
         print(f"\n{method} — test metrics per stratum")
@@ -136,6 +155,10 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke-test", action="store_true", help="tiny cells (2 epochs, small model), 2 seeds")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the cells finished so far (<output>/cells.jsonl); train nothing")
+    p.add_argument("--fresh", action="store_true",
+                   help="start the grid anew under the same name: the report folder is moved aside to "
+                        "<output>.replaced-<time> and every cell trains anew (its run folder kept aside); "
+                        "without it a rerun skips finished cells, and only those made with the same config")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -198,6 +221,12 @@ def run_compare(args: argparse.Namespace) -> int:
         files = write_report(list(done.values()), output, f"ray-pinet compare: {name}", command, **report_args)
         print(files["report.md"].read_text())
         return 0
+    if args.fresh:
+        from ray_pinet.training.resume import move_aside
+
+        kept = move_aside(output)
+        if kept is not None:
+            print(f"--fresh: grid {name!r} starts anew; its previous report folder is kept as {kept}")
     output.mkdir(parents=True, exist_ok=True)
     # Every command that added cells to this grid, one per line: a rerun with more methods or
     # seeds extends the grid, and the report must show how each of its cells was made.
@@ -213,10 +242,11 @@ def run_compare(args: argparse.Namespace) -> int:
             uri, base.tracking.experiment, name,
             {"config": args.config, "overrides": overrides, "cells": [c.__dict__ for c in cells],
              "backbones": backbones, "seeds": seeds},
-            tags={"kind": "compare"},
+            tags={"kind": "compare"}, fresh=args.fresh,
         )
     try:
-        run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent, kind=args.kind)
+        run_grid(args.config, overrides, cells, backbones, seeds, name, output, parent, kind=args.kind,
+                 fresh=args.fresh)
         # The report covers every finished cell of the grid, as command.txt lists every command
         # that made one (an extension with more methods used to report only its own cells).
         files = write_report(list(load_done(output / "cells.jsonl").values()), output,
@@ -234,6 +264,17 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    # argparse's own error (usage + one line, exit 2); Tune reads num_samples=-1 as "forever".
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search space YAML (tune_spaces/*.yaml)")
     p.add_argument("--config", help="base train config YAML (configs/*.yaml): what every trial starts from")
@@ -245,7 +286,8 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="MLflow registered model name for the winner (default ray-pinet-<dataset>)")
     p.add_argument("--reference-checkpoint", default=None,
                    help="a finished joint run's checkpoint to use as the reference instead of training one")
-    p.add_argument("--num-samples", type=int, default=None, help="override the space's search.num_samples")
+    p.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="override the space's search.num_samples")
     p.add_argument("--no-defaults-trial", action="store_true",
                    help="do not evaluate the base config's values as the first trial")
     p.add_argument("--smoke-test", action="store_true",
@@ -305,23 +347,41 @@ def run_retrain(args: argparse.Namespace) -> int:
 
 def _add_partition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="prepare config YAML naming the raw log (configs/prepare/*.yaml)")
-    p.add_argument("--output", required=True, help="root to write date=YYYY-MM-DD partitions into")
+    p.add_argument("--output", required=True,
+                   help="root to write date=YYYY-MM-DD partitions into (absent or empty)")
     p.add_argument("--cut", action="append", required=True, metavar="YYYY-MM-DD",
                    help="period boundary (repeatable, ascending): events before the first cut are the history "
                         "partition, each later period one new partition")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output root as a whole (nothing in it survives)")
 
 
 def run_partition(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
     from ray_pinet.config_base import from_dict, load_yaml
     from ray_pinet.data.config import PrepareConfig
-    from ray_pinet.data.sources import read_log
-    from ray_pinet.retrain.partitions import date_range, write_partitions
+    from ray_pinet.data.sources import first_row, read_log
+    from ray_pinet.outputs import refuse_input_inside
+    from ray_pinet.retrain.partitions import check_seconds, date_range, write_partitions
 
     cfg = from_dict(PrepareConfig, load_yaml(args.config))
-    table, files = read_log(cfg.source)
+    if cfg.source.format == "amazon_seq":
+        raise ConfigError("source.format amazon_seq holds no time (its timestamps are positions in a "
+                          "user's line): it cannot be split into date partitions")
+    file_rows: list[int] = []
+    table, files = read_log(cfg.source, file_rows)
+    refuse_input_inside(args.output, [f for f in files if os.path.isabs(f)], "--output root")
+    unit = cfg.source.timestamp_unit if cfg.source.format in ("csv", "parquet") else "s"
+    per_second = {"ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}.get(unit)
+    if per_second:  # partitions hold unix seconds (what retrain reads); source order breaks ties
+        seconds = pa.array(table.column("timestamp").to_numpy() // per_second)
+        table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp", seconds)
+        print(f"timestamps converted from {unit} to unix seconds (rounded down)")
+    check_seconds(table, files, file_rows, first_row(cfg.source))
     lo, hi = date_range(table)
     print(f"{table.num_rows} events from {len(files)} file(s), {lo} .. {hi}")
-    for part, n in write_partitions(table, args.output, args.cut):
+    for part, n in write_partitions(table, args.output, args.cut, overwrite=args.overwrite):
         print(f"  {part.path}: {n} rows")
     return 0
 
@@ -380,18 +440,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as typed, for reports
+    # Expected failures (a setting, a path or a file the user gave) are raised as ConfigError or
+    # DataError where they are found: one line and exit code 2. Anything else is a bug in
+    # ray-pinet and keeps its traceback.
     try:
         return _handler(args.command)(args)
     except ConfigError as exc:
-        print(f"ray-pinet: config error: {exc}", file=sys.stderr)
+        print(f"ray-pinet: config error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except ValueError as exc:
         from ray_pinet.errors import DataError
 
         if isinstance(exc, DataError):
-            print(f"ray-pinet: bad input: {exc}", file=sys.stderr)
+            print(f"ray-pinet: bad input: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
+
+
+def _one_line(exc: BaseException) -> str:
+    # A value quoted in a message may hold a newline (a YAML block, a file's text).
+    return " ".join(str(exc).split("\n"))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ Every field has a default so a config file only states its difference from them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ray_pinet.config_base import ConfigError, FileConfig
+from ray_pinet.config_base import ConfigError, FileConfig, require
 from ray_pinet.models.config import ModelConfig, PluginConfig
 
 # joint / pinet: one backbone. reweight: joint with static per-stratum sample weights (to the
@@ -19,6 +20,7 @@ from ray_pinet.models.config import ModelConfig, PluginConfig
 # stratum (K runs of the trainer on one stratum's rows each, `training/per_stratum.py`).
 METHODS = ("joint", "pinet", "separate", "finetune", "reweight", "transfer")
 PER_STRATUM_METHODS = ("separate", "finetune")
+RUN_NAME_BAD = re.compile(r"[/\\'\"`\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -31,6 +33,11 @@ class DataSection:
     # `separate` and `finetune` set it per stratum; exact under data-parallel training (the
     # global batches are drawn from the selected ids, identically on every rank).
     train_strata: Optional[list[int]] = None
+
+    def validate(self) -> None:
+        require(bool(self.path.strip()), "path", "a prepared-data directory", self.path)
+        require(self.prepare is None or bool(self.prepare.strip()), "prepare",
+                "a prepare config file or null", self.prepare)
 
 
 @dataclass
@@ -83,11 +90,14 @@ class Stage2Config:
     keep_draws: int = 1000
 
     def validate(self) -> None:
-        if self.backbone_lr_scale < 0 or self.lr <= 0:
-            raise ConfigError("lr must be > 0 and backbone_lr_scale >= 0")
-        if not 0.0 < self.keep_level < 1.0 or self.keep_draws < 100:
-            raise ConfigError(f"keep_level must be in (0, 1) and keep_draws >= 100, got "
-                              f"{self.keep_level}, {self.keep_draws}")
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.backbone_lr_scale >= 0, "backbone_lr_scale", ">= 0", self.backbone_lr_scale)
+        require(self.max_epochs >= 1, "max_epochs", ">= 1", self.max_epochs)
+        require(self.patience >= 1, "patience", ">= 1 (evaluations without improvement)", self.patience)
+        require(self.max_minutes >= 0, "max_minutes", ">= 0 (0 = no limit)", self.max_minutes)
+        require(self.unseen_stratum >= 0, "unseen_stratum", "a stratum id >= 0", self.unseen_stratum)
+        require(0.0 < self.keep_level < 1.0, "keep_level", "in (0, 1)", self.keep_level)
+        require(self.keep_draws >= 100, "keep_draws", ">= 100", self.keep_draws)
 
 
 @dataclass
@@ -101,8 +111,10 @@ class FinetuneConfig:
     max_minutes: float = 0.0
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.max_epochs < 1:
-            raise ConfigError("finetune.lr must be > 0 and finetune.max_epochs >= 1")
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.max_epochs >= 1, "max_epochs", ">= 1", self.max_epochs)
+        require(self.patience >= 1, "patience", ">= 1 (evaluations without improvement)", self.patience)
+        require(self.max_minutes >= 0, "max_minutes", ">= 0 (0 = no limit)", self.max_minutes)
 
 
 @dataclass
@@ -140,6 +152,7 @@ class TransferConfig:
             raise ConfigError("transfer.inner_steps, users_per_task and trajectories must be >= 1")
         if self.inner_lr <= 0 or self.outer_lr <= 0 or self.adv_weight < 0:
             raise ConfigError("transfer.inner_lr and outer_lr must be > 0, adv_weight >= 0")
+        require(self.disc_hidden >= 0, "disc_hidden", ">= 0 (0 = model.dim)", self.disc_hidden)
 
 
 @dataclass
@@ -154,8 +167,13 @@ class OptimConfig:
     max_minutes: float = 0.0  # 0 = no limit; stage 1 stops at the next epoch boundary after it
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.max_epochs < 1 or self.lr <= 0:
-            raise ConfigError("batch_size and max_epochs must be >= 1 and lr > 0")
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.max_epochs >= 1, "max_epochs", ">= 1", self.max_epochs)
+        require(self.patience >= 1, "patience", ">= 1 (evaluations without improvement)", self.patience)
+        require(self.grad_clip >= 0, "grad_clip", ">= 0 (0 = off)", self.grad_clip)
+        require(self.max_minutes >= 0, "max_minutes", ">= 0 (0 = no limit)", self.max_minutes)
 
 
 @dataclass
@@ -165,11 +183,21 @@ class EvalConfig:
     batch_size: int = 256
     # Model selection (early stopping) uses this validation metric of the "all" slice.
     select_metric: Literal["ndcg", "hr", "auc", "gauc"] = "ndcg"
-    # The slice whose validation metric selects the model: "all", or a stratum name (tail, head,
-    # b0..). `separate` / `finetune` select each stratum's model on its own stratum.
+    # The slice whose validation metric selects the model: "all", or a stratum name (tail, head
+    # with 2 strata; s0, s1.. with more). `separate` / `finetune` select each stratum's model on
+    # its own stratum. Which strata exist is known from the data: the driver checks it against
+    # strata.json before Ray Train starts (trainer._check_compatible).
     select_slice: str = "all"
     # 0 = rank the full catalogue (history items masked); >0 = the prepared sampled candidates.
     candidates: int = 0
+
+    def validate(self) -> None:
+        require(self.k >= 1, "k", ">= 1 (the cut-off of HR@k / NDCG@k)", self.k)
+        require(self.every >= 1, "every", ">= 1 (validate every n epochs)", self.every)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.candidates >= 0, "candidates", ">= 0 (0 = full catalogue)", self.candidates)
+        require(re.fullmatch(r"all|tail|head|s\d+", self.select_slice) is not None, "select_slice",
+                "all, tail, head (2 strata) or s0, s1, ... (more strata)", self.select_slice)
 
 
 @dataclass
@@ -182,6 +210,16 @@ class TrackingConfig:
     # Registered-model name: when set, `train` registers the finished run's served model as a
     # new version of it in the MLflow Model Registry (needs log_model). None: nothing registered.
     register_as: Optional[str] = None
+
+    def validate(self) -> None:
+        require(bool(self.experiment.strip()), "experiment", "a non-empty name", self.experiment)
+        require(self.tracking_uri is None or bool(self.tracking_uri.strip()), "tracking_uri",
+                "a URI or null", self.tracking_uri)
+        if self.register_as is not None:
+            require(bool(self.register_as.strip()), "register_as", "a model name or null", self.register_as)
+            # Registering happens after training: refused here, not after the run.
+            require(self.enabled and self.log_model, "register_as",
+                    "unset unless tracking.enabled and tracking.log_model are true", self.register_as)
 
 
 @dataclass
@@ -206,10 +244,22 @@ class RunSection:
     warm_start: Optional[str] = None
 
     def validate(self) -> None:
+        # The name is a folder under storage_path and an MLflow tag searched by value.
+        require(bool(self.name) and self.name not in (".", "..") and not RUN_NAME_BAD.search(self.name),
+                "name", "a non-empty name without / \\ quotes or control characters", self.name)
+        require(bool(self.storage_path.strip()), "storage_path", "a directory", self.storage_path)
         if self.num_workers < 1:
-            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}", key="num_workers")
         if self.cpus_per_worker <= 0:
-            raise ConfigError("cpus_per_worker must be > 0")
+            raise ConfigError("cpus_per_worker must be > 0", key="cpus_per_worker")
+        require(0 <= self.seed < 2**63, "seed", "in [0, 2^63)", self.seed)
+        require(self.torch_threads >= 0, "torch_threads", ">= 0 (0 = cores / workers)", self.torch_threads)
+        require(self.max_failures >= -1, "max_failures", ">= 0 (or -1: retry without limit, as Ray Train)",
+                self.max_failures)
+        require(self.collective_timeout_s >= 1, "collective_timeout_s", ">= 1", self.collective_timeout_s)
+        for key in ("init_from", "warm_start"):
+            value = getattr(self, key)
+            require(value is None or bool(value.strip()), key, "a checkpoint directory or null", value)
 
 
 @dataclass

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, Optional, TypeVar
 
 import yaml
 
@@ -21,6 +22,19 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the dotted key."""
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        # The field a ``require`` check names, relative to the section that raised it:
+        # ``from_dict`` puts the section's dotted path in front.
+        self.key = key
+
+
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """``ConfigError("<key> must be <rule>, got <value>")`` unless ``ok`` (in a ``validate()``:
+    ``from_dict`` prefixes the key with the section's dotted path, e.g. ``optim.lr``)."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}", key=key)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -35,6 +49,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
         if value is None and type(None) in args:
             return None
+        if len([a for a in args if a is not type(None)]) == 1:  # Optional[X]: X's own message
+            return _coerce(value, next(a for a in args if a is not type(None)), where)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -87,14 +103,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        # No float of any config means anything as NaN or infinity (0 is every "off"): refused
+        # here, for every field at once, before a worker trains with it.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -125,7 +148,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
         try:
             validate()
         except ConfigError as exc:
-            raise ConfigError(f"{prefix + ': ' if prefix else ''}{exc}") from None
+            if prefix and exc.key is not None:
+                raise ConfigError(f"{prefix}.{exc}", key=f"{prefix}.{exc.key}") from None
+            raise ConfigError(f"{prefix + ': ' if prefix else ''}{exc}", key=exc.key) from None
     return obj
 
 
@@ -152,6 +177,37 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_MISSING = _Absent()
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                free: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two resolved
+    configs (``to_dict`` forms), sorted; a key under one of the ``free`` dotted prefixes (a key
+    itself or a section) may differ and is left out. A key only one side has is a difference."""
+    free = tuple(free)
+    a, b = flatten(old), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in free):
+            continue
+        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if va != vb:
+            out.append((key, va, vb))
+    return out
+
+
+def format_diff(diffs: list[tuple[str, Any, Any]], prefix: str = "",
+                template: str = "{key}: {old!r} -> {new!r}") -> str:
+    """``"optim.lr: 0.001 -> 0.002; model.dropout: 0.2 -> 0.5"`` (``template`` per key)."""
+    return "; ".join(template.format(key=prefix + k, old=a, new=b) for k, a, b in diffs)
 
 
 def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -198,6 +254,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        raise ConfigError(f"config file {p} cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data

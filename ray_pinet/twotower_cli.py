@@ -21,6 +21,10 @@ def add_twotower_args(p: argparse.ArgumentParser) -> None:
                    help="a tiny run (60 users, 2 epochs) into prepared/<output>-smoke, to check the set-up")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--json", metavar="PATH", help="write every method's final metrics and seconds per epoch here")
+    p.add_argument("--fresh", action="store_true",
+                   help="train anew under the same run.name: its previous run folder is moved aside to "
+                        "<name>.replaced-<time> (nothing deleted) and a new MLflow run opened; without it "
+                        "a relaunch resumes, and only with an unchanged config")
 
 
 def run_twotower(args: argparse.Namespace) -> int:
@@ -35,8 +39,11 @@ def run_twotower(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(base.to_dict(), indent=2))
         return 0
+    from ray_pinet.cli import check_output_file
     from ray_pinet.data.pairs import load_meta
     from ray_pinet.training.twotower_trainer import ensure_pairs, fit_twotower, format_final
+
+    check_output_file(args.json, "--json")
 
     methods = args.method or [base.model.method]
     results = {}
@@ -45,7 +52,7 @@ def run_twotower(args: argparse.Namespace) -> int:
             [f"run.name={base.run.name}-{method}"] if len(methods) > 1 else []))
         print(f"\n=== twotower {method} (sampler {cfg.model.sampler}) on {cfg.data.output}: "
               f"{cfg.optim.epochs} epochs, {cfg.run.num_workers} worker(s), run {cfg.run.name} ===", flush=True)
-        res = fit_twotower(cfg)
+        res = fit_twotower(cfg, fresh=args.fresh)
         results[method] = res
         num_strata = int(load_meta(ensure_pairs(cfg, progress=False))["num_strata"])
         print(f"\n{method}: test metrics ({cfg.eval.select_on} selection), "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from ray_pinet.config import RunSection, TrackingConfig
-from ray_pinet.config_base import ConfigError, FileConfig
+from ray_pinet.config_base import ConfigError, FileConfig, require
 from ray_pinet.data.config import SourceConfig, StrataConfig
 
 TWOTOWER_METHODS = ("onebp", "twobp", "bpr", "ncf")
@@ -66,6 +66,8 @@ class PairDataSection:
             raise ConfigError(f"data.max_users must be >= 2, got {self.max_users}")
         if self.label_threshold is not None and self.min_rating is not None:
             raise ConfigError("data.label_threshold keeps every rating as a labeled row; unset data.min_rating")
+        require(bool(self.output.strip()), "output", "a directory", self.output)
+        require(self.split_seed >= 0, "split_seed", ">= 0", self.split_seed)
 
 
 @dataclass
@@ -79,6 +81,17 @@ class AucNsSection:
     gamma: float = 0.006
     cdf_mode: Literal["exact", "sampled"] = "exact"
     cdf_samples: int = 1000
+
+    def validate(self) -> None:
+        from ray_pinet.methods.negative_sampling import AucNsConfig
+
+        # The sampler's own rules, checked at load rather than in the worker that builds it.
+        try:
+            AucNsConfig(self.num_extra, self.num_candidates, self.alpha, self.beta, self.gamma,
+                        self.cdf_mode, self.cdf_samples).validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        require(self.cdf_samples >= 1, "cdf_samples", ">= 1", self.cdf_samples)
 
 
 @dataclass
@@ -118,6 +131,8 @@ class TwoTowerModel:
             raise ConfigError("model: ig_train_ratio must be in (0, 1) and ig_sample_lr > 0")
         if not 0.0 <= self.tce_drop_rate < 1.0 or self.tce_num_gradual < 0 or self.num_layers < 1:
             raise ConfigError("model: tce_drop_rate in [0, 1), tce_num_gradual >= 0, num_layers >= 1")
+        require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout)
+        require(self.rce_alpha >= 0, "rce_alpha", ">= 0", self.rce_alpha)
         if self.sampler == "auc_ns" and self.method != "bpr":
             raise ConfigError("model.sampler=auc_ns picks one hard negative per positive for the BPR "
                               f"loss; use model.method=bpr (got {self.method!r})")
@@ -135,6 +150,10 @@ class TwoTowerOptim:
     def validate(self) -> None:
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("optim: lr > 0, l2 >= 0, batch_size >= 1 and epochs >= 1 are required")
+        m = self.lr_milestones  # one beyond optim.epochs is never reached (short runs keep them)
+        require(all(a >= 1 for a in m) and all(a < b for a, b in zip(m, m[1:])), "lr_milestones",
+                "strictly increasing epochs >= 1", m)
+        require(self.lr_gamma > 0, "lr_gamma", "> 0", self.lr_gamma)
 
 
 @dataclass
@@ -196,3 +215,7 @@ class TwoTowerConfig(FileConfig):
                               f"got {self.eval.select_metric!r}")
         if self.run.init_from or self.run.warm_start:
             raise ConfigError("run.init_from / run.warm_start are not supported by twotower runs")
+        # Neither would happen: the two-tower driver logs no served model (and registers none).
+        if self.tracking.log_model or self.tracking.register_as:
+            raise ConfigError("tracking.log_model / tracking.register_as: two-tower runs log no served "
+                              "model; set tracking.log_model=false and leave tracking.register_as unset")

@@ -37,6 +37,9 @@ class CellResult:
     run_id: Optional[str]
     checkpoint: Optional[str]
     overrides: list[str]
+    # The cell's resolved config: a rerun skips the cell only when it would build the same one
+    # (None: recorded by a ray-pinet that did not keep it; then not checked, and said so).
+    config: Optional[dict] = None
 
 
 def parse_variant(text: str) -> Cell:
@@ -87,10 +90,14 @@ def run_grid(
     output: Path,
     parent_run_id: Optional[str] = None,
     kind: str = "sequence",
+    fresh: bool = False,
 ) -> list[CellResult]:
     """``kind``: ``sequence`` (``ray-pinet train`` methods) or ``twotower`` (``ray-pinet twotower``
-    methods, backbone "mf"; their selected test metrics are reported as ``test/*``)."""
-    from ray_pinet.training.trainer import fit, reuse_joint
+    methods, backbone "mf"; their selected test metrics are reported as ``test/*``). A finished
+    cell (``cells.jsonl``) is skipped only when the command builds the config it was made with;
+    ``fresh``: every cell's run starts anew (its earlier run folder kept aside, ``fit``)."""
+    from ray_pinet.training.trainer import absolute_checkpoint_paths, fit, reuse_joint
+    from ray_pinet.twotower_config import TwoTowerConfig
 
     output.mkdir(parents=True, exist_ok=True)
     base_data = None if kind == "twotower" else TrainConfig.from_yaml(config, overrides).data.path
@@ -105,27 +112,33 @@ def run_grid(
             for cell in cells:
                 n += 1
                 key = (cell.label, backbone, seed)
-                if key in done:
-                    print(f"[compare {n}/{total}] {cell.label} {backbone} seed {seed}: done earlier, skipped")
-                    results.append(done[key])
-                    if cell.label == "joint":
-                        joint_ckpt = done[key].checkpoint
-                    continue
                 run_name = f"run.name={name}-{backbone}-s{seed}-{cell.label}"
-                tags = {"compare": name, "cell": cell.label, "seed": str(seed)}
-                print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
+                base = None
                 if kind == "twotower":
-                    res = _fit_twotower_cell(config, overrides + [f"model.method={cell.method}", f"run.seed={seed}",
-                                                                  run_name] + cell.overrides, parent_run_id, tags)
+                    cfg = TwoTowerConfig.from_yaml(config, overrides + [
+                        f"model.method={cell.method}", f"run.seed={seed}", run_name] + cell.overrides)
                 else:
                     cfg = TrainConfig.from_yaml(config, overrides + [
                         f"method={cell.method}", f"model.backbone={backbone}", f"run.seed={seed}", run_name,
                     ] + cell.overrides)
                     base = reuse_joint(cfg, joint_ckpt, base_data)
-                    res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base, tags=tags)
+                    cfg = absolute_checkpoint_paths(cfg)
+                if key in done:
+                    _check_same_config(done[key], cfg, output)
+                    print(f"[compare {n}/{total}] {cell.label} {backbone} seed {seed}: done earlier, skipped")
+                    results.append(done[key])
+                    if cell.label == "joint":
+                        joint_ckpt = done[key].checkpoint
+                    continue
+                tags = {"compare": name, "cell": cell.label, "seed": str(seed)}
+                print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
+                if kind == "twotower":
+                    res = _fit_twotower_cell(cfg, parent_run_id, tags, fresh)
+                else:
+                    res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base, tags=tags, fresh=fresh)
                 r = CellResult(cell.label, backbone, seed, cell.method,
                                {k: v for k, v in res.final.items() if isinstance(v, (int, float))},
-                               res.run_id, res.checkpoint_path, cell.overrides)
+                               res.run_id, res.checkpoint_path, cell.overrides, cfg.to_dict())
                 if cell.label == "joint":
                     joint_ckpt = res.checkpoint_path
                 with log.open("a") as f:
@@ -134,11 +147,30 @@ def run_grid(
     return results
 
 
-def _fit_twotower_cell(config: Optional[str], overrides: list[str], parent_run_id: Optional[str], tags: dict):
+def _check_same_config(done: CellResult, cfg, output: Path) -> None:
+    """A finished cell is reused only for the config that made it: a grid rerun with, say, another
+    learning rate would otherwise report the old cells under the new command."""
+    from ray_pinet.config_base import format_diff
+    from ray_pinet.training.resume import config_changes
+
+    where = f"cell {done.label} {done.backbone} seed {done.seed} of {output / 'cells.jsonl'}"
+    if done.config is None:
+        print(f"[compare] {where} was recorded without its config (older ray-pinet): not checked")
+        return
+    try:
+        diffs = config_changes(type(cfg), done.config, cfg)
+    except ConfigError as exc:
+        diffs = [("config", f"recorded config {exc}", "this command's")]
+    if diffs:
+        raise ConfigError(f"{where} was finished with another config; reusing it would report it under "
+                          f"this command: {format_diff(diffs)}. Rerun with the old settings, with --fresh "
+                          "to start the grid anew (the report folder is kept aside), or with another --name")
+
+
+def _fit_twotower_cell(cfg, parent_run_id: Optional[str], tags: dict, fresh: bool = False):
     """One two-tower cell; its selected test metrics (``final/*``) renamed ``test/*`` for the report."""
     from ray_pinet.training.twotower_trainer import fit_twotower
-    from ray_pinet.twotower_config import TwoTowerConfig
 
-    res = fit_twotower(TwoTowerConfig.from_yaml(config, overrides), parent_run_id=parent_run_id, tags=tags)
+    res = fit_twotower(cfg, parent_run_id=parent_run_id, tags=tags, fresh=fresh)
     res.final.update({"test/" + k[len("final/"):]: v for k, v in list(res.final.items()) if k.startswith("final/")})
     return res

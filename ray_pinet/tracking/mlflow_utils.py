@@ -16,6 +16,27 @@ from typing import Any, Optional
 from ray_pinet.config_base import flatten
 
 RUN_NAME_TAG = "ray_pinet.run_name"
+# The served model's weights as plain data, beside the pickled served model: what `retrain` warm
+# starts from (read with torch.load(weights_only=True), so no project class is unpickled). A dict
+# {format, config (TrainConfig as a dict), meta (RunMeta fields), model (RecModel state dict),
+# use_plugins}: ``training.trainer.rebuild_model`` builds the model from it.
+MODEL_STATE_ARTIFACT = "model_state/state.pt"
+MODEL_STATE_FORMAT = "ray-pinet-model-state/1"
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow filter string. MLflow has no escape sequence: it
+    strips the enclosing quotes and compares the rest verbatim, so a value is enclosed in the
+    quote character it does not contain (pasting it unquoted, a single quote in a model name
+    broke the filter, and the error read as "no such model")."""
+    from ray_pinet.config_base import ConfigError
+
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r} holds both quote characters, which MLflow's search filters cannot "
+                      "express: choose a model / run name without one of them")
 
 
 def resolve_tracking_uri(explicit: Optional[str], storage_path: str) -> str:
@@ -54,17 +75,26 @@ def start_or_resume_run(
     config: dict[str, Any],
     tags: Optional[dict[str, str]] = None,
     parent_run_id: Optional[str] = None,
+    fresh: bool = False,
+    free: tuple[str, ...] = (),
 ) -> tuple[str, bool]:
-    """(run_id, resumed). A run tagged with ``run_name`` that did not finish is resumed."""
+    """(run_id, resumed). A run tagged with ``run_name`` that did not finish is resumed when its
+    params are this ``config``'s (keys under a ``free`` dotted prefix may differ, keys only one
+    side has are not compared); otherwise, or with ``fresh``, a new run is created: a resumed
+    run keeps the params it was created with, which must be what trains in it."""
     client = _client(uri)
     exp_id = experiment_id(uri, experiment)
     found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_literal(run_name)}",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
-    if found and found[0].info.status != "FINISHED":
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
+    params = {k[:250]: str(v)[:6000] for k, v in flatten(config).items()}
+    if found and found[0].info.status != "FINISHED" and not fresh:
+        old = found[0].data.params
+        if all(old[k] == v for k, v in params.items()
+               if k in old and not any(k == f or k.startswith(f + ".") for f in free)):
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id, True
     all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -72,7 +102,7 @@ def start_or_resume_run(
     run_id = run.info.run_id
     from mlflow.entities import Param
 
-    params = [Param(k[:250], str(v)[:6000]) for k, v in flatten(config).items()]
+    params = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(params), 90):
         client.log_batch(run_id, params=params[i : i + 90])
     client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "config.json")
@@ -116,12 +146,27 @@ def log_scoring_model(uri: str, run_id: str, module, input_example, registered_m
     return info.model_uri
 
 
+def log_model_state(uri: str, run_id: str, config: dict, meta: dict, model_state: dict,
+                    use_plugins: bool) -> None:
+    """Log a model's weights as plain data to ``MODEL_STATE_ARTIFACT`` of ``run_id``."""
+    import tempfile
+
+    from ray_pinet.checkpoint_io import save_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / Path(MODEL_STATE_ARTIFACT).name
+        save_weights({"format": MODEL_STATE_FORMAT, "config": config, "meta": meta, "model": model_state,
+                      "use_plugins": bool(use_plugins)}, f)
+        _client(uri).log_artifact(run_id, str(f), str(Path(MODEL_STATE_ARTIFACT).parent))
+
+
 def find_run(uri: str, experiment: str, run_name: str) -> Optional[str]:
     """The id of the latest run tagged with ``run_name`` (None if there is none)."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+    found = client.search_runs([exp.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_literal(run_name)}",
                                order_by=["attributes.start_time DESC"], max_results=1)
     return found[0].info.run_id if found else None

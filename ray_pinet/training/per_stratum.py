@@ -60,8 +60,12 @@ def fit_per_stratum(
     progress: Optional[bool] = None,
     parent_run_id: Optional[str] = None,
     tags: Optional[dict[str, str]] = None,
+    fresh: bool = False,
 ):
+    """``fresh``: every run of it (the base joint, the K stratum runs) starts anew, their run
+    folders moved aside, under a new parent MLflow run (``fit``)."""
     from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.training.resume import RESUME_FREE
     from ray_pinet.training.trainer import (
         FitResult, ensure_prepared, fit, load_run_meta, load_state, log_served_model, rebuild_model,
     )
@@ -78,14 +82,14 @@ def fit_per_stratum(
         run_id, _ = mu.start_or_resume_run(
             uri, cfg.tracking.experiment, cfg.run.name, cfg.to_dict(),
             tags={"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
-            parent_run_id=parent_run_id,
+            parent_run_id=parent_run_id, fresh=fresh, free=RESUME_FREE,
         )
     t0 = time.perf_counter()
     extra: dict = {}
     try:
         if cfg.method == "finetune" and base_checkpoint is None:
             print(f"finetune: training its joint base first ({cfg.run.name}-base-joint)", flush=True)
-            base = fit(base_joint_config(cfg), progress=progress, parent_run_id=run_id)
+            base = fit(base_joint_config(cfg), progress=progress, parent_run_id=run_id, fresh=fresh)
             base_checkpoint = base.checkpoint_path
             extra["base_train_seconds"] = base.final.get("train_seconds", 0.0)
         subs = []
@@ -93,7 +97,7 @@ def fit_per_stratum(
             sub_cfg = _sub_config(cfg, s, name, base_checkpoint)
             print(f"\n--- {cfg.method}: stratum {name} ({sub_cfg.run.name}) ---", flush=True)
             subs.append(fit(sub_cfg, progress=progress, parent_run_id=run_id,
-                            tags={"parent_method": cfg.method, "stratum": name}))
+                            tags={"parent_method": cfg.method, "stratum": name}, fresh=fresh))
         members = [rebuild_model(load_state(sub.checkpoint_path))[0] for sub in subs]
         model = StratumEnsemble(members).eval()
         L = cfg.model.max_len

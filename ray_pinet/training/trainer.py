@@ -8,17 +8,17 @@ run tagged with that name is reopened.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ray_pinet.config import TrainConfig
+from ray_pinet.config_base import to_dict
 from ray_pinet.evaluation.protocol import slice_names
 from ray_pinet.training.engine import RunMeta
 from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, load_state, train_func
@@ -39,102 +39,154 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def init_local_ray() -> None:
-    """Start a local Ray instance (no ``RAY_ADDRESS``) or join the cluster it names.
+def init_local_ray(**overrides) -> None:
+    """``ray_pinet.local_ray.start_ray``: the one start-up of every command (a new local
+    instance, or the cluster ``RAY_ADDRESS`` names); kept under this name for its callers."""
+    from ray_pinet.local_ray import start_ray
 
-    Locally we advertise at least 4 logical CPUs: Train workers and the controller hold CPU
-    reservations, and on a 2-core box Ray Data's ingest would otherwise get a budget of zero
-    and stall (ray-notes §6). The work itself is still bounded by the real cores.
-    """
-    import ray
-
-    env_vars = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-                # Ray Data bars from every worker interleave into noise; the workers print one
-                # line per epoch instead.
-                "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    if os.environ.get("RAY_ADDRESS"):
-        # A cluster: gloo must use the nodes' real interface (set GLOO_SOCKET_IFNAME in the node
-        # environment if it needs choosing: cluster/ manifests do), never loopback. Keys already
-        # in our environment came with the job's runtime_env, and Ray refuses a driver
-        # runtime_env that sets them again.
-        ray.init(runtime_env={"env_vars": {k: v for k, v in env_vars.items() if k not in os.environ}})
-    else:
-        # One machine: gloo over loopback (its default interface lookup fails in containers).
-        # The dashboard serves the State API that Train V2's PlacementGroupCleaner polls
-        # (without it: a warning every few seconds and no clean-up of orphaned placement
-        # groups) and the Ray dashboard users expect; loopback only. The cleaner finds the State
-        # API by auto-detection, which with a second Ray instance on the machine picks the other
-        # one, does not find our controller there and removes our workers' placement group
-        # (seen: a retrain beside a `ray start --head` cluster died with "placement group was
-        # removed"); naming our dashboard in the workers' environment pins it to ours.
-        port = free_local_port(8265)
-        env = {"env_vars": {**env_vars, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-                            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
-        # address="local": always a new instance. Without it ray.init joins a `ray start`
-        # cluster running on this host, with loopback gloo and a dashboard port it rejects.
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
+    start_ray(**overrides)
 
 
 def free_local_port(preferred: int) -> int:
     """``preferred`` when it is free on 127.0.0.1, else a free port the OS picks."""
-    import socket
+    from ray_pinet.local_ray import free_local_port as free
 
-    for candidate in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    raise RuntimeError("no free TCP port on 127.0.0.1")
+    return free(preferred)
+
+
+PREPARED_FILES = ("prepare_config.json", "strata.json", "report.json", "users.parquet", "items.parquet")
+# Prepare settings that do not change the prepared data: where it is written, and the number of
+# user buckets the work is split into (the output is the same for any, tests/data/test_pipeline.py).
+PREPARE_FREE = ("output", "num_buckets")
+
+
+def missing_prepared(path: Path) -> list[str]:
+    """What a complete ``prepare`` output has and ``path`` lacks (docs/design.md's contract)."""
+    missing = [f for f in PREPARED_FILES if not (path / f).is_file()]
+    return missing + [f"{s}/*.parquet" for s in SPLITS if not any((path / s).glob("*.parquet"))]
+
+
+def _prepare_config_of(cfg: TrainConfig, path: Path):
+    """``data.prepare`` resolved as ``train`` runs it (output = data.path)."""
+    from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml
+    from ray_pinet.data.config import PrepareConfig
+
+    try:
+        return from_dict(PrepareConfig, apply_overrides(load_yaml(cfg.data.prepare), [f"output={path}"]))
+    except ConfigError as exc:
+        raise ConfigError(f"data.prepare={cfg.data.prepare!r}: {exc}") from None
 
 
 def ensure_prepared(cfg: TrainConfig, progress: bool = True) -> Path:
-    """The prepared-data directory, running ``prepare`` first when it is missing."""
-    path = Path(cfg.data.path)
-    if (path / "strata.json").exists():
-        return path
-    if not cfg.data.prepare:
-        raise FileNotFoundError(
-            f"no prepared data at {path} (no strata.json): run `ray-pinet prepare` first "
-            "or set data.prepare to a prepare config"
-        )
-    from ray_pinet.config_base import apply_overrides, from_dict, load_yaml
-    from ray_pinet.data.config import PrepareConfig
-    from ray_pinet.data.pipeline import prepare
+    """The prepared-data directory, running ``prepare`` first when it is missing (or empty).
 
-    raw = apply_overrides(load_yaml(cfg.data.prepare), [f"output={path}"])
-    prepare(from_dict(PrepareConfig, raw), progress=progress)
+    A folder that is there is checked, never silently reused or rewritten: a partial ``prepare``
+    output is refused with what it lacks, and with ``data.prepare`` set, data prepared with other
+    settings (any key but ``PREPARE_FREE``) is refused with the differing keys, as ``twotower``
+    refuses stale pair data."""
+    from ray_pinet.config_base import ConfigError, config_diff, format_diff, from_dict
+    from ray_pinet.data.config import PrepareConfig
+    from ray_pinet.errors import DataError
+
+    path = Path(cfg.data.path)
+    if not path.is_dir() or not any(path.iterdir()):
+        if not cfg.data.prepare:
+            raise ConfigError(f"data.path={str(path)!r}: no prepared data there: run `ray-pinet prepare` "
+                              "first, or set data.prepare to a prepare config so that train prepares it")
+        from ray_pinet.data.pipeline import prepare
+
+        prepare(_prepare_config_of(cfg, path), progress=progress)
+        return path
+    missing = missing_prepared(path)
+    if missing:
+        how = (f"`ray-pinet prepare --config {cfg.data.prepare} --output {path}`" if cfg.data.prepare
+               else "`ray-pinet prepare` with its config")
+        raise DataError(f"data.path is not a complete prepared folder (an interrupted or partial "
+                        f"prepare?): it lacks {', '.join(missing)}; prepare it again with {how}",
+                        file=str(path))
+    if cfg.data.prepare:
+        want = to_dict(_prepare_config_of(cfg, path))
+        have = _read_json(path / "prepare_config.json")
+        try:  # keys added to PrepareConfig since the folder was made take their defaults
+            have = to_dict(from_dict(PrepareConfig, have))
+        except ConfigError:
+            pass  # compared as stored: the keys it no longer has are listed as differences
+        diffs = config_diff(have, want, free=PREPARE_FREE)
+        if diffs:
+            listed = format_diff(diffs, template="{key}: prepared {old!r}, asked {new!r}")
+            raise ConfigError(
+                f"data.path={str(path)!r} holds data prepared with other settings than data.prepare="
+                f"{cfg.data.prepare!r} ({listed}): "
+                "set data.path to a new directory, or prepare this one again with "
+                f"`ray-pinet prepare --config {cfg.data.prepare} --output {path}`")
     return path
 
 
+def _read_json(path: Path) -> dict:
+    from ray_pinet.errors import DataError
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError("prepared data file missing: prepare the folder again", file=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"prepared data file is not valid JSON ({exc}): prepare the folder again",
+                        file=str(path)) from None
+
+
 def load_run_meta(path: Path) -> RunMeta:
-    strata = json.loads((path / "strata.json").read_text())
-    pconf = json.loads((path / "prepare_config.json").read_text())
-    items = pq.ParquetFile(path / "items.parquet").metadata.num_rows
-    n_train = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((path / "train").glob("*.parquet")))
-    return RunMeta(
-        num_items=int(items),
-        num_strata=int(strata["num_strata"]),
-        num_train_samples=int(n_train),
-        user_share=[float(x) for x in strata["priors"]["user_share"]],
-        interaction_share=[float(x) for x in strata["priors"]["interaction_share"]],
-        train_negatives=int(pconf["samples"]["train_negatives"]),
-        strata=strata,
-    )
+    from ray_pinet.errors import DataError
+
+    strata = _read_json(path / "strata.json")
+    pconf = _read_json(path / "prepare_config.json")
+    try:
+        items = pq.ParquetFile(path / "items.parquet").metadata.num_rows
+        n_train = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((path / "train").glob("*.parquet")))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"prepared data is unreadable ({exc}): prepare the folder again",
+                        file=str(path)) from None
+    try:
+        return RunMeta(
+            num_items=int(items),
+            num_strata=int(strata["num_strata"]),
+            num_train_samples=int(n_train),
+            user_share=[float(x) for x in strata["priors"]["user_share"]],
+            interaction_share=[float(x) for x in strata["priors"]["interaction_share"]],
+            train_negatives=int(pconf["samples"]["train_negatives"]),
+            strata=strata,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"prepared data lacks an entry ({exc!r}) that prepare writes: prepare the folder "
+                        "again", file=str(path / "strata.json")) from None
 
 
 def _check_compatible(cfg: TrainConfig, meta: RunMeta, path: Path) -> None:
-    pconf = json.loads((path / "prepare_config.json").read_text())
-    L = int(pconf["samples"]["max_len"])
+    """Settings that only the data can check, refused on the driver before Ray Train starts."""
+    from ray_pinet.config_base import ConfigError
+
+    samples = _read_json(path / "prepare_config.json").get("samples", {})
+    L = int(samples.get("max_len", -1))
     if cfg.model.max_len != L:
-        raise ValueError(f"model.max_len={cfg.model.max_len} but {path} was prepared with samples.max_len={L}")
-    if cfg.eval.candidates and int(pconf["samples"]["eval_candidates"]) < cfg.eval.candidates:
-        raise ValueError(
+        raise ConfigError(f"model.max_len={cfg.model.max_len} but {path} was prepared with "
+                          f"samples.max_len={L}: set model.max_len to it, or prepare the data again "
+                          "with that max_len")
+    if cfg.eval.candidates and int(samples.get("eval_candidates", 0)) < cfg.eval.candidates:
+        raise ConfigError(
             f"eval.candidates={cfg.eval.candidates} but {path} holds "
-            f"{pconf['samples']['eval_candidates']} sampled candidates per row"
+            f"{samples.get('eval_candidates', 0)} sampled candidates per row: lower eval.candidates "
+            "(0 ranks the full catalogue), or prepare with samples.eval_candidates >= it"
         )
+    K = meta.num_strata
+    names = slice_names(K)
+    if cfg.eval.select_slice not in names:
+        raise ConfigError(f"eval.select_slice={cfg.eval.select_slice!r}: the data at {path} has the "
+                          f"slices {names}")
+    bad = [s for s in cfg.data.train_strata or [] if s >= K]
+    if bad:
+        raise ConfigError(f"data.train_strata {bad}: the data at {path} has {K} strata (0..{K - 1})")
+    if cfg.stage2.unseen_stratum >= K:
+        raise ConfigError(f"stage2.unseen_stratum={cfg.stage2.unseen_stratum}: the data at {path} has "
+                          f"{K} strata (0..{K - 1})")
 
 
 def read_splits(path: Path) -> dict:
@@ -163,20 +215,23 @@ def read_splits(path: Path) -> dict:
 def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> None:
     """run.init_from / run.warm_start must be a finished checkpoint of the same model on the
     same data."""
+    from ray_pinet.config_base import ConfigError
+
     where = getattr(cfg.run, key)
     state = Path(where) / STATE_FILE
     if not state.exists():
-        raise ValueError(f"run.{key}={where!r}: no {STATE_FILE} there")
+        raise ConfigError(f"run.{key}={where!r}: no {STATE_FILE} there (a checkpoint directory of a "
+                          "finished run holds one)")
     snap = load_state(where)
     other = TrainConfig.from_dict(snap["config"])
     if other.model != cfg.model:
-        raise ValueError(f"run.{key}={where!r} holds model {other.model}, this run has {cfg.model}")
+        raise ConfigError(f"run.{key}={where!r} holds model {other.model}, this run has {cfg.model}")
     if Path(other.data.path).resolve() != Path(cfg.data.path).resolve() or snap["meta"]["num_items"] != meta.num_items:
-        raise ValueError(f"run.{key}={where!r} was trained on {other.data.path}, "
-                         f"this run reads {cfg.data.path}")
+        raise ConfigError(f"run.{key}={where!r} was trained on {other.data.path}, "
+                          f"this run reads {cfg.data.path}")
     if snap["engine"].get("stage", 1) != 3:
-        raise ValueError(f"run.{key}={where!r} is not a finished run (stage "
-                         f"{snap['engine'].get('stage')}): finish or resume it first")
+        raise ConfigError(f"run.{key}={where!r} is not a finished run (stage "
+                          f"{snap['engine'].get('stage')}): finish or resume it first")
 
 
 def absolute_checkpoint_paths(cfg: TrainConfig) -> TrainConfig:
@@ -194,12 +249,14 @@ def fit(
     tags: Optional[dict[str, str]] = None,
     base_checkpoint: Optional[str] = None,
     callbacks: Optional[list] = None,
+    fresh: bool = False,
 ) -> FitResult:
     """Train one run of ``cfg`` on Ray Train and log it to MLflow (a child of ``parent_run_id``
     when given). ``separate`` / ``finetune`` are K runs, one per stratum: see ``per_stratum``
     (``base_checkpoint``: the joint run that ``finetune`` starts from; trained first if None).
     ``callbacks``: ``ray.train.UserCallback``s of the Train run (a Tune trial forwards its
-    reports with one)."""
+    reports with one). A run name with a checkpoint resumes it if its config is this one
+    (``training/resume.py``); ``fresh``: move that run folder aside and train anew."""
     from ray_pinet.config import PER_STRATUM_METHODS
 
     cfg = absolute_checkpoint_paths(cfg)
@@ -207,7 +264,8 @@ def fit(
     if cfg.method in PER_STRATUM_METHODS:
         from ray_pinet.training.per_stratum import fit_per_stratum
 
-        return fit_per_stratum(cfg, base_checkpoint, progress=progress, parent_run_id=parent_run_id, tags=tags)
+        return fit_per_stratum(cfg, base_checkpoint, progress=progress, parent_run_id=parent_run_id,
+                               tags=tags, fresh=fresh)
     import ray
 
     from ray_pinet.tracking import mlflow_utils as mu
@@ -220,15 +278,16 @@ def fit(
         check_init_from(cfg, meta)
     if cfg.run.warm_start:
         check_init_from(cfg, meta, "warm_start")
+    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    _check_resume(cfg, meta, storage, fresh)
     if not ray.is_initialized():
         init_local_ray()
-    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     config_dict = cfg.to_dict()
 
     uri, run_id, mlflow_info = start_tracking(
         cfg.tracking, cfg.run.name, config_dict, storage, parent_run_id,
         {"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
-        [path / name for name in ("strata.json", "report.json", "prepare_config.json")])
+        [path / name for name in ("strata.json", "report.json", "prepare_config.json")], fresh=fresh)
     trainer = torch_trainer(
         train_func, {"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info}, cfg.run, storage,
         callbacks=callbacks, datasets=read_splits(path), dataset_config=ShardBySampleId.make())
@@ -244,17 +303,42 @@ def fit(
     return out
 
 
+def _check_resume(cfg: TrainConfig, meta: RunMeta, storage: str, fresh: bool) -> None:
+    """``resume.check_resume`` for a train run: its config, and the data's sizes, against the
+    checkpoint a relaunch would resume."""
+    from ray_pinet.training.resume import check_resume
+
+    stored: dict = {}
+
+    def checkpoint_config(ckpt: Path) -> dict:
+        stored.update(load_state(str(ckpt)))
+        return stored["config"]
+
+    def data_changes(_ckpt: Path) -> list:
+        old = stored.get("meta", {})
+        return [(f"data ({k} of {cfg.data.path})", old.get(k), getattr(meta, k))
+                for k in ("num_items", "num_strata", "num_train_samples") if old.get(k) != getattr(meta, k)]
+
+    try:
+        check_resume(TrainConfig, cfg, storage, checkpoint_config, fresh=fresh, extra=data_changes)
+    finally:
+        stored.clear()  # the checkpoint's weights: not kept on the driver for the whole run
+
+
 def start_tracking(tracking, run_name: str, config_dict: dict, storage: str, parent_run_id: Optional[str],
-                   tags: dict[str, str], data_files: list[Path]) -> tuple[Optional[str], Optional[str], Optional[dict]]:
+                   tags: dict[str, str], data_files: list[Path],
+                   fresh: bool = False) -> tuple[Optional[str], Optional[str], Optional[dict]]:
     """(tracking URI, run id, the workers' MLflow info) of a new or resumed run named ``run_name``
-    (all None with ``tracking.enabled=false``); a new run gets the existing ``data_files``."""
+    (all None with ``tracking.enabled=false``); a new run gets the existing ``data_files``.
+    ``fresh``: always a new MLflow run (the run's training starts anew)."""
     from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.training.resume import RESUME_FREE
 
     if not tracking.enabled:
         return None, None, None
     uri = mu.resolve_tracking_uri(tracking.tracking_uri, storage)
     run_id, resumed = mu.start_or_resume_run(uri, tracking.experiment, run_name, config_dict, tags=tags,
-                                             parent_run_id=parent_run_id)
+                                             parent_run_id=parent_run_id, fresh=fresh, free=RESUME_FREE)
     if not resumed:
         for f in data_files:
             if f.exists():
@@ -331,13 +415,21 @@ def _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id) -> Opti
         return None
     # The served model takes item indices: its vocabulary travels with it (retrain needs it too).
     mu.log_artifact(uri, run_id, path / "items.parquet", "vocab")
-    return log_served_model(cfg, meta.num_strata, rebuild_model(snap)[0], uri, run_id)
+    return log_served_model(cfg, meta.num_strata, rebuild_model(snap)[0], uri, run_id, meta=meta)
 
 
-def log_served_model(cfg: TrainConfig, num_strata: int, model, uri: str, run_id: str) -> str:
-    """Log ``model`` wrapped in ``ScoringModule`` (with an input example) to the run; its URI."""
+def log_served_model(cfg: TrainConfig, num_strata: int, model, uri: str, run_id: str,
+                     meta: Optional[RunMeta] = None) -> str:
+    """Log ``model`` wrapped in ``ScoringModule`` (with an input example) to the run; its URI.
+    With ``meta`` (a single RecModel, not a per-stratum ensemble) its weights also go to
+    ``mlflow_utils.MODEL_STATE_ARTIFACT`` as plain data: what ``retrain`` warm-starts from,
+    without unpickling the served model."""
     from ray_pinet.serving import ScoringModule
     from ray_pinet.tracking import mlflow_utils as mu
+
+    if meta is not None:
+        mu.log_model_state(uri, run_id, cfg.to_dict(), dict(meta.__dict__), model.state_dict(),
+                           getattr(model, "use_plugins", False))
 
     example = np.zeros((2, 1 + cfg.model.max_len), dtype=np.int64)
     example[:, 0] = [0, num_strata - 1]

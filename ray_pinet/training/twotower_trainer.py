@@ -30,24 +30,38 @@ STATE_FILE = "twotower.pt"
 def ensure_pairs(cfg: TwoTowerConfig, progress: bool = True) -> Path:
     """``data.output``, prepared from ``cfg.data`` when it is missing. Prepared data made with
     other data settings is an error (naming the keys), never silently reused or overwritten."""
-    from ray_pinet.config_base import flatten, to_dict
+    from ray_pinet.config_base import ConfigError, config_diff, format_diff, to_dict
+    from ray_pinet.data.pairs import SPLITS
+    from ray_pinet.errors import DataError
 
     path = Path(cfg.data.output)
     if not (path / "meta.json").exists():
         prepare_pairs(cfg.data, progress=progress)
         return path.resolve()
-    stored = json.loads((path / "prepare_config.json").read_text())
-    want, have = flatten(to_dict(cfg.data)), flatten(stored)
-    differ = sorted(k for k in set(want) | set(have) if k != "output" and want.get(k) != have.get(k))
+    missing = [f for f in ("prepare_config.json", "users.parquet", "items.parquet",
+                           *(f"{s}.parquet" for s in SPLITS)) if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"data.output is not complete pair data (an interrupted prepare?): it lacks "
+                        f"{', '.join(missing)}; delete the folder (ray-pinet twotower prepares it again) "
+                        "or set data.output to a new directory", file=str(path))
+    try:
+        stored = json.loads((path / "prepare_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"not valid JSON ({exc}): delete the folder to prepare it again",
+                        file=str(path / "prepare_config.json")) from None
+    differ = config_diff(stored, to_dict(cfg.data), free=("output",))
     if differ:
-        diffs = "; ".join(f"data.{k}: prepared {have.get(k)!r}, asked {want.get(k)!r}" for k in differ)
-        raise ValueError(f"{path} holds pair data prepared with other settings ({diffs}): "
-                         "set data.output to a new directory, or delete it to prepare again")
+        diffs = format_diff(differ, "data.", "{key}: prepared {old!r}, asked {new!r}")
+        raise ConfigError(f"{path} holds pair data prepared with other settings ({diffs}): "
+                          "set data.output to a new directory, or delete it to prepare again")
     return path.resolve()
 
 
 def load_checkpoint_state(checkpoint_dir: str) -> dict:
-    return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    """A two-tower checkpoint (``twotower.pt``), read with ``weights_only=True`` (``checkpoint_io``)."""
+    from ray_pinet.checkpoint_io import load_weights
+
+    return load_weights(os.path.join(checkpoint_dir, STATE_FILE))
 
 
 def twotower_train_func(config: dict[str, Any]) -> None:
@@ -100,24 +114,29 @@ def twotower_train_func(config: dict[str, Any]) -> None:
 
 
 def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,
-                 tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None) -> FitResult:
+                 tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None,
+                 fresh: bool = False) -> FitResult:
     """Train ``cfg`` on Ray Train (``run.num_workers`` workers) and log it to MLflow.
-    ``callbacks``: ``ray.train.UserCallback``s of the Train run (a Tune trial forwards reports)."""
+    ``callbacks``: ``ray.train.UserCallback``s of the Train run (a Tune trial forwards reports).
+    A run name with a checkpoint resumes it only with the same config (``training/resume.py``);
+    ``fresh``: move that run folder aside and train anew."""
     import ray
 
     from ray_pinet.tracking import mlflow_utils as mu
+    from ray_pinet.training.resume import check_resume
     from ray_pinet.training.trainer import fit_to_checkpoint, init_local_ray, start_tracking, torch_trainer
 
     path = ensure_pairs(cfg, progress=cfg.run.progress)
     meta = load_meta(path)
+    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    check_resume(TwoTowerConfig, cfg, storage, lambda d: load_checkpoint_state(str(d))["config"], fresh=fresh)
     if not ray.is_initialized():
         init_local_ray()
-    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     config_dict = cfg.to_dict()
     uri, run_id, mlflow_info = start_tracking(
         cfg.tracking, cfg.run.name, config_dict, storage, parent_run_id,
         {"method": cfg.model.method, "sampler": cfg.model.sampler, "data": str(path), **(tags or {})},
-        [path / name for name in ("meta.json", "report.json", "prepare_config.json")])
+        [path / name for name in ("meta.json", "report.json", "prepare_config.json")], fresh=fresh)
     trainer = torch_trainer(twotower_train_func, {"cfg": config_dict, "path": str(path), "mlflow": mlflow_info},
                             cfg.run, storage, callbacks=callbacks)
     ckpt = fit_to_checkpoint(trainer, cfg.run.name, uri, run_id)

@@ -107,6 +107,8 @@ def run_config(setup: SweepSetup, values: dict[str, Any], run_name: str, method:
         f"run.storage_path={setup.storage}/runs", "run.progress=false", "eval.every=1",
         f"run.num_workers={space.trial.num_workers}", f"run.cpus_per_worker={space.trial.cpus_per_worker}",
     ] + ([f"tracking.tracking_uri={setup.tracking_uri}"] if setup.tracking_uri else [])
+    if data_path != cfg.data.path:  # the trial's own prepared copy, made from `prep`, not data.prepare
+        extra.append("data.prepare=null")
     return TrainConfig.from_yaml(setup.base_config, setup.base_overrides + train_o + extra)
 
 
