@@ -11,6 +11,7 @@ interaction-share prior starts stage 2 from it, ``finetune`` fine-tunes it), exa
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,9 @@ from typing import Optional
 from ray_pinet.config import METHODS, TrainConfig
 from ray_pinet.config_base import ConfigError
 from ray_pinet.twotower_config import TWOTOWER_METHODS
+
+
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @dataclass
@@ -47,6 +51,12 @@ def parse_variant(text: str) -> Cell:
     if "=" not in text:
         raise ConfigError(f"--variant {text!r}: expected LABEL=METHOD[:key=value,...]")
     label, rest = text.split("=", 1)
+    label = label.strip()
+    # A label names runs (run.name), report rows and plot legends: matplotlib reads "$...$" as
+    # mathtext, and a bad one made the report fail after every cell had trained.
+    if not _LABEL.fullmatch(label):
+        raise ConfigError(f"--variant {text!r}: label {label!r} must be letters, digits and . _ + - "
+                          "(starting with a letter or digit)")
     method, _, sets = rest.partition(":")
     if method not in METHODS + TWOTOWER_METHODS:
         raise ConfigError(f"--variant {text!r}: method {method!r} is not one of {list(METHODS + TWOTOWER_METHODS)}")

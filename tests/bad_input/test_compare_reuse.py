@@ -83,3 +83,12 @@ def test_compare_fresh_keeps_the_previous_report_folder(tmp_path, capsys):
     assert len(kept) == 1 and (kept[0] / "report.md").read_text() == "old report"
     assert json.loads((kept[0] / "cells.jsonl").read_text())["config"]["optim"]["lr"] == 0.001
     assert not (out / "cells.jsonl").exists()
+
+
+@pytest.mark.parametrize("label", ["x$\\alpha$", "a/b", "", "-x", "a b"])
+def test_a_variant_label_that_cannot_name_a_run_or_a_legend_is_refused(label):
+    from ray_pinet.compare.grid import parse_variant
+
+    with pytest.raises(ConfigError, match="must be letters, digits"):
+        parse_variant(f"{label}=pinet:ga.alpha=1")
+    assert parse_variant("pinet-a1.5+x_y=pinet:ga.alpha=1").label == "pinet-a1.5+x_y"
