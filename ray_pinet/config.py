@@ -242,6 +242,18 @@ class RunSection:
     # Checkpoint directory of a finished run whose backbone *initialises* stage 1 (which then
     # trains as usual): how `finetune` continues from joint's backbone.
     warm_start: Optional[str] = None
+    # Where each worker trains (training/device.py): auto = the GPU Ray Train reserved for the
+    # worker (run.gpus_per_worker > 0), else cpu; outside Ray (the Ray-free Engine) cuda when
+    # torch sees one. cuda without a GPU (or in a Ray worker without a reserved one) is an error.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # GPUs Ray reserves per worker (fractions share a GPU); 0 = CPU workers (use_gpu off).
+    gpus_per_worker: float = 0.0
+    # bf16: the forward and the loss run under bfloat16 autocast (parameters, GA weights, the
+    # reduced gradient and the optimizer stay fp32/fp64). Changes the results: not resume-free.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # A worker's training rows stay on its device when they take at most this many MB there;
+    # larger shards stay in host memory (pinned on CUDA) and each batch is copied, one ahead.
+    device_data_mb: float = 2048.0
 
     def validate(self) -> None:
         # The name is a folder under storage_path and an MLflow tag searched by value.
@@ -260,6 +272,17 @@ class RunSection:
         for key in ("init_from", "warm_start"):
             value = getattr(self, key)
             require(value is None or bool(value.strip()), key, "a checkpoint directory or null", value)
+        require(self.gpus_per_worker >= 0, "gpus_per_worker", ">= 0 (0 = CPU workers)", self.gpus_per_worker)
+        # A worker holding a GPU reservation while training on its CPU wastes the GPU silently.
+        require(self.gpus_per_worker == 0 or self.device != "cpu", "gpus_per_worker",
+                "0 when run.device is cpu (set run.device to cuda or auto to train on the GPUs)",
+                self.gpus_per_worker)
+        # NCCL needs one GPU per rank: workers sharing a GPU (fractions) fail to form the group.
+        require(self.num_workers == 1 or self.gpus_per_worker == 0 or self.gpus_per_worker >= 1,
+                "gpus_per_worker", "0 or >= 1 with more than one worker (NCCL needs a GPU per rank)",
+                self.gpus_per_worker)
+        require(self.device_data_mb >= 0, "device_data_mb",
+                ">= 0 (0 = training rows always in host memory)", self.device_data_mb)
 
 
 @dataclass

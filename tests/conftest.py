@@ -17,6 +17,20 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where torch sees a CUDA device (CI has none: they skip)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no CUDA device here")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 def shared_file(rel: str) -> Path:
     """A file under ../shared/data; the test is skipped (with the path) when it is absent."""
     p = SHARED_DATA / rel

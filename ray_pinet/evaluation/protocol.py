@@ -8,6 +8,11 @@ Cross-worker exactness: HR, NDCG and GAUC are sums over users, so each rank all-
 [count, hr_sum, ndcg_sum, gauc_sum] per stratum (float64) and the means are taken after the
 reduction; AUC is not a sum, so the (positive, negative) scores are gathered and AUC is computed
 on all of them. Never an average of per-worker averages.
+
+Devices: each chunk of ``batch_size`` rows is moved to the model's device, where the full
+catalogue is scored, the history masked and the rank counted; the per-row outcomes and the
+float64 sums stay there until ``finalize`` reads them once. Scores are fp32 even in a bf16 run
+(bf16 scores of 10^4 items tie often, and ties favour the target).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tenso
         rank = (scores[:, 2:] > target_score[:, None]).sum(dim=1)
         return rank, target_score, neg_score
     scores = model.predict(batch.history, stratum, None).clone()  # [B, M+1]
-    rows = torch.arange(len(batch))
+    rows = torch.arange(len(batch), device=scores.device)
     target_score = scores[rows, batch.target].clone()
     neg_score = scores[rows, batch.neg].clone()
     scores[:, 0] = -torch.inf
@@ -69,24 +74,26 @@ def user_outcomes(model, rows: EvalRows, k: int = 10, batch_size: int = 256,
     stratification, ``tuning/objective.py``) gives exactly what ``evaluate`` would."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device  # a model without parameters scores on the CPU
     parts: dict[str, list] = {"hit": [], "ndcg": [], "pos": [], "neg": [], "stratum": []}
     for batch in rows.batches(batch_size):
-        rank, pos, neg = batch_ranks(model, batch, k, candidates)
+        rank, pos, neg = batch_ranks(model, batch.to(device), k, candidates)
         hit, ndcg = hr_ndcg_at_k(rank, k)
         for name, v in (("hit", hit), ("ndcg", ndcg), ("pos", pos.to(torch.float64)),
-                        ("neg", neg.to(torch.float64)), ("stratum", batch.stratum)):
+                        ("neg", neg.to(torch.float64)), ("stratum", batch.stratum.to(device))):
             parts[name].append(v)
     model.train(was_training)
-    out = {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64 if name == "stratum" else torch.float64)
+    out = {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64 if name == "stratum" else torch.float64,
+                                                  device=device)
            for name, v in parts.items()}
-    out["sample_id"] = rows.sample_id
+    out["sample_id"] = rows.sample_id.to(device)
     return out
 
 
 def local_stats(out: dict[str, torch.Tensor], stratum: torch.Tensor, num_strata: int):
     """([K, len(STATS)] sums, [n, 3] (pos, neg, stratum) rows) of per-row outcomes grouped by
     ``stratum``: the additive part and the gathered part of ``finalize``'s input."""
-    stats = torch.zeros(num_strata, len(STATS), dtype=torch.float64)
+    stats = torch.zeros(num_strata, len(STATS), dtype=torch.float64, device=out["hit"].device)
     pos, neg = out["pos"], out["neg"]
     gauc = (pos > neg).to(torch.float64) + 0.5 * (pos == neg).to(torch.float64)
     for col, v in ((0, torch.ones_like(out["hit"])), (1, out["hit"]), (2, out["ndcg"]), (3, gauc)):
@@ -119,6 +126,7 @@ def evaluate(
 
 
 def finalize(stats: torch.Tensor, scores: torch.Tensor, num_strata: int, k: int) -> dict[str, float]:
+    stats, scores = stats.cpu(), scores.cpu()  # the evaluation's one read from the device
     out: dict[str, float] = {}
     names = slice_names(num_strata)
     for i, name in enumerate(names):

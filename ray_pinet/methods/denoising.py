@@ -39,7 +39,7 @@ def truncation_keep(losses: torch.Tensor, labels: torch.Tensor, drop_rate: float
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     keep_n = int((1.0 - drop_rate) * losses.numel())
     order = torch.sort(losses.detach() * labels.to(losses.dtype), stable=True).indices
-    keep = torch.zeros(losses.numel(), dtype=torch.bool)
+    keep = torch.zeros(losses.numel(), dtype=torch.bool, device=losses.device)
     keep[order[:keep_n]] = True
     return keep
 

@@ -40,7 +40,8 @@ def keyed_uniform(seed: int, purpose: int, epoch: int, example_ids: torch.Tensor
     (seed, purpose, epoch, e, s), so it does not depend on the batch or worker count. Negative
     keys or ids raise ValueError (checked by keyed_random)."""
     ids = example_ids.detach().cpu().numpy().astype(np.int64)
-    return torch.from_numpy(uniform_matrix(stream_key(seed, purpose, epoch), ids, num))
+    # drawn on the host (numpy), returned where the ids live
+    return torch.from_numpy(uniform_matrix(stream_key(seed, purpose, epoch), ids, num)).to(example_ids.device)
 
 
 def _index_below(u: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,12 @@ class UserItemSets:
         # A rank holding a shard of the users sets the global value, so every rank draws
         # through the same number of slots (the draws then do not depend on W).
         self.min_neg_count: int | None = None
+
+    def to(self, device: torch.device) -> "UserItemSets":
+        """The same sets with their tensors on ``device``."""
+        out = UserItemSets.__new__(UserItemSets)
+        out.__dict__.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
+        return out
 
     @classmethod
     def from_pairs(cls, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int) -> "UserItemSets":
@@ -102,11 +109,12 @@ class UserItemSets:
 
     def mask(self, users: torch.Tensor) -> torch.Tensor:
         """Bool[B, I]: True at each user's training positives."""
-        out = torch.zeros(len(users), self.num_items, dtype=torch.bool)
+        dev = users.device
+        out = torch.zeros(len(users), self.num_items, dtype=torch.bool, device=dev)
         count = self.pos_count(users)
-        rows = torch.repeat_interleave(torch.arange(len(users)), count)
+        rows = torch.repeat_interleave(torch.arange(len(users), device=dev), count)
         starts = torch.repeat_interleave(self.indptr[users], count)
-        within = torch.arange(int(count.sum())) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        within = torch.arange(int(count.sum()), device=dev) - torch.repeat_interleave(count.cumsum(0) - count, count)
         out[rows, self.items[starts + within]] = True
         return out
 
@@ -129,9 +137,10 @@ class UserItemSets:
             raise ValueError(f"a user has fewer than {k} non-interacted items")
         r = _index_below(u, n)
         slots = r.shape[1]
-        earlier = torch.ones(slots, slots, dtype=torch.bool).tril(-1)  # [j, i]: slot i before slot j
+        earlier = torch.ones(slots, slots, dtype=torch.bool, device=r.device).tril(-1)  # [j, i]: slot i before j
         fresh = ~((r.unsqueeze(2) == r.unsqueeze(1)) & earlier).any(2)
-        order = torch.where(fresh, torch.arange(slots), slots + torch.arange(slots)).argsort(dim=1)[:, :k]
+        slot = torch.arange(slots, device=r.device)
+        order = torch.where(fresh, slot, slots + slot).argsort(dim=1)[:, :k]
         out = r.gather(1, order)
         short = ~fresh.gather(1, order).all(1)
         if bool(short.any()):
@@ -165,7 +174,7 @@ def _p_fewer_distinct(n: int, k: int, slots: int) -> float:
 
 def _sequential_ranks(u: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Long[B, k]: draw j is the r-th of the n − j ranks not chosen yet, r = floor(u_j · (n − j))."""
-    chosen = torch.empty(len(u), 0, dtype=torch.long)
+    chosen = torch.empty(len(u), 0, dtype=torch.long, device=u.device)
     for j in range(u.shape[1]):
         r = _index_below(u[:, j : j + 1], n - j)
         for s in chosen.sort(dim=1).values.unbind(1):  # ascending: step past each chosen rank

@@ -39,12 +39,14 @@ def ema_targets(
         raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {rule!r}")
     uniq, inverse = torch.unique(users, return_inverse=True)
     if rule == "mean":
-        sums = torch.zeros(len(uniq), vectors.shape[1], dtype=vectors.dtype).index_add_(0, inverse, vectors)
+        sums = torch.zeros(len(uniq), vectors.shape[1], dtype=vectors.dtype,
+                           device=vectors.device).index_add_(0, inverse, vectors)
         counts = torch.bincount(inverse, minlength=len(uniq)).to(vectors.dtype)
         return uniq, sums / counts.unsqueeze(1)
     # last_write: the largest batch position of each user
-    pos = torch.arange(len(users))
-    last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce_(0, inverse, pos, reduce="amax")
+    pos = torch.arange(len(users), device=users.device)
+    last = torch.full((len(uniq),), -1, dtype=torch.long, device=users.device).scatter_reduce_(
+        0, inverse, pos, reduce="amax")
     return uniq, vectors[last]
 
 

@@ -47,6 +47,14 @@ class EvalBatch:
     def __len__(self) -> int:
         return int(self.history.shape[0])
 
+    def to(self, device: torch.device) -> "EvalBatch":
+        """The batch on ``device`` (itself when already there); ranking and masking run there."""
+        if self.history.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return EvalBatch(*(move(getattr(self, f)) for f in (
+            "history", "target", "neg", "stratum", "seen_rows", "seen_items", "candidates")))
+
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(flat values, offsets) of a list<int> column."""
@@ -72,9 +80,16 @@ def _left_pad(values: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray
 
 
 class TrainRows:
-    """One rank's training rows, held as padded tensors and addressed by global sample id."""
+    """One rank's training rows, held as padded tensors and addressed by global sample id.
 
-    def __init__(self, table: pa.Table, max_len: int, rank: int, world: int, num_negatives: int):
+    Placement (``device``, ``budget_mb``): the rows live on ``device`` when they take at most
+    ``budget_mb`` there (``resident``); a batch is then gathered on the device. Otherwise they stay
+    in host memory (pinned when the device is CUDA) and each gathered batch is copied with
+    ``non_blocking=True``; ``prefetched`` keeps one batch in flight so the copy overlaps the step.
+    The batch sampler (``epoch_batches``, numpy ids) stays on the host either way."""
+
+    def __init__(self, table: pa.Table, max_len: int, rank: int, world: int, num_negatives: int,
+                 device: torch.device = torch.device("cpu"), budget_mb: float = float("inf")):
         table = table.sort_by("sample_id")
         self.rank, self.world, self.max_len = rank, world, max_len
         self.sample_id = torch.from_numpy(table.column("sample_id").to_numpy().astype(np.int64))
@@ -102,6 +117,19 @@ class TrainRows:
                 k = min(avail, num_negatives)
                 block = nvals[noffs[i] : noffs[i] + t * avail].reshape(t, avail)[-max_len:, :k]
                 self.negs[i, max_len - block.shape[0] :, :k] = torch.from_numpy(block)
+        self.device = torch.device(device)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self._tensors())
+        self.resident = self.nbytes <= budget_mb * 2**20
+        if self.resident:
+            self._place(lambda t: t.to(self.device))
+        elif self.device.type == "cuda":
+            self._place(lambda t: t.pin_memory())  # page-locked: the copy can run asynchronously
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.inputs, self.targets, self.negs, self.stratum, self.sample_id]
+
+    def _place(self, move) -> None:
+        self.inputs, self.targets, self.negs, self.stratum, self.sample_id = map(move, self._tensors())
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -110,22 +138,43 @@ class TrainRows:
         """Sorted global sample ids of the rows in ``strata``, the same array on every rank.
         Collective: one SUM all-reduce of an int64[N] indicator (8 bytes per training row,
         once per run)."""
-        flags = torch.zeros(num_samples, dtype=torch.int64)
-        keep = torch.isin(self.stratum, torch.as_tensor(list(strata), dtype=torch.int64))
-        flags[self.sample_id[keep]] = 1
+        # on the collective device (nccl reduces CUDA tensors only)
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        stratum, sample_id = self.stratum.to(device), self.sample_id.to(device)
+        flags = torch.zeros(num_samples, dtype=torch.int64, device=device)
+        keep = torch.isin(stratum, torch.as_tensor(list(strata), dtype=torch.int64, device=device))
+        flags[sample_id[keep]] = 1
         all_reduce_sum_(flags)
-        return flags.nonzero().squeeze(1).numpy()
+        return flags.nonzero().squeeze(1).cpu().numpy()
 
     def take(self, global_ids: torch.Tensor) -> TrainBatch:
+        """This rank's rows of a global batch (host ids), as tensors on ``device``."""
         mine = global_ids[global_ids % self.world == self.rank]
         local = mine // self.world
-        return TrainBatch(
-            inputs=self.inputs[local],
-            targets=self.targets[local],
-            negs=self.negs[local],
-            stratum=self.stratum[local],
-            sample_id=mine,
-        )
+        if self.resident:
+            idx = local.to(self.device, non_blocking=True)
+            return TrainBatch(inputs=self.inputs[idx], targets=self.targets[idx], negs=self.negs[idx],
+                              stratum=self.stratum[idx], sample_id=mine.to(self.device, non_blocking=True))
+        pin = self.device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            # a gathered batch is a fresh (pageable) tensor: pinned again so the copy is async
+            return (t.pin_memory() if pin else t).to(self.device, non_blocking=True)
+
+        return TrainBatch(inputs=move(self.inputs[local]), targets=move(self.targets[local]),
+                          negs=move(self.negs[local]), stratum=move(self.stratum[local]), sample_id=move(mine))
+
+    def prefetched(self, id_batches: Iterator[torch.Tensor]) -> Iterator[TrainBatch]:
+        """``take`` of each id batch, issued one batch ahead: batch i+1's gather and copy are
+        queued before step i runs (the values are those of ``take``; only the timing moves)."""
+        it = iter(id_batches)
+        ids = next(it, None)
+        pending = None if ids is None else self.take(ids)
+        while pending is not None:
+            current = pending
+            ids = next(it, None)
+            pending = None if ids is None else self.take(ids)
+            yield current
 
 
 def epoch_batches(

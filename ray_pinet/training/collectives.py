@@ -1,5 +1,7 @@
 """torch.distributed helpers. Every function is an exact no-op (or identity) without a process
-group, so the same loop runs in one process (tests, local mode) and on W Ray Train workers."""
+group, so the same loop runs in one process (tests, local mode) and on W Ray Train workers.
+Every buffer lives on the device of the tensors passed in (nccl only reduces CUDA tensors, gloo
+CPU ones, and CUDA ones by staging): nothing here moves data to the host."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place SUM all-reduce (gloo supports float32/float64/int64 on CPU)."""
+    """In-place SUM all-reduce (float32/float64/int64 on gloo and nccl alike)."""
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -38,6 +40,7 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         tensors = [p.data for p in module.parameters()] + [b for b in module.buffers()]
+        # float64 holds every float32 and int64 (< 2^53) value exactly; on the tensors' device
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]) if tensors else None
         if flat is None:
             return
@@ -57,7 +60,7 @@ def flatten_grads(params: Sequence[torch.nn.Parameter], grads: Iterable[torch.Te
         for p, g in zip(params, grads)
     ]
     if not parts:
-        return torch.zeros(0)
+        return torch.zeros(0, device=params[0].device if len(params) else "cpu")
     return torch.cat(parts)
 
 
@@ -80,12 +83,12 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world)]
     dist.all_gather(sizes, n)
-    sizes_i = [int(s.item()) for s in sizes]
+    sizes_i = torch.cat(sizes).tolist()  # once per gather (not per step): one host read
     max_n = max(sizes_i)
-    padded = torch.zeros((max_n,) + tuple(t.shape[1:]), dtype=t.dtype)
+    padded = torch.zeros((max_n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     out = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)

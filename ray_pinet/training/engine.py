@@ -34,6 +34,18 @@ from ray_pinet.training.transfer_epoch import transfer_epoch
 ReportFn = Callable[[dict, Optional[dict]], None]
 
 
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor on the CPU: what a snapshot holds, so a
+    checkpoint written on a GPU loads on a CPU (and the other way round)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 @dataclass
 class RunMeta:
     """What the workers need to know about the prepared data (sent from the driver)."""
@@ -106,8 +118,12 @@ class Engine:
         resume_state: Optional[dict] = None,
         init_backbone: Optional[dict] = None,
         warm_backbone: Optional[dict] = None,
+        device: torch.device = torch.device("cpu"),
     ):
         self.cfg, self.meta = cfg, meta
+        # Decided once by the caller (training/device.resolve_device); the model and rows are
+        # placed here, the models themselves never look at devices.
+        self.device = torch.device(device)
         self.rank, self.world = rank_and_world()
         self.report, self.log = report, log
         self.say = say if self.rank == 0 else (lambda s: None)
@@ -115,7 +131,8 @@ class Engine:
         n_neg = meta.train_negatives if cfg.loss == "bce" else 0
         if cfg.loss == "bce" and n_neg < 1:
             raise ValueError("loss 'bce' needs sampled negatives: prepare with samples.train_negatives >= 1")
-        self.train_rows = TrainRows(train_table, L, self.rank, self.world, n_neg)
+        self.train_rows = TrainRows(train_table, L, self.rank, self.world, n_neg, self.device,
+                                    cfg.run.device_data_mb)
         self.valid_rows = EvalRows(valid_table, L)
         self.test_rows = EvalRows(test_table, L)
         self.K = meta.num_strata
@@ -124,9 +141,12 @@ class Engine:
             cfg.model, meta.num_items, self.K, cfg.stage2.plugin if cfg.uses_plugins else None
         )
         self.model.use_plugins = False
+        self.model.to(self.device)
         # transfer's stratum discriminator (training only: it is not part of the served model).
         self.disc = (Discriminator(cfg.model.dim, self.K, cfg.transfer.disc_hidden)
                      if cfg.method == "transfer" else None)
+        if self.disc is not None:
+            self.disc.to(self.device)
         broadcast_module_(self.model)  # identical start on every rank (the seed already does it)
         if self.disc is not None:
             broadcast_module_(self.disc)
@@ -156,11 +176,11 @@ class Engine:
     # -- checkpoint state ----------------------------------------------------------------------
     def snapshot(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
         return {
-            "engine": copy.deepcopy(self.state.__dict__),
-            "model": copy.deepcopy(self.model.state_dict()),
+            "engine": to_cpu(self.state.__dict__),
+            "model": to_cpu(self.model.state_dict()),
             "use_plugins": self.model.use_plugins,
-            "aux": None if self.disc is None else copy.deepcopy(self.disc.state_dict()),
-            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()},
+            "aux": None if self.disc is None else to_cpu(self.disc.state_dict()),
+            "optimizers": {k: to_cpu(o.state_dict()) for k, o in optimizers.items()},
             "config": self.cfg.to_dict(),
             "meta": self.meta.__dict__,
         }
@@ -182,7 +202,8 @@ class Engine:
         )
 
     def _agree_stop(self, local_flag: bool) -> bool:
-        t = torch.tensor([1.0 if local_flag else 0.0], dtype=torch.float64)
+        # on the collective device (nccl reduces CUDA tensors only); read once per epoch
+        t = torch.tensor([1.0 if local_flag else 0.0], dtype=torch.float64, device=self.device)
         return bool(all_reduce_max_(t)[0] > 0)
 
     def _out_of_time(self, t_start: float, limit: float) -> bool:
@@ -404,7 +425,7 @@ class Engine:
         local = torch.stack([base["sample_id"].to(torch.float64), base["stratum"].to(torch.float64),
                              base["ndcg"], plug["ndcg"]], dim=1)
         rows = all_gather_rows(local)
-        rows = rows[torch.argsort(rows[:, 0])].numpy()
+        rows = rows[torch.argsort(rows[:, 0])].cpu().numpy()
         level = s2.keep_level
         iv = paired_intervals(rows[:, 2], rows[:, 3], rows[:, 1].astype(np.int64), K,
                               draws=s2.keep_draws, seed=cfg.run.seed, level=level)

@@ -50,6 +50,29 @@ class Problem:
     backbone: str = "sasrec"
 
 
+def synthetic_eval_table(p: Problem, seed: int) -> pa.Table:
+    """Random validation/test rows (history, target, one negative, seen items) for ``p``."""
+    rng = np.random.default_rng(seed)
+    hist, tgt, neg, seen, strata = [], [], [], [], []
+    for u in range(p.num_rows):
+        h = rng.integers(1, p.num_items + 1, size=int(rng.integers(1, p.max_len + 1))).tolist()
+        hist.append(h)
+        seen.append(sorted(set(h)))
+        t = int(rng.integers(1, p.num_items + 1))
+        tgt.append(t)
+        neg.append(int(rng.integers(1, p.num_items + 1)))
+        strata.append(int(len(h) > p.max_len // 2))
+    return pa.table({
+        "sample_id": pa.array(np.arange(p.num_rows), pa.int64()),
+        "user_idx": pa.array(np.arange(p.num_rows), pa.int64()),
+        "stratum": pa.array(strata, pa.int8()),
+        "history": pa.array(hist, pa.list_(pa.int32())),
+        "target": pa.array(tgt, pa.int32()),
+        "neg": pa.array(neg, pa.int32()),
+        "seen": pa.array(seen, pa.list_(pa.int32())),
+    })
+
+
 def synthetic_train_table(p: Problem, num_negatives: int = 2) -> pa.Table:
     """Random training windows with long-tailed lengths and a head/tail stratum column."""
     rng = np.random.default_rng(p.seed)

@@ -38,7 +38,9 @@ from ray_pinet.training.collectives import all_reduce_sum_, assign_flat_grads_, 
 class GAStepInfo:
     global_counts: torch.Tensor  # float64[K]: units of each stratum in the global batch
     prior: torch.Tensor  # float64[K]: π used for this step
-    loss: float  # Σ_s π_s · (mean loss of stratum s) over the global batch
+    # Σ_s π_s · (mean loss of stratum s) over the global batch: a 0-dim float32 tensor on the
+    # parameters' device from GradReducer (read once per epoch, not per step), a float otherwise
+    loss: "torch.Tensor | float"
     backward_s: float = 0.0  # of ga_backward's time, the local autograd pass(es); the rest is the collectives
 
 
@@ -52,6 +54,37 @@ def stratum_prior(kind: str, num_strata: int, user_share, counts: torch.Tensor, 
         out = counts.to(torch.float64) * torch.as_tensor(list(user_share), dtype=torch.float64)
         return out / out.sum() if float(out.sum()) > 0 else out
     return _ga_prior(kind, num_strata, user_share, counts, alpha)
+
+
+def stratum_prior_on_device(kind: str, num_strata: int, share: torch.Tensor, counts: torch.Tensor,
+                            alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stratum_prior`` without leaving ``counts``' device: (π float64[K], bad), ``bad`` a 0-dim
+    bool that is true where the host version would raise (a present stratum with user share 0).
+    Branches become masks so no value is read back per step; the arithmetic is the host
+    version's, element for element (tests compare them bit for bit)."""
+    counts = counts.to(torch.float64)
+    present = counts > 0
+    bad = torch.zeros((), dtype=torch.bool, device=counts.device)
+    zero = torch.zeros((), dtype=torch.float64, device=counts.device)
+    if kind == "stratum_mean":
+        return present.to(torch.float64), bad
+    if kind == "reweight":
+        out = counts * share
+        total = out.sum()
+        return torch.where(total > 0, out / total, out), bad
+    if kind == "uniform":
+        out = present.to(torch.float64)
+        return torch.where(out.sum() > 0, out / out.sum(), out), bad
+    c = counts / counts.sum()
+    if kind == "interaction_share":
+        return torch.where(present, c, zero), bad
+    if kind not in ("user_share", "power"):
+        raise ValueError(f"unknown prior {kind!r}")
+    a = 1.0 if kind == "user_share" else float(alpha)
+    bad = (present & (share == 0)).any()
+    out = torch.where(present, c ** (1.0 - a) * share ** a, zero)
+    total = out.sum()
+    return torch.where(total > 0, out / total, out), bad
 
 
 class GradReducer:
@@ -71,11 +104,24 @@ class GradReducer:
         self.params = [p for p in params if p.requires_grad]
         self.num_strata = num_strata
         dtypes = {p.dtype for p in self.params}
-        if dtypes - {torch.float32}:
-            raise ValueError(f"GradReducer needs float32 parameters, got {sorted(map(str, dtypes))}")
+        if dtypes - {torch.float32, torch.bfloat16}:
+            raise ValueError(f"GradReducer needs float32 or bfloat16 parameters, got {sorted(map(str, dtypes))}")
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"GradReducer needs its parameters on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        # On the host every check reads its value at once (free there); on a GPU reading back a
+        # value stalls the stream, so the checks accumulate on the device and ``check()`` reads
+        # them once (run_epoch calls it at the end of the epoch).
+        self.on_host = self.device.type == "cpu"
+        self._bad_counts = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._bad_prior = torch.zeros((), dtype=torch.bool, device=self.device)
+        # bf16 parameters get bf16 gradients: those are copied into the fp32 buffer by their
+        # hook and handed back in their dtype after the reduce, so the sum itself is fp32.
+        self._cast = [p.dtype != torch.float32 for p in self.params]
         cap = max(1, int(bucket_cap_mb * 2**20 / 4))  # floats per bucket
         total = 1 + sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(total, dtype=torch.float32)
+        self.flat = torch.zeros(total, dtype=torch.float32, device=self.device)
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
         # bucket b = flat[bounds[b]:bounds[b + 1]]; bucket 0 also holds the loss slot flat[0]
         self.bounds, self.bucket_of, size = [0], [0] * len(self.params), 1
@@ -104,8 +150,11 @@ class GradReducer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
     def _hook(self, i: int):
-        def on_grad(_param: torch.Tensor) -> None:
+        def on_grad(param: torch.Tensor) -> None:
             if self._armed:
+                if self._cast[i]:
+                    self.views[i].copy_(param.grad)
+                    param.grad = None
                 self._pending[self.bucket_of[i]] -= 1
                 self._launch_ready()
         return on_grad
@@ -120,7 +169,7 @@ class GradReducer:
 
     def start_counts(self, local_counts: torch.Tensor) -> None:
         """Start the all-reduce of this rank's units per stratum (``methods.ga.batch_unit_counts``)."""
-        self._local_counts = local_counts.to(torch.float64)
+        self._local_counts = local_counts.to(device=self.device, dtype=torch.float64)
         self._counts = self._local_counts.clone()
         self._counts_work = (dist.all_reduce(self._counts, op=dist.ReduceOp.SUM, async_op=True)
                              if is_distributed() else None)
@@ -133,22 +182,31 @@ class GradReducer:
         local_counts = stratum_counts(unit_strata, self.num_strata)
         if self._counts is None:
             self.start_counts(local_counts)
-        elif not torch.equal(local_counts, self._local_counts):
-            raise RuntimeError(
-                f"the loss has units per stratum {local_counts.tolist()} but the batch counted "
-                f"{self._local_counts.tolist()} before the forward (batch_unit_counts and the loss "
-                "disagree on which positions are samples)"
-            )
+        elif self.on_host and not torch.equal(local_counts, self._local_counts):
+            raise RuntimeError(self._counts_message(local_counts.tolist(), self._local_counts.tolist()))
+        elif not self.on_host:
+            self._bad_counts |= (local_counts != self._local_counts).any()
         if self._counts_work is not None:
             self._counts_work.wait()
         counts, self._counts, self._counts_work = self._counts, None, None
-        prior = stratum_prior(prior_kind, self.num_strata, user_share, counts, alpha).to(torch.float64)
-        w = ga_weights(unit_strata, counts, prior).to(unit_loss.dtype)
+        # The loss and its GA weights stay fp32 under bf16 autocast (fp32 losses are a no-op here).
+        unit_loss = unit_loss.float()
+        if self.on_host:
+            prior = stratum_prior(prior_kind, self.num_strata, user_share, counts, alpha).to(torch.float64)
+            w = ga_weights(unit_strata, counts, prior).to(unit_loss.dtype)
+        else:
+            share = torch.as_tensor(list(user_share), dtype=torch.float64, device=self.device)
+            prior, bad = stratum_prior_on_device(prior_kind, self.num_strata, share, counts, alpha)
+            n_unit = counts[unit_strata.long()]
+            self._bad_prior |= bad | (n_unit <= 0).any()
+            w = (prior[unit_strata.long()] / n_unit).to(unit_loss.dtype)
         local = (w * unit_loss).sum()
         self.flat.zero_()
-        for p, v in zip(self.params, self.views):
-            p.grad = v  # accumulates in place into the flat buffer (zero_grad may have unset it)
-        self.flat[0] = float(local.detach())  # the loss rides in bucket 0: no extra collective
+        for p, v, cast in zip(self.params, self.views, self._cast):
+            # accumulates in place into the flat buffer (zero_grad may have unset it); a bf16
+            # parameter accumulates in its own dtype and its hook copies the result in
+            p.grad = None if cast else v
+        self.flat[0:1].copy_(local.detach().reshape(1))  # the loss rides in bucket 0: no extra collective
         self._pending, self._next, self._works = list(self.bucket_size), 0, []
         t0 = time.perf_counter()
         self._armed = True
@@ -163,7 +221,26 @@ class GradReducer:
         for work in self._works:
             work.wait()
         self._works = []
-        return GAStepInfo(counts, prior, float(self.flat[0]), backward_s)
+        for p, v, cast in zip(self.params, self.views, self._cast):
+            if cast:
+                p.grad = v.to(p.dtype)
+        return GAStepInfo(counts, prior, self.flat[0].clone(), backward_s)
+
+    @staticmethod
+    def _counts_message(loss_counts, batch_counts) -> str:
+        return (f"the loss has units per stratum {loss_counts} but the batch counted {batch_counts} "
+                "before the forward (batch_unit_counts and the loss disagree on which positions are samples)")
+
+    def check(self) -> None:
+        """Raise what the device-side checks of the steps so far found (one read of two flags)."""
+        if self.on_host:
+            return
+        bad_counts, bad_prior = torch.stack([self._bad_counts, self._bad_prior]).tolist()
+        if bad_counts:
+            raise RuntimeError(self._counts_message("(differing on a GPU step)", "(another count)"))
+        if bad_prior:
+            raise ValueError("a stratum present in a global batch had user_share 0 or no counted units "
+                             "(global_counts must count this shard's units)")
 
     def close(self) -> None:
         for h in self._hooks:
@@ -202,7 +279,8 @@ def ga_backward(
         backward_s = 0.0
         for s in range(num_strata):
             mask = unit_strata == s
-            ls = unit_loss[mask].sum() if bool(mask.any()) else unit_loss.new_zeros(())
+            # the literal cross-check formulation: its per-stratum host reads are accepted
+            ls = unit_loss[mask].float().sum() if bool(mask.any()) else unit_loss.new_zeros((), dtype=torch.float32)
             loss_sums.append(ls.detach())
             t0 = time.perf_counter()
             grads = _grads(ls, params, retain_graph=s < num_strata - 1)
@@ -213,9 +291,9 @@ def ga_backward(
         n_params = parts[0].numel()
         counts = buf[-num_strata:].to(torch.float64)
         sums = buf[num_strata * n_params : num_strata * n_params + num_strata].to(torch.float64)
-        prior = stratum_prior(prior_kind, num_strata, user_share, counts, alpha).to(torch.float64)
+        prior = stratum_prior(prior_kind, num_strata, user_share, counts, alpha).to(torch.float64).to(counts.device)
         coef = torch.where(counts > 0, prior / counts.clamp(min=1), torch.zeros_like(prior))
-        g = torch.zeros(n_params, dtype=torch.float64)
+        g = torch.zeros(n_params, dtype=torch.float64, device=buf.device)
         for s in range(num_strata):
             if coef[s] != 0:
                 g += coef[s] * buf[s * n_params : (s + 1) * n_params].to(torch.float64)

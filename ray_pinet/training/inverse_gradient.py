@@ -18,7 +18,9 @@ are D_tr, the rest D_te. Per epoch:
   and θ's Adam is re-created after every Phase-B step. ``clean``: θ_c, then one step of the
   persistent Adam on ∇BCE(θ_c).
 
-Every sum is divided by the global batch size, never a local one.
+Every sum is divided by the global batch size, never a local one. The step runs on the run's
+device in fp32 whatever ``run.precision`` says (the branch compares three losses; bf16 rounding
+would decide it); the loss sum stays on the device (no host wait per Phase-A step).
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ def ig_epoch(run) -> dict[str, float]:
     ids_te = torch.arange(n_tr, run.num_train).numpy()
     batch = cfg.optim.batch_size
     t0 = time.perf_counter()
-    loss_sum = torch.zeros(1, dtype=torch.float64)
-    branches = torch.zeros(3, dtype=torch.float64)  # forward, inverse, stay (Phase-B steps)
+    dev = run.device
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=dev)
+    branches = torch.zeros(3, dtype=torch.float64)  # forward, inverse, stay (Phase-B steps; host counts)
 
     # -- Phase A: BCE on D_tr ------------------------------------------------------------------
-    acc = torch.zeros(sum(p.numel() for p in params)) if as_coded else None
+    acc = torch.zeros(sum(p.numel() for p in params), device=dev) if as_coded else None
     for ids in epoch_batches(run.num_train, batch, cfg.run.seed, run.epoch, ids=ids_tr):
         _, _, users, items, labels = train.take_labeled(ids)
         loss = bce_rows(model(users, items), labels).sum() / len(ids)
@@ -83,7 +86,7 @@ def ig_epoch(run) -> dict[str, float]:
         assign_flat_grads_(params, g)
         run.opt.step()
         run.step += 1
-        loss_sum += float(all_reduce_sum_(loss.detach().double().reshape(1))[0]) * len(ids)
+        loss_sum += all_reduce_sum_(loss.detach().double().reshape(1)) * len(ids)
 
     # -- Phase B: the three-way step on D_te ---------------------------------------------------
     for ids in epoch_batches(run.num_train, batch, cfg.run.seed, run.epoch, ids=ids_te):

@@ -19,6 +19,7 @@ from ray_pinet.methods.ga import batch_unit_counts, unit_losses
 from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.training.batches import TrainRows, epoch_batches, num_steps
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
+from ray_pinet.training.device import autocast
 from ray_pinet.training.ga_step import GradReducer, ga_backward
 
 
@@ -94,7 +95,12 @@ def run_epoch(
     stats = EpochStats()
     t_epoch = time.perf_counter()
     steps = num_steps(num_samples if ids is None else len(ids), cfg.optim.batch_size)
-    unit_totals = torch.zeros(num_strata, dtype=torch.float64)
+    device = params[0].device if len(params) else torch.device("cpu")
+    # Per-step statistics accumulate on the device and are read once, after the epoch: a read
+    # per step (.item(), float()) would stall the GPU stream every step. float64 sums of the
+    # same float32 terms in the same order give the numbers the host sums gave.
+    unit_totals = torch.zeros(num_strata, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     # Dropout masks come from the rank's own generator, re-seeded per (seed, epoch, rank) so a
     # resumed run replays the same masks.
     rank, _ = rank_and_world()
@@ -103,24 +109,27 @@ def run_epoch(
     reducer = GradReducer(params, num_strata, cfg.ga.bucket_cap_mb) if cfg.ga.reduce == "loss_weighted" else None
     try:
         # (the loop variable must not be ``ids``: stats.rows below reads the argument)
-        for step, batch_ids in enumerate(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids)):
+        batches = rows.prefetched(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids))
+        for step in range(steps):
             t_data = time.perf_counter()
-            batch = rows.take(batch_ids)
+            batch = next(batches)
             t0 = time.perf_counter()
             n_local = len(batch)
             if reducer is not None:  # the count all-reduce runs while the model computes
                 reducer.start_counts(
                     batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata))
             if n_local:
-                loss_vec, row_index = per_position_losses(
-                    model, batch.inputs, batch.targets, batch.negs,
-                    batch.stratum if use_plugins else None, cfg.loss,
-                )
+                with autocast(device, cfg.run.precision):
+                    loss_vec, row_index = per_position_losses(
+                        model, batch.inputs, batch.targets, batch.negs,
+                        batch.stratum if use_plugins else None, cfg.loss,
+                    )
+                loss_vec = loss_vec.float()  # the loss and its GA weights stay fp32 (no-op in fp32)
             else:
-                loss_vec = torch.zeros(0)
-                row_index = torch.zeros(0, dtype=torch.int64)
+                loss_vec = torch.zeros(0, device=device)
+                row_index = torch.zeros(0, dtype=torch.int64, device=device)
             unit_loss, unit_row = unit_losses(loss_vec, row_index, n_local, cfg.ga.unit)
-            unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64)
+            unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64, device=device)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             t_fwd = time.perf_counter()
@@ -137,7 +146,7 @@ def run_epoch(
             for opt in optimizers:
                 opt.step()
             t2 = time.perf_counter()
-            stats.loss += info.loss
+            loss_sum += info.loss
             stats.steps += 1
             unit_totals += info.global_counts
             stats.positions += int(loss_vec.numel())
@@ -148,11 +157,14 @@ def run_epoch(
             stats.time_optimizer += t2 - t1
             if progress is not None:
                 progress(step + 1, steps)
+        if reducer is not None:
+            reducer.check()
     finally:
         if reducer is not None:
             reducer.close()
-    totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64))
+    totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64, device=device))
     stats.positions = int(totals[0])
+    stats.loss = float(loss_sum)  # the epoch's one read of the device-side sums
     stats.rows = num_samples if ids is None else len(ids)
     stats.stratum_units = unit_totals.tolist()
     stats.seconds = time.perf_counter() - t_epoch

@@ -10,7 +10,7 @@ selection, seeds, init/warm-start runs), naming each key with its old and new va
 
 Keys that may differ (``RESUME_FREE``) do not change what is trained or measured: console
 progress, tracking, the restart budget, how the work is spread (the data feed and the GA
-all-reduce are independent of the number of workers, tested) and timeouts. ``run.name`` and
+all-reduce are independent of the number of workers, tested), the device it runs on and timeouts. ``run.name`` and
 ``run.storage_path`` locate the run itself, and ``data.prepare`` only says how the prepared folder
 is made (the folder's own settings are checked by ``trainer.ensure_prepared``).
 
@@ -31,6 +31,9 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 CHECKPOINT_MANAGER
 RESUME_FREE = (
     "run.name", "run.storage_path", "run.progress", "run.max_failures", "run.num_workers",
     "run.cpus_per_worker", "run.torch_threads", "run.collective_timeout_s", "tracking", "data.prepare",
+    # Checkpoints hold CPU tensors and load with map_location="cpu": a run may continue on
+    # another device. run.precision is not free (bf16 changes the numbers).
+    "run.device", "run.gpus_per_worker", "run.device_data_mb",
 )
 # Checkpoint paths of finished runs: every checkpoint a finished run keeps holds its final model
 # (resuming it re-evaluates and checkpoints again, under a new folder name), so they compare by run.

@@ -347,16 +347,24 @@ def start_tracking(tracking, run_name: str, config_dict: dict, storage: str, par
 
 
 def torch_trainer(train_loop, loop_config: dict, run, storage: str, callbacks: Optional[list] = None, **data):
-    """The TorchTrainer of a run section: gloo, ``run.num_workers`` workers, a checkpoint kept per
-    report (the last two), ``run.max_failures`` restarts. ``data``: datasets / dataset_config."""
+    """The TorchTrainer of a run section: ``run.num_workers`` workers, each with
+    ``run.gpus_per_worker`` GPUs (0: CPU workers) and collectives on nccl when they hold GPUs,
+    gloo otherwise; a checkpoint kept per report (the last two), ``run.max_failures`` restarts.
+    ``data``: datasets / dataset_config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ray_pinet.training.device import backend_for
+
+    use_gpu = run.gpus_per_worker > 0
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="gloo", timeout_s=run.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=run.num_workers, resources_per_worker={"CPU": run.cpus_per_worker}),
+        torch_config=TorchConfig(backend=backend_for("cuda" if use_gpu else "cpu"),
+                                 timeout_s=run.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(name=run.name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              callbacks=callbacks or None),

@@ -23,6 +23,7 @@ from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.methods.transfer import Discriminator, grad_reverse, num_iterations, trajectory_ids
 from ray_pinet.training.batches import TrainRows
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
+from ray_pinet.training.device import autocast
 from ray_pinet.training.loop import EpochStats
 
 
@@ -74,12 +75,18 @@ def transfer_epoch(
     iters = num_iterations(num_samples, t.trajectories, per_iter)
     stats = EpochStats()
     t_epoch = time.perf_counter()
+    device = params[0].device
+    # Statistics stay on the device and are read once after the epoch (no per-step stall);
+    # float64 sums of the same terms in the same order as the host sums they replace.
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    pos_acc = torch.zeros((), dtype=torch.float64, device=device)
     for it in range(iters):
         t0 = time.perf_counter()
         with torch.no_grad():
             theta0 = parameters_to_vector(params).clone()
-        delta = torch.zeros(theta0.shape, dtype=torch.float64)
-        ran = loss_sum = positions = 0.0
+        delta = torch.zeros(theta0.shape, dtype=torch.float64, device=device)
+        ran = positions = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for j in mine:
             ids = trajs[j][it * per_iter : (it + 1) * per_iter]
             if len(ids) == 0:
@@ -88,30 +95,35 @@ def transfer_epoch(
             inner = torch.optim.Adam(params, lr=t.inner_lr)  # state reset per trajectory (§2.4)
             for start in range(0, len(ids), t.users_per_task):
                 batch = rows.take(torch.from_numpy(ids[start : start + t.users_per_task]))
-                loss, n_pos = task_loss(model, disc, batch, cfg)
+                with autocast(device, cfg.run.precision):
+                    loss, n_pos = task_loss(model, disc, batch, cfg)
+                loss = loss.float()
                 inner.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()
                     inner.step()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach()
                 positions += n_pos
             with torch.no_grad():
                 delta += (parameters_to_vector(params) - theta0).to(torch.float64)
             ran += 1
         t1 = time.perf_counter()
-        buf = torch.cat([delta, torch.tensor([ran, loss_sum, positions], dtype=torch.float64)])
+        tail = torch.tensor([ran, 0.0, positions], dtype=torch.float64, device=device)
+        tail[1] = loss_sum
+        buf = torch.cat([delta, tail])
         all_reduce_sum_(buf)
-        total_ran = float(buf[-3])
+        total_ran = buf[-3]
         with torch.no_grad():
-            step = (buf[:-3] / max(total_ran, 1.0)).to(theta0.dtype)
+            step = (buf[:-3] / total_ran.clamp(min=1.0)).to(theta0.dtype)
             copy_into_(params, theta0 + t.outer_lr * step)
-        stats.loss += float(buf[-2]) / max(total_ran * t.inner_steps, 1.0)
+        loss_acc += buf[-2] / (total_ran * t.inner_steps).clamp(min=1.0)
         stats.steps += 1
-        stats.positions += int(buf[-1])
+        pos_acc += buf[-1]
         stats.time_forward += t1 - t0
         stats.time_allreduce += time.perf_counter() - t1
         if progress is not None:
             progress(it + 1, iters)
+    stats.loss, stats.positions = float(loss_acc), int(pos_acc)
     stats.rows = num_samples
     stats.seconds = time.perf_counter() - t_epoch
     return stats

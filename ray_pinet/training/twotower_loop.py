@@ -19,6 +19,7 @@ in batch order. Hence:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -60,10 +61,16 @@ class PairRows:
     item: torch.Tensor  # Long[n]
     label: Optional[torch.Tensor] = None  # Long[n], labeled data only
 
+    def to(self, device: torch.device) -> "PairRows":
+        return PairRows(*(None if t is None else t.to(device)
+                          for t in (self.sample_id, self.user, self.item, self.label)))
+
     def locate(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Bool[B] which of ``global_ids`` are held here, their local row indices in batch order)."""
+        global_ids = global_ids.to(self.sample_id.device)  # batches are drawn on the host
         if not len(self.sample_id):
-            return torch.zeros_like(global_ids, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+            return (torch.zeros_like(global_ids, dtype=torch.bool),
+                    torch.zeros(0, dtype=torch.long, device=global_ids.device))
         pos = torch.searchsorted(self.sample_id, global_ids).clamp(max=len(self.sample_id) - 1)
         held = self.sample_id[pos] == global_ids
         return held, pos[held]
@@ -104,10 +111,20 @@ def user_strata(path: str | Path) -> torch.Tensor:
 
 
 class TwoTowerRun:
-    """Model, optimizer, sampler and the rank's data of one two-tower run (see module doc)."""
+    """Model, optimizer, sampler and the rank's data of one two-tower run (see module doc).
 
-    def __init__(self, cfg: TwoTowerConfig, path: str | Path, rank: int = 0, world: int = 1) -> None:
+    ``device``: where the model, the rank's rows, the samplers' tables and every per-step tensor
+    live (the worker resolves ``run.device``). Everything is built on the CPU first, with the same
+    seeded draws, then moved: the initial tables do not depend on the device. With
+    ``run.precision=bf16`` the scores are computed under autocast (matmuls of NCF's MLP and of
+    full-catalogue scoring; MF's elementwise products stay fp32) and every loss, the all-reduced
+    sums and IG's meta-step (which ignores bf16: its branch is a comparison of three losses) are fp32."""
+
+    def __init__(self, cfg: TwoTowerConfig, path: str | Path, rank: int = 0, world: int = 1,
+                 device: torch.device | str | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = torch.device(device if device is not None else "cpu")
+        self.precision = cfg.run.precision
         meta = load_meta(path)
         self.num_users, self.num_items = int(meta["num_users"]), int(meta["num_items"])
         self.num_strata = int(meta["num_strata"])
@@ -124,7 +141,8 @@ class TwoTowerRun:
         self.sets = self.split_sets["train"]
         # The sampler's slot count depends on the smallest |I_u⁻| of *all* users: the same on
         # every rank only after a MAX all-reduce of the largest local |I_u⁺|.
-        most = all_reduce_max_(torch.tensor([int(self.sets.pos_count(torch.arange(self.num_users)).max())]))
+        most = all_reduce_max_(torch.tensor([int(self.sets.pos_count(torch.arange(self.num_users)).max())],
+                                            device=self.device))
         self.sets.min_neg_count = self.num_items - int(most[0])
         m = cfg.model
         auc = AucNsConfig(m.auc_ns.num_extra, m.auc_ns.num_candidates, m.auc_ns.alpha, m.auc_ns.beta,
@@ -143,13 +161,37 @@ class TwoTowerRun:
             self.model = MF(self.num_users, self.num_items, m.dim)
         if m.method == "onebp":
             self.model.user.weight.requires_grad_(False)  # a buffer that the aggregation writes
+        self._to_device()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.l2)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.optim.lr_milestones),
                                                           gamma=cfg.optim.lr_gamma)
-        self.owned = torch.arange(self.num_users) % world == rank
+        self.owned = torch.arange(self.num_users, device=self.device) % world == rank
         self.epoch = 0
         self.step = 0  # optimizer steps so far (T-CE's drop-rate schedule)
+
+    def _to_device(self) -> None:
+        """Model, rows, strata, hot items and the samplers' tables onto ``self.device`` (a no-op
+        on the CPU: the same tensors, so a CPU run computes what it did before devices)."""
+        if self.device.type == "cpu":
+            return
+        d = self.device
+        self.rows = {name: r.to(d) for name, r in self.rows.items()}
+        self.stratum, self.hot = self.stratum.to(d), self.hot.to(d)
+        self.split_sets = {name: s.to(d) for name, s in self.split_sets.items()}
+        self.sets = self.split_sets["train"]
+        self.sampler.sets = self.sets
+        if self.sampler.prior_beta is not None:
+            self.sampler.prior_beta = self.sampler.prior_beta.to(d)
+        self.model.to(d)
+
+    def autocast(self):
+        """The scoring context of ``run.precision`` (fp32: a disabled context)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        from ray_pinet.training.device import autocast
+
+        return autocast(self.device, self.precision)
 
     # -- training ------------------------------------------------------------------------------
     def _ncf_loss(self, ids: torch.Tensor) -> torch.Tensor:
@@ -160,7 +202,9 @@ class TwoTowerRun:
         if m.loss != "tce" and len(users) == 0:
             return sum(p.sum() * 0.0 for p in self.params)
         unlabeled = self.sampler(self.model, users, mine, self.epoch)[:, 0] if len(users) else users
-        s_l, s_u = self.model(users, items), self.model(users, unlabeled)
+        with self.autocast():
+            s_l, s_u = self.model(users, items), self.model(users, unlabeled)
+        s_l, s_u = s_l.float(), s_u.float()  # losses in fp32 under bf16
         zeros = torch.zeros_like(labels)
         if m.loss == "idl":
             return bce_rows(s_l, labels).sum() + idl_rows(s_u).sum()
@@ -177,7 +221,7 @@ class TwoTowerRun:
         both = torch.cat([labels, zeros]).to(torch.float64)
         gathered = all_gather_rows(torch.stack([keys, losses.detach().to(torch.float64) * both], 1))
         gathered = gathered[gathered[:, 0].argsort()]
-        keep = truncation_keep(gathered[:, 1], torch.ones(len(gathered)),
+        keep = truncation_keep(gathered[:, 1], torch.ones(len(gathered), device=gathered.device),
                                drop_rate_at(self.step, m.tce_drop_rate, m.tce_num_gradual))
         kept = losses[torch.isin(keys, gathered[keep, 0])]
         # as coded, the mean over the kept rows: the caller's 1/(2B) times 2B / #kept
@@ -189,9 +233,11 @@ class TwoTowerRun:
         if len(users) == 0:
             return sum(p.sum() * 0.0 for p in self.params)  # keeps every rank's backward alike
         neg = self.sampler(self.model, users, ids, self.epoch)
-        u = self.model.user(users)
-        s_pos = (u * self.model.item(pos)).sum(-1)
-        s_neg = (u.unsqueeze(1) * self.model.item(neg)).sum(-1)
+        with self.autocast():
+            u = self.model.user(users)
+            s_pos = (u * self.model.item(pos)).sum(-1)
+            s_neg = (u.unsqueeze(1) * self.model.item(neg)).sum(-1)
+        s_pos, s_neg = s_pos.float(), s_neg.float()
         if m.method == "bpr":
             return F.softplus(s_neg - s_pos.unsqueeze(1)).mean(1).sum()
         return infonce_losses(s_pos, s_neg, m.temperature).sum()
@@ -203,7 +249,8 @@ class TwoTowerRun:
 
             return ig_epoch(self)
         train = self.rows["train"]
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        # Summed on the device: a float() per step would wait for the step to finish.
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         epoch_users, epoch_pos = [], []
         t0 = time.perf_counter()
         for ids in epoch_batches(self.num_train, self.cfg.optim.batch_size, self.cfg.run.seed, self.epoch):
@@ -219,7 +266,7 @@ class TwoTowerRun:
                 assign_flat_grads_(self.params, flat)
             self.opt.step()
             self.step += 1
-            loss_sum += float(loss.detach()) * len(ids)
+            loss_sum += loss.detach().double() * len(ids)
             if m.method == "onebp":
                 if m.ema_granularity == "batch":
                     ema_update_(self.model.user.weight, users, self.model.item.weight[pos], m.beta, m.duplicate_rule)
@@ -254,17 +301,21 @@ class TwoTowerRun:
         ks = list(self.cfg.eval.ks)
         rows = self.rows[split]
         self.model.eval()
-        scores = torch.cat([self.model(rows.user[i:i + 8192], rows.item[i:i + 8192])
-                            for i in range(0, len(rows.user), 8192)] or [torch.zeros(0)])
+        with self.autocast():
+            scores = torch.cat([self.model(rows.user[i:i + 8192], rows.item[i:i + 8192]).float()
+                                for i in range(0, len(rows.user), 8192)] or [torch.zeros(0, device=self.device)])
         self.model.train()
         strata = self.stratum[rows.user]
+        # user_sums works in numpy: the per-row sums on the host (a no-op on the CPU)
+        user, label, scores, strata = rows.user.cpu(), rows.label.cpu(), scores.cpu(), strata.cpu()
         sums = []
         for s in range(self.num_strata + 1):
             sel = torch.ones_like(strata, dtype=torch.bool) if s == self.num_strata else strata == s
-            sums.append(user_sums(rows.user[sel], scores[sel], rows.label[sel], ks))
-        flat = all_reduce_sum_(torch.cat(sums))
+            sums.append(user_sums(user[sel], scores[sel], label[sel], ks))
+        flat = all_reduce_sum_(torch.cat(sums).to(self.device)).cpu()
         width = sums[0].numel()
-        pooled = all_gather_rows(torch.stack([scores.double(), rows.label.double(), strata.double()], 1)).numpy()
+        local = torch.stack([scores.double(), label.double(), strata.double()], 1).to(self.device)
+        pooled = all_gather_rows(local).cpu().numpy()
         out: dict[str, float] = {}
         for s in range(self.num_strata + 1):
             name = "all" if s == self.num_strata else stratum_name(s, self.num_strata)
@@ -285,14 +336,19 @@ class TwoTowerRun:
         for start in range(0, len(users), self.cfg.eval.batch_size):
             batch = users[start:start + self.cfg.eval.batch_size]
             target, exclude = self._masks(split, batch)
-            scores = self.model.full_scores(batch)
-            strata = self.stratum[batch]
-            stats[-1].add(scores, target, self.hot, exclude)
+            with self.autocast():
+                scores = self.model.full_scores(batch).float()
+            if self.device.type != "cpu":
+                # evaluation/topk builds its discount tables on the CPU: rank there.
+                scores, target, exclude, batch = scores.cpu(), target.cpu(), exclude.cpu(), batch.cpu()
+            strata = self.stratum[batch.to(self.stratum.device)].cpu()
+            hot = self.hot.cpu()
+            stats[-1].add(scores, target, hot, exclude)
             for s in range(self.num_strata):
                 sel = strata == s
                 if bool(sel.any()):
-                    stats[s].add(scores[sel], target[sel], self.hot, exclude[sel])
-        flat = all_reduce_sum_(torch.cat([st.tensor for st in stats]))
+                    stats[s].add(scores[sel], target[sel], hot, exclude[sel])
+        flat = all_reduce_sum_(torch.cat([st.tensor for st in stats]).to(self.device)).cpu()
         out: dict[str, float] = {}
         width = stats[0].tensor.numel()
         for s in range(self.num_strata + 1):
@@ -316,8 +372,10 @@ class TwoTowerRun:
             tables = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
         else:
             tables = {"user": self.full_user_table(), "item": self.model.item.weight.detach().clone()}
-        return {**tables, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "epoch": self.epoch, "step": self.step}
+        # Checkpoints hold CPU tensors: one written on a GPU loads on a CPU (and load_state moves
+        # them back: load_state_dict copies, Adam's state follows its parameters' device).
+        return _on_cpu({**tables, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                        "epoch": self.epoch, "step": self.step})
 
     def load_state(self, state: dict) -> None:
         with torch.no_grad():
@@ -330,6 +388,17 @@ class TwoTowerRun:
         self.sched.load_state_dict(state["sched"])
         self.epoch = int(state["epoch"])
         self.step = int(state.get("step", 0))
+
+
+def _on_cpu(obj):
+    """``obj`` with every tensor moved to the CPU (CPU tensors are returned as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def select(history: list[dict], cfg: TwoTowerConfig) -> dict[str, float]:
@@ -384,7 +453,7 @@ def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
     history = list(history or [])
     cfg = run.cfg
     local_valid = float(len(run.rows["valid"].sample_id) > 0)
-    has_valid = bool(all_reduce_sum_(torch.tensor([local_valid]))[0] > 0)
+    has_valid = bool(all_reduce_sum_(torch.tensor([local_valid], device=run.device))[0] > 0)
     sel = f"valid/all/{cfg.eval.select_metric}"
     lower = cfg.eval.select_metric == "bce"  # scores are kept larger-is-better
     scores = [_num(h[sel], lower) for h in history if sel in h]

@@ -71,7 +71,10 @@ def twotower_train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.run.torch_threads or max(1, (os.cpu_count() or 1) // world))
-    run = TwoTowerRun(cfg, config["path"], rank, world)
+    from ray_pinet.training.device import resolve_device
+
+    # run.device once per worker (auto: the GPU Ray Train gave it); the loop places everything there
+    run = TwoTowerRun(cfg, config["path"], rank, world, device=resolve_device(cfg.run.device))
     history: list[dict] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

@@ -146,8 +146,13 @@ def train_func(config: dict[str, Any]) -> None:
     if resume is None and cfg.run.warm_start:
         warm_backbone = load_backbone_state(cfg.run.warm_start)
 
+    from ray_pinet.training.device import resolve_device
+
+    # Once per worker: Ray Train has set this worker's CUDA device (run.gpus_per_worker) by now.
+    device = resolve_device(cfg.run.device)
     engine = Engine(
         cfg, meta, _read_shard("train"), _read_shard("valid"), _read_shard("test"),
+        device=device,
         report=report,
         log=_mlflow_logger(config.get("mlflow")) if rank == 0 else (lambda m, s: None),
         # Train V2 patches print() into its logger and, when stdout is wrapped, also tees it:

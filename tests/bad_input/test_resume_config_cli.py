@@ -270,6 +270,7 @@ ZERO_OK = {
     "finetune.max_minutes", "reweight.power", "transfer.adv_weight", "transfer.disc_hidden",
     "optim.weight_decay", "optim.grad_clip", "optim.max_minutes", "eval.candidates", "run.seed",
     "run.torch_threads", "run.max_failures", "model.dropout", "stage2.plugin.head_layers",
+    "run.gpus_per_worker", "run.device_data_mb",  # CPU workers; training rows always in host memory
     # two-tower
     "data.min_rating", "data.label_threshold", "data.valid_share", "data.split_seed", "model.beta",
     "model.tce_drop_rate", "model.tce_num_gradual", "model.rce_alpha", "model.auc_ns.alpha",

@@ -9,6 +9,8 @@
   (basic-auth, credentials from a Secret / a mounted file) and the shared mount is not
   world-writable, and the multi-node settings (shared volume, in-cluster MLflow, Gloo interface)
   are in place;
+- every file has a GPU worker group (nvidia.com/gpu, Ray's GPU image, the CUDA build of the pinned
+  torch) with the CPU workers' login, env and mounts, and the RayJob's GPU --set keys resolve;
 - jobs/*.py run ``--help`` of their subcommand, with ``--smoke-test`` in it.
 """
 
@@ -125,6 +127,14 @@ def rayjob_print_config_argv() -> list[str] | None:
     return [sys.executable, *argv[1:], "--print-config"]
 
 
+def rayjob_gpu_sets() -> list[str] | None:
+    """The ``--set`` arguments rayjob.yaml gives for a GPU run: a comment line that starts with
+    ``--set run.device=cuda``, appended to the entrypoint."""
+    text = (CLUSTER / "kuberay" / "rayjob.yaml").read_text()
+    m = re.search(r"^\s*#\s*(--set run\.device=cuda\b.*)$", text, re.MULTILINE)
+    return shlex.split(m.group(1)) if m else None
+
+
 @pytest.fixture(scope="module", autouse=True)
 def job_runs():
     """``python jobs/<x>.py --help`` for every script and the RayJob's entrypoint with
@@ -134,6 +144,9 @@ def job_runs():
     entry = rayjob_print_config_argv()
     if entry:
         commands["rayjob-entrypoint"] = entry
+        gpu_sets = rayjob_gpu_sets()
+        if gpu_sets:
+            commands["rayjob-gpu-entrypoint"] = [*entry[:-1], *gpu_sets, entry[-1]]
     procs = {name: subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, cmd in commands.items()}
     results: dict[str, tuple[int, str, str]] = {}
@@ -311,6 +324,7 @@ def test_ray_up_pip_pins_match_pyproject():
     cfg = ray_up()
     commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
                 for c in cfg.get(key) or []]
+    commands += [c for t in cfg["available_node_types"].values() for c in t.get("worker_setup_commands") or []]
     reqs = [r for c in commands for r in pip_install_requirements(c)]
     assert {"ray", "torch"} <= {canonicalize_name(r.name) for r in reqs}, reqs
     check_pins(reqs, "ray-up.yaml setup commands")
@@ -573,3 +587,162 @@ def test_jobs_readme_names_every_script():
     for script in JOB_SCRIPTS.values():
         assert f"jobs/{script}" in text, script
     assert "--smoke-test" in text and "ray job submit" in text and "ray-pinet submit" in text
+
+
+# --------------------------------------------------------------------------- (f) GPU workers (issue 19)
+
+GPU = "nvidia.com/gpu"
+# PyTorch's CUDA wheel indexes (cu118, cu126, ...); /whl/cpu is the CPU one.
+CUDA_INDEX = re.compile(r"^https://download\.pytorch\.org/whl/cu\d{3}/?$")
+INDEX_OPTIONS = ("--index-url", "-i", "--extra-index-url")
+GPU_INSTANCE = re.compile(r"^(g4dn|g5|g6|g6e|gr6|p3|p3dn|p4d|p4de|p5|p5e|p5en)\.")
+
+
+def gpus(container: dict, kind: str) -> int:
+    return int(container.get("resources", {}).get(kind, {}).get(GPU, 0))
+
+
+def worker_groups(spec: dict) -> tuple[list[dict], list[dict]]:
+    """(CPU worker groups, GPU worker groups) of a RayClusterSpec: a GPU group's pods ask for
+    nvidia.com/gpu in their limits."""
+    cpu, gpu = [], []
+    for g in spec["workerGroupSpecs"]:
+        has = any(gpus(c, "limits") for c in g["template"]["spec"]["containers"])
+        (gpu if has else cpu).append(g)
+    return cpu, gpu
+
+
+def cuda_torch_installs(command: str) -> list[Requirement]:
+    """The torch requirements of every ``pip install`` in a shell command line that reads a CUDA
+    wheel index of PyTorch (``--index-url`` / ``--extra-index-url``)."""
+    out = []
+    for part in re.split(r"&&|;|\|\|", command):
+        argv = shlex.split(part)
+        for i in range(len(argv) - 1):
+            if argv[i:i + 2] == ["pip", "install"]:
+                args = argv[i + 2:]
+                urls = [args[j + 1] for j, a in enumerate(args[:-1]) if a in INDEX_OPTIONS]
+                urls += [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in INDEX_OPTIONS and "=" in a]
+                if any(CUDA_INDEX.match(u) for u in urls):
+                    out += [r for r in pip_install_requirements(part) if canonicalize_name(r.name) == "torch"]
+    return out
+
+
+def container_command(c: dict) -> str:
+    """What KubeRay runs before ``ray start`` in a Ray container: its command and args, joined."""
+    return " ".join(c.get("command", []) + c.get("args", []))
+
+
+def test_every_kuberay_cluster_has_a_gpu_worker_group():
+    """Beside the CPU workers, a group whose pods request nvidia.com/gpu (requests = limits, as
+    Kubernetes wants for extended resources), run Ray's GPU image, tolerate the GPU nodes' taint,
+    and advertise their GPUs to Ray (KubeRay derives --num-gpus from the limit; an explicit
+    num-gpus must agree with it)."""
+    for where, spec in cluster_specs():
+        cpu, gpu = worker_groups(spec)
+        assert cpu and gpu, (where, [g["groupName"] for g in spec["workerGroupSpecs"]])
+        for g in gpu:
+            pod = g["template"]["spec"]
+            for c in pod["containers"]:
+                limit = gpus(c, "limits")
+                assert limit >= 1 and gpus(c, "requests") == limit, (where, g["groupName"], c["resources"])
+                num_gpus = g.get("rayStartParams", {}).get("num-gpus")
+                assert num_gpus is None or int(num_gpus) == limit, (where, g["groupName"], num_gpus)
+                assert re.fullmatch(r"rayproject/ray:\S+-gpu", c["image"]), (where, g["groupName"], c["image"])
+            assert any(t.get("key") == GPU and t.get("operator") == "Exists" for t in pod.get("tolerations", [])), \
+                (where, g["groupName"], "no toleration for the nvidia.com/gpu taint")
+        assert not any(gpus(c, "limits") for c in spec["headGroupSpec"]["template"]["spec"]["containers"]), where
+
+
+def test_kuberay_gpu_group_installs_the_cuda_build_of_the_pinned_torch():
+    """Ray's GPU image has no torch: the GPU pods install the pyproject pin from a CUDA wheel
+    index before ``ray start`` (a job's ``torch==<pin>`` is then already satisfied there, so the
+    CPU index of a job's pip list does not replace it)."""
+    for where, spec in cluster_specs():
+        assert worker_groups(spec)[1], (where, "no GPU worker group")
+        for g in worker_groups(spec)[1]:
+            for c in g["template"]["spec"]["containers"]:
+                reqs = cuda_torch_installs(container_command(c))
+                assert reqs, (where, g["groupName"], container_command(c))
+                check_pins(reqs, f"{where} {g['groupName']}")
+
+
+def test_kuberay_gpu_group_has_the_cpu_workers_env_secrets_and_mounts():
+    """The GPU pods log to MLflow with the same login from the Secret, use the same Gloo interface,
+    mount the same shared volume and /dev/shm, and write as the same group as the CPU workers."""
+    def env(c: dict) -> list[str]:
+        return sorted(json.dumps(e, sort_keys=True) for e in c.get("env", []))
+
+    for where, spec in cluster_specs():
+        cpu, gpu = worker_groups(spec)
+        assert cpu and gpu, where
+        ref_pod = cpu[0]["template"]["spec"]
+        (ref,) = ref_pod["containers"]
+        for g in gpu:
+            pod = g["template"]["spec"]
+            for c in pod["containers"]:
+                assert env(c) == env(ref), (where, g["groupName"])
+                assert c.get("volumeMounts") == ref.get("volumeMounts"), (where, g["groupName"])
+            assert pod.get("volumes") == ref_pod.get("volumes"), (where, g["groupName"])
+            assert pod.get("securityContext") == ref_pod.get("securityContext"), (where, g["groupName"])
+
+
+def test_rayjob_can_scale_its_gpu_group_for_a_gpu_run():
+    """The RayJob's GPU group starts no pod for a CPU run and is autoscaled for a GPU one: the
+    shown GPU --set keys fit in it (run.num_workers x run.gpus_per_worker GPUs)."""
+    ((_, job),) = k8s_docs("RayJob")
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec.get("enableInTreeAutoscaling") is True
+    (gpu,) = worker_groups(spec)[1]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1, gpu
+    sets = dict(s.split("=", 1) for s in (rayjob_gpu_sets() or [])[1::2])
+    assert "run.gpus_per_worker" in sets, sets
+    need = float(sets["run.gpus_per_worker"]) * int(sets.get("run.num_workers", "1"))
+    have = gpu["maxReplicas"] * gpus(gpu["template"]["spec"]["containers"][0], "limits")
+    assert 0 < need <= have, (sets, have)
+
+
+def test_rayjob_gpu_entrypoint_config_resolves(job_runs):
+    """The entrypoint with the GPU run's --set keys (a comment in rayjob.yaml) gives a valid
+    TrainConfig on CUDA, GPUs per worker, and data and checkpoints on the shared volume."""
+    sets = rayjob_gpu_sets()
+    assert sets, "rayjob.yaml shows no GPU run (a comment line: --set run.device=cuda ...)"
+    assert all(a == "--set" for a in sets[0::2]), sets
+    rc, out, err = job_runs("rayjob-gpu-entrypoint")
+    assert rc == 0, err
+    cfg = json.loads(out)
+    assert cfg["run"]["device"] == "cuda", cfg["run"]
+    assert cfg["run"]["gpus_per_worker"] >= 1, cfg["run"]
+    assert cfg["run"]["precision"] in ("fp32", "bf16"), cfg["run"]
+    assert cfg["data"]["path"].startswith(SHARED + "/"), cfg["data"]
+    assert cfg["run"]["storage_path"].startswith(SHARED + "/"), cfg["run"]
+
+
+def test_ray_up_has_a_gpu_node_type():
+    """A ``ray up`` node type with a GPU instance, Ray's GPU image and its own setup: the same
+    pinned Ray and the package as every node, torch from a CUDA index (its worker_setup_commands
+    replace the global setup_commands, whose torch is the CPU wheel). It keeps the global
+    initialization (the shared mount's owner and mode) and run options (token, Gloo interface)."""
+    cfg = ray_up()
+    types = {n: t for n, t in cfg["available_node_types"].items() if t["resources"].get("GPU", 0) >= 1}
+    assert types, list(cfg["available_node_types"])
+    for name, t in types.items():
+        assert name != cfg["head_node_type"], "no training on the head"
+        assert t.get("max_workers", 0) >= 1, name
+        assert GPU_INSTANCE.match(t["node_config"]["InstanceType"]), (name, t["node_config"]["InstanceType"])
+        image = t.get("docker", {}).get("worker_image", cfg["docker"]["image"])
+        assert re.fullmatch(r"rayproject/ray:\S+-gpu", image), (name, image)
+        commands = t.get("worker_setup_commands") or []
+        cuda = [r for c in commands for r in cuda_torch_installs(c)]
+        assert cuda, (name, commands)
+        check_pins(cuda, f"ray-up.yaml {name}")
+        reqs = [r for c in commands for r in pip_install_requirements(c)]
+        assert "ray" in {canonicalize_name(r.name) for r in reqs}, (name, commands)
+        check_pins(reqs, f"ray-up.yaml {name}")
+        assert not any("whl/cpu" in c for c in commands), (name, "the CPU wheel of torch")
+        assert any(re.search(r"pip install (-e )?~/ray-pinet\b", c) for c in commands), (name, "the package")
+        assert "initialization_commands" not in t, (name, "would replace the shared mount's set-up")
+        assert not t.get("docker", {}).get("worker_run_options"), name
+    for name, t in cfg["available_node_types"].items():
+        if name not in types:
+            assert not any(cuda_torch_installs(c) for c in t.get("worker_setup_commands") or []), name

@@ -6,8 +6,6 @@ snapshot taken mid-run resumes to the same final result, and that the report con
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -18,26 +16,7 @@ from ray_pinet.training.engine import Engine, RunMeta, compose_plugin_states
 P = ex.Problem(num_rows=120, num_items=40, max_len=8, seed=5)
 
 
-def eval_table(p: ex.Problem, seed: int) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    hist, tgt, neg, seen, strata = [], [], [], [], []
-    for u in range(p.num_rows):
-        h = rng.integers(1, p.num_items + 1, size=int(rng.integers(1, p.max_len + 1))).tolist()
-        hist.append(h)
-        seen.append(sorted(set(h)))
-        t = int(rng.integers(1, p.num_items + 1))
-        tgt.append(t)
-        neg.append(int(rng.integers(1, p.num_items + 1)))
-        strata.append(int(len(h) > p.max_len // 2))
-    return pa.table({
-        "sample_id": pa.array(np.arange(p.num_rows), pa.int64()),
-        "user_idx": pa.array(np.arange(p.num_rows), pa.int64()),
-        "stratum": pa.array(strata, pa.int8()),
-        "history": pa.array(hist, pa.list_(pa.int32())),
-        "target": pa.array(tgt, pa.int32()),
-        "neg": pa.array(neg, pa.int32()),
-        "seen": pa.array(seen, pa.list_(pa.int32())),
-    })
+eval_table = ex.synthetic_eval_table
 
 
 def make_engine(overrides=None, resume=None, reports=None, init_backbone=None, warm_backbone=None):
