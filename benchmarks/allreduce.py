@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     args.out.mkdir(parents=True, exist_ok=True)
     result = args.out / "_ranks.json"
-    from ray_pinet.training.trainer import free_local_port
+    from ray_pinet.local_ray import free_local_port
 
     mp.spawn(_rank_main, args=(args, free_local_port(0), str(result)), nprocs=WORLD, join=True)
     rows = json.loads(result.read_text())

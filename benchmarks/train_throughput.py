@@ -81,10 +81,10 @@ def train_config(args: argparse.Namespace, method: str, workers: int, data_path:
 
 
 def start_local_ray() -> None:
-    """``init_local_ray``: a new local instance (dashboard, 4+ logical CPUs, gloo on loopback)."""
-    from ray_pinet.training.trainer import init_local_ray
+    """``start_ray``: a new local instance (dashboard, 4+ logical CPUs, gloo on loopback)."""
+    from ray_pinet.local_ray import start_ray
 
-    init_local_ray()
+    start_ray()
 
 
 def smoke_data(args: argparse.Namespace) -> str:

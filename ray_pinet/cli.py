@@ -435,7 +435,7 @@ def _handler(command: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    if not os.environ.get("RAY_ADDRESS"):  # one machine: gloo over loopback (see init_local_ray)
+    if not os.environ.get("RAY_ADDRESS"):  # one machine: gloo over loopback (see local_ray.start_ray)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

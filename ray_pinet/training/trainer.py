@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from ray_pinet.config import TrainConfig
 from ray_pinet.config_base import to_dict
 from ray_pinet.evaluation.protocol import slice_names
+from ray_pinet.local_ray import start_ray
 from ray_pinet.training.engine import RunMeta
 from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, load_state, train_func
 
@@ -37,21 +38,6 @@ class FitResult:
     model_uri: Optional[str] = None
     meta: Optional[RunMeta] = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def init_local_ray(**overrides) -> None:
-    """``ray_pinet.local_ray.start_ray``: the one start-up of every command (a new local
-    instance, or the cluster ``RAY_ADDRESS`` names); kept under this name for its callers."""
-    from ray_pinet.local_ray import start_ray
-
-    start_ray(**overrides)
-
-
-def free_local_port(preferred: int) -> int:
-    """``preferred`` when it is free on 127.0.0.1, else a free port the OS picks."""
-    from ray_pinet.local_ray import free_local_port as free
-
-    return free(preferred)
 
 
 PREPARED_FILES = ("prepare_config.json", "strata.json", "report.json", "users.parquet", "items.parquet")
@@ -281,7 +267,7 @@ def fit(
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     _check_resume(cfg, meta, storage, fresh)
     if not ray.is_initialized():
-        init_local_ray()
+        start_ray()
     config_dict = cfg.to_dict()
 
     uri, run_id, mlflow_info = start_tracking(

@@ -127,14 +127,15 @@ def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,
 
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.training.resume import check_resume
-    from ray_pinet.training.trainer import fit_to_checkpoint, init_local_ray, start_tracking, torch_trainer
+    from ray_pinet.local_ray import start_ray
+    from ray_pinet.training.trainer import fit_to_checkpoint, start_tracking, torch_trainer
 
     path = ensure_pairs(cfg, progress=cfg.run.progress)
     meta = load_meta(path)
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     check_resume(TwoTowerConfig, cfg, storage, lambda d: load_checkpoint_state(str(d))["config"], fresh=fresh)
     if not ray.is_initialized():
-        init_local_ray()
+        start_ray()
     config_dict = cfg.to_dict()
     uri, run_id, mlflow_info = start_tracking(
         cfg.tracking, cfg.run.name, config_dict, storage, parent_run_id,

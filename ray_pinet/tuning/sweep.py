@@ -316,7 +316,8 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
 
     from ray_pinet.config import TrainConfig
     from ray_pinet.tracking import mlflow_utils as mu
-    from ray_pinet.training.trainer import ensure_prepared, init_local_ray
+    from ray_pinet.local_ray import start_ray
+    from ray_pinet.training.trainer import ensure_prepared
     from ray_pinet.tuning.report import write_report
     from ray_pinet.tuning.space import load_space, param_space
 
@@ -341,7 +342,7 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ensure_prepared(base, progress=base.run.progress)
     if not ray.is_initialized():
-        init_local_ray()
+        start_ray()
 
     uri, parent = sweep_parent_run(base, name, space, {"space_file": str(space_path)})
     setup = SweepSetup(name=name, base_config=config, base_overrides=list(overrides),

@@ -105,7 +105,7 @@ def run_twotower_sweep(space: TuneSpace, config: Optional[str], overrides: list[
     from ray.tune.schedulers import ASHAScheduler
 
     from ray_pinet.tracking import mlflow_utils as mu
-    from ray_pinet.training.trainer import init_local_ray
+    from ray_pinet.local_ray import start_ray
     from ray_pinet.training.twotower_trainer import ensure_pairs
     from ray_pinet.tuning.space import param_space
 
@@ -116,7 +116,7 @@ def run_twotower_sweep(space: TuneSpace, config: Optional[str], overrides: list[
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ensure_pairs(base, progress=base.run.progress)
     if not ray.is_initialized():
-        init_local_ray()
+        start_ray()
     uri, parent = sweep_parent_run(base, name, space)
     setup = SweepSetup(name=name, base_config=config, base_overrides=list(overrides), space=to_dict(space),
                        storage=str(sweep_dir), tracking_uri=uri, parent_run_id=parent, reference_outcomes="",
