@@ -118,14 +118,16 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32():
         finals["fp32"]["final_val/all/ndcg@10"] != finals["bf16"]["final_val/all/ndcg@10"]
 
 
-def _bf16_epoch(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _bf16_epoch(rank: int, world: int, init_file: str, out_dir: str, precision: str = "bf16",
+                budget_mb: float = float("inf")) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        cfg = ex._cfg(P, {"run.precision": "bf16", "ga.prior": "power", "ga.alpha": 0.5,
+        cfg = ex._cfg(P, {"run.precision": precision, "ga.prior": "power", "ga.alpha": 0.5,
                           "ga.bucket_cap_mb": 0.002})
-        rows = TrainRows(ex._shard(ex.synthetic_train_table(P), rank, world), P.max_len, rank, world, 0)
+        rows = TrainRows(ex._shard(ex.synthetic_train_table(P), rank, world), P.max_len, rank, world, 0,
+                         budget_mb=budget_mb)
         model = ex._model(P, cfg)
         params = list(model.backbone_parameters())
         stats = run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, P.num_rows, cfg, 0,
@@ -156,6 +158,22 @@ def test_two_gloo_ranks_under_bf16_equal_one_process(tmp_path):
     diff = (two[0]["params"] - one["params"]).abs().max().item()
     assert diff < 1e-2, f"2 gloo ranks under bf16 differ from 1 process by {diff:.2e}"
     assert abs(two[0]["loss"] - one["loss"]) < 1e-2 * abs(one["loss"])
+
+
+def test_two_gloo_ranks_with_host_resident_rows_equal_one_process(tmp_path):
+    """run.device_data_mb = 0: each rank's rows stay in host memory and every batch is copied,
+    one prefetched ahead. Two such ranks must compute what one process with device-resident rows
+    computes, to the fp32 exactness of test_exactness (1e-5)."""
+    _bf16_epoch(0, 1, "", str(tmp_path), "fp32")
+    mp.start_processes(_bf16_epoch, args=(2, str(tmp_path / "init"), str(tmp_path), "fp32", 0.0), nprocs=2,
+                       start_method="spawn")
+    one = torch.load(tmp_path / "1-0.pt")
+    two = [torch.load(tmp_path / f"2-{r}.pt") for r in range(2)]
+    assert torch.equal(two[0]["params"], two[1]["params"])
+    init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
+    assert (one["params"] - init).abs().max() > 5e-2
+    assert (two[0]["params"] - one["params"]).abs().max().item() < 1e-5
+    assert abs(two[0]["loss"] - one["loss"]) < 1e-6 * abs(one["loss"])
 
 
 def test_device_helpers():
