@@ -6,8 +6,8 @@
 #   benchmarks/gpu_check.sh run            # THERE: run(command=..., carry=["prepared/gpu-check"])
 #
 # `run` writes under $OUT (default /tmp/gpu-check): pytest.txt / junit.xml of `pytest -m gpu
-# tests/gpu`, and gpu_throughput.{json,csv,md}. `run --device cpu --smoke` completes on a CPU box
-# (the gpu tests skip there).
+# tests/gpu`, gpu_throughput.{json,csv,md} and sampled_softmax/ (not with --smoke).
+# `run --device cpu --smoke` completes on a CPU box (the gpu tests skip there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=prepared/gpu-check
@@ -38,6 +38,11 @@ PYEOF
     status=0
     "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rA --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.txt" || status=$?
     "$PY" benchmarks/gpu_throughput.py --data "$DATA/beauty" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt" || status=$?
+    # issue 20 on the GPU: full softmax vs sampled softmax (dense and row-sparse item table), 10^6 items
+    if [[ " $* " != *" --smoke "* ]]; then
+      "$PY" benchmarks/sampled_softmax.py --device cuda --items 1000000 --steps 50 --batch-size 256 \
+        --negatives 16384 --exchange dense rows --out "$OUT/sampled_softmax" 2>&1 | tee "$OUT/sampled.txt" || status=$?
+    fi
     exit $status;;
   *) echo "usage: $0 prepare | run [gpu_throughput.py args, e.g. --device cpu --smoke]" >&2; exit 2;;
 esac

@@ -31,7 +31,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))  # run from a checkout without installing
 from report import machine_info, write_results  # noqa: E402
 
-COLUMNS = ["impl", "batch", "precision", "positions_per_s", "vs_plain", "eval_all_users_s", "epochs"]
+COLUMNS = ["impl", "batching", "batch", "precision", "positions_per_s", "vs_plain", "eval_all_users_s", "epochs"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=["128:fp32", "1024:bf16"], metavar="BATCH:PRECISION")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--batching", nargs="+", default=["packed", "padded"], choices=("packed", "padded"),
+                   help="optim.batching of the Engine rows (the plain loop is padded)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (the issue's plain numbers used it)")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "gpu_throughput")
     p.add_argument("--smoke", action="store_true", help="synthetic 600 rows, d 16, 1 block, 1 epoch")
@@ -78,7 +80,7 @@ def load_data(args):
     return (*tables, meta, max_len)
 
 
-def engine_for(args, data, batch: int, precision: str):
+def engine_for(args, data, batch: int, precision: str, batching: str = "padded"):
     from ray_pinet.config import TrainConfig
     from ray_pinet.training.engine import Engine
 
@@ -86,7 +88,8 @@ def engine_for(args, data, batch: int, precision: str):
     cfg = TrainConfig.from_dict({
         "method": "joint",
         "model": {"dim": args.dim, "num_blocks": args.blocks, "max_len": max_len},
-        "optim": {"batch_size": batch, "max_epochs": args.epochs, "max_minutes": 0, "patience": 1000},
+        "optim": {"batch_size": batch, "max_epochs": args.epochs, "max_minutes": 0, "patience": 1000,
+                  "batching": batching},
         "eval": {"every": 1_000_000},
         "stage2": {"enabled": False},
         "run": {"progress": False, "device": args.device, "precision": precision},
@@ -106,15 +109,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ray_pinet_row(args, data, batch: int, precision: str) -> dict:
-    eng, reports = engine_for(args, data, batch, precision)
+def ray_pinet_row(args, data, batch: int, precision: str, batching: str) -> dict:
+    eng, reports = engine_for(args, data, batch, precision, batching)
     eng.stage1()
     per_epoch = [m["train/positions_per_s"] for m in reports if "train/positions_per_s" in m]
     sync(args.device)
     t0 = time.perf_counter()
     eng._evaluate(eng.test_rows)
     sync(args.device)
-    return {"impl": "ray-pinet Engine", "batch": batch, "precision": precision,
+    return {"impl": "ray-pinet Engine", "batching": batching, "batch": batch, "precision": precision,
             "positions_per_s": rate(per_epoch), "eval_all_users_s": time.perf_counter() - t0,
             "epochs": len(per_epoch)}
 
@@ -145,7 +148,7 @@ def plain_row(args, data, batch: int, precision: str) -> dict:
             positions += loss_vec.numel()
         sync(args.device)
         per_epoch.append(positions / (time.perf_counter() - t0))
-    return {"impl": "plain PyTorch", "batch": batch, "precision": precision,
+    return {"impl": "plain PyTorch", "batching": "padded", "batch": batch, "precision": precision,
             "positions_per_s": rate(per_epoch), "eval_all_users_s": None, "epochs": len(per_epoch)}
 
 
@@ -159,10 +162,12 @@ def main(argv=None) -> dict:
     for setting in args.settings:
         batch, precision = setting.split(":")
         plain = plain_row(args, data, int(batch), precision)
-        ours = ray_pinet_row(args, data, int(batch), precision)
-        ours["vs_plain"] = ours["positions_per_s"] / plain["positions_per_s"]
         plain["vs_plain"] = 1.0
-        rows += [plain, ours]
+        rows.append(plain)
+        for batching in args.batching:
+            ours = ray_pinet_row(args, data, int(batch), precision, batching)
+            ours["vs_plain"] = ours["positions_per_s"] / plain["positions_per_s"]
+            rows.append(ours)
     info = {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
             "tf32": args.tf32, "data": "synthetic (smoke)" if args.smoke else str(args.data)}
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": {**machine_info(), **info}}

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="total torch threads per layout")
     p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch loop")
+    p.add_argument("--plain-layouts", nargs="+", default=["padded"], choices=("padded", "packed"),
+                   help="batch layouts of the plain loop; vs_plain compares with the first")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "train_throughput")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "ray-pinet-bench" / "train",
                    help="Ray Train storage of the runs (and the smoke data)")
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.methods, args.workers, args.epochs = ["joint"], [1], 1
+        args.plain_layouts = ["padded", "packed"]
         args.set = SMOKE_SETS + args.set
     return args
 
@@ -102,8 +105,9 @@ def smoke_data(args: argparse.Namespace) -> str:
     return str(out)
 
 
-def plain_loop(cfg, threads: int) -> list[dict]:
-    """The no-framework limit: one process, ``threads`` torch threads, same rows and batches."""
+def plain_loop(cfg, threads: int, packed: bool = False) -> list[dict]:
+    """The no-framework limit: one process, ``threads`` torch threads, same rows and batches;
+    ``packed``: the same loop on padding-free rows (training/packing.py)."""
     import pyarrow.parquet as pq
 
     from ray_pinet.methods.losses import per_position_losses
@@ -127,9 +131,10 @@ def plain_loop(cfg, threads: int) -> list[dict]:
         positions, t_epoch = 0, time.perf_counter()
         for ids in epoch_batches(meta.num_train_samples, cfg.optim.batch_size, cfg.run.seed, epoch):
             t0 = time.perf_counter()
-            b = rows.take(ids)
+            b = rows.take(ids, packed=packed)
             t1 = time.perf_counter()
-            loss_vec, _ = per_position_losses(model, b.inputs, b.targets, b.negs, None, cfg.loss)
+            loss_vec, _ = per_position_losses(model, b.inputs, b.targets, b.negs, None, cfg.loss,
+                                              segments=b.segments)
             loss = loss_vec.mean()
             opt.zero_grad(set_to_none=True)
             t2 = time.perf_counter()
@@ -178,9 +183,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     plain = None
     if not args.no_plain:
-        plain = summarise(plain_loop(base, args.threads), steps)
-        rows.append({"method": "joint/pinet", "impl": "plain", "workers": 1,
-                     "threads_per_worker": args.threads, **plain})
+        for layout in args.plain_layouts:
+            res = summarise(plain_loop(base, args.threads, packed=layout == "packed"), steps)
+            rows.append({"method": "joint/pinet", "impl": f"plain-{layout}", "workers": 1,
+                         "threads_per_worker": args.threads, **res})
+            plain = plain or res
     import ray
 
     if not ray.is_initialized():

@@ -165,6 +165,16 @@ class OptimConfig:
     patience: int = 5  # evaluations without improvement of the selection metric
     grad_clip: float = 0.0  # 0 = off; applied to the combined (global) gradient
     max_minutes: float = 0.0  # 0 = no limit; stage 1 stops at the next epoch boundary after it
+    # How a rank lays out its windows of a global batch. padded: one left-padded row of max_len
+    # per window. packed: windows side by side in rows without padding (training/packing.py;
+    # sasrec only; same global batches, same GA gradient up to float rounding). auto: packed
+    # where the backbone and method allow it (sasrec, not transfer), else padded.
+    batching: Literal["auto", "padded", "packed"] = "auto"
+    # How the item table's gradient crosses workers in stage 1 (stage 2 keeps dense). dense: with
+    # every other parameter (one flat all-reduce). rows: only the rows some rank touched, stepped by lazy Adam
+    # (torch.optim.SparseAdam; training/sparse_rows.py): a step's cost no longer grows with the
+    # catalogue. Needs a sampled loss (bce, sampled_softmax), weight_decay 0 and grad_clip 0.
+    item_exchange: Literal["dense", "rows"] = "dense"
 
     def validate(self) -> None:
         require(self.lr > 0, "lr", "> 0", self.lr)
@@ -174,6 +184,27 @@ class OptimConfig:
         require(self.patience >= 1, "patience", ">= 1 (evaluations without improvement)", self.patience)
         require(self.grad_clip >= 0, "grad_clip", ">= 0 (0 = off)", self.grad_clip)
         require(self.max_minutes >= 0, "max_minutes", ">= 0 (0 = no limit)", self.max_minutes)
+
+
+@dataclass
+class SampledSoftmaxConfig:
+    """``loss: sampled_softmax`` (methods/sampled_softmax.py, docs/design.md "Sampled softmax"):
+    each position's softmax runs over its target and ``num_negatives`` items shared by the whole
+    global batch, drawn with replacement from Q ∝ (training count + 1)^beta (``unigram``) or
+    Q = 1/M (``uniform``), the same ids on every rank (keyed by seed, epoch and step).
+    in_batch: also the global batch's targets (gathered from every rank) as negatives.
+    logq: subtract log(expected count) from each negative's logit, so the softmax's denominator
+    is an unbiased estimate of the full one; false only as an ablation."""
+
+    num_negatives: int = 1024
+    proposal: Literal["uniform", "unigram"] = "unigram"
+    beta: float = 0.75
+    in_batch: bool = False
+    logq: bool = True
+
+    def validate(self) -> None:
+        require(self.num_negatives >= 1, "num_negatives", ">= 1", self.num_negatives)
+        require(math.isfinite(self.beta) and self.beta >= 0, "beta", "a finite number >= 0", self.beta)
 
 
 @dataclass
@@ -288,12 +319,13 @@ class RunSection:
 @dataclass
 class TrainConfig(FileConfig):
     method: Literal["joint", "pinet", "separate", "finetune", "reweight", "transfer"] = "pinet"
-    loss: Literal["ce", "bce"] = "ce"
+    loss: Literal["ce", "bce", "sampled_softmax"] = "ce"
     data: DataSection = field(default_factory=DataSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     ga: GAConfig = field(default_factory=GAConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sampled: SampledSoftmaxConfig = field(default_factory=SampledSoftmaxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -304,6 +336,12 @@ class TrainConfig(FileConfig):
     def validate(self) -> None:
         if self.loss == "ce" and self.model.backbone == "din":
             raise ConfigError("loss 'ce' ranks the full catalogue at every position; din needs loss: bce")
+        if self.loss == "sampled_softmax" and self.model.backbone == "din":
+            raise ConfigError("loss=sampled_softmax scores shared candidates by a dot product with the "
+                              "sequence state; din scores (history, item) pairs: use loss: bce", key="loss")
+        if self.loss == "sampled_softmax" and self.method == "transfer":
+            raise ConfigError("loss=sampled_softmax: transfer's task loop computes full-softmax ce or bce "
+                              "losses; use loss: ce or bce with method transfer", key="loss")
         if self.model.backbone == "din" and self.eval.candidates == 0:
             raise ConfigError(
                 "din scores (history, target) pairs and cannot rank the full catalogue cheaply: "
@@ -325,9 +363,35 @@ class TrainConfig(FileConfig):
         if self.method == "transfer" and self.transfer.trajectories % self.run.num_workers:
             raise ConfigError(f"transfer.trajectories={self.transfer.trajectories} must be a multiple "
                               f"of run.num_workers={self.run.num_workers}")
+        if self.optim.batching == "packed" and self.model.backbone != "sasrec":
+            raise ConfigError(f"optim.batching=packed needs the sasrec backbone (its attention masks "
+                              f"each packed window); {self.model.backbone} takes padded (or auto)")
+        if self.optim.batching == "packed" and self.method == "transfer":
+            raise ConfigError("optim.batching=packed: transfer's task loop reads whole padded rows "
+                              "(its discriminator takes each row's last state); use padded (or auto)")
+        if self.optim.item_exchange == "rows":
+            why = None
+            if self.loss == "ce":
+                why = "loss ce gives every item row a gradient at every step (use bce or sampled_softmax)"
+            elif self.model.backbone == "din" or self.method == "transfer":
+                why = f"{self.method if self.method == 'transfer' else 'din'} keeps the dense item table"
+            elif self.optim.weight_decay > 0 or self.optim.grad_clip > 0:
+                why = ("lazy Adam has no weight decay, and clipping needs the dense norm: "
+                       "set optim.weight_decay=0 and optim.grad_clip=0")
+            elif self.ga.reduce != "loss_weighted":
+                why = "ga.reduce=stratum_sums backpropagates per stratum; use loss_weighted"
+            if why:
+                raise ConfigError(f"optim.item_exchange=rows: {why}", key="optim.item_exchange")
         if self.run.init_from and self.method != "pinet":
             raise ConfigError("run.init_from starts pinet's stage 2 from a trained backbone; "
                               f"method is {self.method!r}")
+
+    @property
+    def packed(self) -> bool:
+        """Whether training batches are packed (``optim.batching``, auto resolved)."""
+        if self.optim.batching == "auto":
+            return self.model.backbone == "sasrec" and self.method != "transfer"
+        return self.optim.batching == "packed"
 
     @property
     def stage1_is_joint(self) -> bool:

@@ -44,6 +44,31 @@ def test_din_needs_candidates_and_bce():
     assert cfg.model.backbone == "din"
 
 
+def test_sampled_softmax_is_refused_with_din_and_transfer():
+    din = ["model.backbone=din", "eval.candidates=100", "loss=sampled_softmax"]
+    with pytest.raises(ConfigError, match=r"loss=sampled_softmax .*din .*use loss: bce") as err:
+        TrainConfig.from_yaml(None, din)
+    assert err.value.key == "loss"
+    with pytest.raises(ConfigError, match=r"loss=sampled_softmax: transfer") as err:
+        TrainConfig.from_yaml(None, ["method=transfer", "loss=sampled_softmax"])
+    assert err.value.key == "loss"
+    cfg = TrainConfig.from_yaml(None, ["loss=sampled_softmax", "sampled.num_negatives=4096",
+                                       "sampled.proposal=uniform", "sampled.in_batch=true"])
+    assert (cfg.sampled.num_negatives, cfg.sampled.proposal, cfg.sampled.in_batch) == (4096, "uniform", True)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sampled.num_negatives=0", "sampled.num_negatives must be >= 1, got 0"),
+    ("sampled.beta=-0.5", "sampled.beta must be a finite number >= 0, got -0.5"),
+    ("sampled.beta=inf", "sampled.beta: must be a finite number"),
+    ("sampled.proposal=zipf", "sampled.proposal: 'zipf' is not one of"),
+])
+def test_sampled_softmax_settings_are_validated(override, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml(None, ["loss=sampled_softmax", override])
+    assert message in str(err.value)
+
+
 def test_overrides_are_typed_yaml():
     cfg = TrainConfig.from_yaml(None, ["optim.lr=5e-4", "stage2.freeze_backbone=false", "ga.alpha=-0.5"])
     assert cfg.optim.lr == 5e-4 and cfg.stage2.freeze_backbone is False and cfg.ga.alpha == -0.5

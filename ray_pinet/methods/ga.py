@@ -79,14 +79,19 @@ def ga_weights(
 
 def batch_unit_counts(
     inputs: torch.Tensor, targets: torch.Tensor, stratum: torch.Tensor, unit: Literal["position", "user"],
-    num_strata: int,
+    num_strata: int, segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64[K]: this shard's units per stratum, from the batch alone (before the forward), so
     the count all-reduce can run while the model computes. Equals ``stratum_counts`` of the
-    strata that ``unit_losses`` returns for the same batch."""
+    strata that ``unit_losses`` returns for the same batch. ``segments``: packed rows
+    (``stratum`` is then per window)."""
     if unit not in UNITS:
         raise ValueError(f"unknown ga_unit {unit!r}; one of {list(UNITS)}")
-    per_row = valid_positions(inputs, targets).sum(1)
+    valid = valid_positions(inputs, targets)
+    if segments is None:
+        per_row = valid.sum(1)
+    else:
+        per_row = torch.bincount(segments[valid], minlength=stratum.shape[0])
     if unit == "user":
         per_row = (per_row > 0).to(per_row.dtype)
     return torch.bincount(stratum.long(), weights=per_row.to(torch.float64), minlength=num_strata)

@@ -12,14 +12,21 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ray_pinet.methods.sampled_softmax import Candidates, sampled_softmax_loss
 from ray_pinet.models.recmodel import RecModel
 
-LOSSES = ("ce", "bce")
+LOSSES = ("ce", "bce", "sampled_softmax")
 
 
 def valid_positions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Bool[B, L]: the positions that are samples (a real input item and a real target)."""
     return (inputs != 0) & (targets != 0)
+
+
+def position_windows(valid: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """Long[P]: the window (batch row when padded, ``segments`` value when packed) of each valid
+    position, row-major."""
+    return valid.nonzero(as_tuple=True)[0] if segments is None else segments[valid]
 
 
 def per_position_losses(
@@ -28,8 +35,10 @@ def per_position_losses(
     targets: torch.Tensor,
     negs: torch.Tensor | None,
     stratum: torch.Tensor | None,
-    loss: Literal["ce", "bce"],
+    loss: Literal["ce", "bce", "sampled_softmax"],
     states: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    candidates: Candidates | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss_vec Float[P], row_index Long[P]) over the P valid positions, row-major order.
 
@@ -38,23 +47,43 @@ def per_position_losses(
       ``states`` Float[B, L, d] = ``model.states(inputs, stratum)`` when the caller already has
       them (transfer's discriminator reads the same pass).
     - ``bce``: -log σ(s⁺) - Σ_j log(1 - σ(s⁻_j)) over negs Long[B, L, n] via ``model.score``.
+    - ``sampled_softmax``: softmax over the target and the step's shared ``candidates``
+      (methods/sampled_softmax.py: logQ-corrected, accidental hits masked). Dot-product backbones.
+
+    ``segments`` Long[R, L]: the rows are packed (training/packing.py); ``stratum`` is then per
+    window and the returned row index names the window. Dot-product backbones only. States are
+    taken at the valid positions before the plugins' adapter, which acts per position.
     """
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
     valid = valid_positions(inputs, targets)
-    row_index, pos_index = valid.nonzero(as_tuple=True)
-    if states is not None and loss != "ce":
-        raise ValueError("precomputed states are used by loss 'ce' only")
+    row_index = position_windows(valid, segments)
+    position_stratum = None if stratum is None else stratum[row_index]
+    if states is not None and (loss != "ce" or segments is not None):
+        raise ValueError("precomputed states are used by loss 'ce' on padded rows only")
     if loss == "ce":
         if states is None:
-            states = model.states(inputs, stratum)
-        states = states[row_index, pos_index]
-        logits = model.full_logits(states, None if stratum is None else stratum[row_index], skip_padding=True)
+            states = model.position_states(inputs, valid, position_stratum, segments)
+        else:
+            states = states[valid]
+        logits = model.full_logits(states, position_stratum, skip_padding=True)
         return F.cross_entropy(logits, targets[valid].long() - 1, reduction="none"), row_index
+    if loss == "sampled_softmax":
+        if candidates is None:
+            raise ValueError("sampled_softmax needs the step's candidates (NegativeSampler.candidates)")
+        states = model.position_states(inputs, valid, position_stratum, segments)
+        t = targets[valid]
+        pos = model.position_logits(states, position_stratum, t.unsqueeze(1))[:, 0]
+        cand = model.candidate_logits(states, position_stratum, candidates.items)
+        return sampled_softmax_loss(pos, cand, t, candidates), row_index
     if loss == "bce":
         if negs is None or negs.dim() != 3 or negs.shape[:2] != inputs.shape:
             raise ValueError(f"bce needs negs Long[B, L, n] matching inputs {tuple(inputs.shape)}")
         items = torch.cat([targets.unsqueeze(-1), negs], dim=-1)
-        logits = model.score(inputs, items, stratum)[valid]  # [P, 1 + n]
+        if segments is None:
+            logits = model.score(inputs, items, stratum)[valid]  # [P, 1 + n]
+        else:
+            states = model.position_states(inputs, valid, position_stratum, segments)
+            logits = model.position_logits(states, position_stratum, items[valid])
         return F.softplus(-logits[:, 0]) + F.softplus(logits[:, 1:]).sum(-1), row_index
     raise ValueError(f"unknown loss {loss!r}; one of {list(LOSSES)}")

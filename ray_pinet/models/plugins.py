@@ -63,19 +63,21 @@ class SequencePlugins(nn.Module):
             return states
         return states + route(states, stratum, list(self.adapters))
 
-    def full_logits(
-        self, states: torch.Tensor, stratum: torch.Tensor, emb: torch.Tensor, first: int = 0
+    def shared_logits(
+        self, states: torch.Tensor, stratum: torch.Tensor, emb: torch.Tensor, items: slice | torch.Tensor
     ) -> torch.Tensor:
-        """states [N, d], emb = output embeddings of items first..M -> [N, M+1-first]."""
+        """Logits of one item set shared by every state: states [N, d], ``items`` the C item ids
+        (a slice such as ``slice(1, None)`` for the catalogue: views, no copy; or Long[C], e.g.
+        sampled softmax's candidates), ``emb`` = their output embeddings [C, d] -> [N, C]."""
         logits = states @ emb.T
         if self.item_bias is not None:
             # onehot(s) @ bias adds row b_s exactly (x + 0 and x + b are exact) and its backward
-            # is a [K, N] @ [N, M] matmul; gathering bias[s] instead materialises an [N, M]
+            # is a [K, N] @ [N, C] matmul; gathering bias[s] instead materialises an [N, C]
             # copy and backpropagates through a serial index_add (1.5x the whole step, measured).
             onehot = torch.nn.functional.one_hot(stratum, self.item_bias.weight.shape[0]).to(states.dtype)
-            logits = logits.addmm_(onehot, self.item_bias.weight[:, first:])
+            logits = logits.addmm_(onehot, self.item_bias.weight[:, items])
         if self.item_offset is not None:  # added separately: exactly + 0 while the offsets are zero
-            offset = self.item_offset[:, first:]
+            offset = self.item_offset[:, items]
             logits = logits + route(states, stratum, [lambda h, s=s: h @ offset[s].T for s in range(len(offset))])
         return logits
 

@@ -78,6 +78,21 @@ class RecModel(nn.Module):
         s = self._active(stratum, inputs.shape[0])
         return h if s is None else self.plugins.adapt(h, s)
 
+    def position_states(self, inputs: torch.Tensor, valid: torch.Tensor, stratum: torch.Tensor | None = None,
+                        segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Float[P, d]: the states at the P positions where ``valid`` Bool[R, L] is true (row-major),
+        adapter applied with ``stratum`` Long[P] given per position. ``segments``: packed rows
+        (the backbone's ``forward(inputs, segments)``, sasrec)."""
+        self._require_full("position_states()")
+        h = self.backbone(inputs) if segments is None else self.backbone(inputs, segments)
+        h = h[valid]
+        s = self._active(stratum, h.shape[0])
+        return h if s is None else self.plugins.adapt(h, s)
+
+    def position_logits(self, states: torch.Tensor, stratum: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
+        """Float[P, C]: logits of items Long[P, C] for states Float[P, d] (stratum Long[P])."""
+        return self._item_logits(states.unsqueeze(1), stratum, items.unsqueeze(1))[:, 0]
+
     def full_logits(
         self, states: torch.Tensor, stratum: torch.Tensor | None = None, skip_padding: bool = False
     ) -> torch.Tensor:
@@ -88,7 +103,15 @@ class RecModel(nn.Module):
         first = 1 if skip_padding else 0
         emb = self.backbone.output_embedding[first:]
         s = self._active(stratum, states.shape[0])
-        return states @ emb.T if s is None else self.plugins.full_logits(states, s, emb, first)
+        return states @ emb.T if s is None else self.plugins.shared_logits(states, s, emb, slice(first, None))
+
+    def candidate_logits(self, states: torch.Tensor, stratum: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
+        """Float[P, C]: logits of one candidate set items Long[C] shared by all states Float[P, d]
+        (stratum Long[P]): the columns ``full_logits`` gives for those items, at O(P·C) cost."""
+        self._require_full("candidate_logits()")
+        emb = self.backbone.output_embedding[items]
+        s = self._active(stratum, states.shape[0])
+        return states @ emb.T if s is None else self.plugins.shared_logits(states, s, emb, items)
 
     def _item_logits(self, states: torch.Tensor, stratum: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
         emb = self.backbone.output_embedding

@@ -83,21 +83,48 @@ class SASRec(nn.Module):
     def output_embedding(self) -> torch.Tensor:
         return self.item_emb.weight
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs Long[B, L] -> states Float[B, L, d].
+
+        ``segments`` Long[B, L] (optional): packed rows, several sequences side by side in one row
+        (training/packing.py). ``segments[b, t]`` names the sequence that column t belongs to
+        (-1 = padding); each sequence occupies contiguous columns, oldest item first. A position
+        then attends only to earlier positions of its own sequence and its positional index counts
+        from its own sequence's end, so every sequence's states are those it gets alone in a
+        left-padded row (up to float rounding)."""
         b, length = inputs.shape
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         valid = inputs != 0
-        positions = torch.arange(length, 0, -1, device=inputs.device).expand(b, length) * valid
+        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
+        if segments is None:
+            positions = torch.arange(length, 0, -1, device=inputs.device).expand(b, length) * valid
+            # Real keys only; the diagonal stays open so padding rows have one key (no NaN softmax).
+            eye = torch.eye(length, dtype=torch.bool, device=inputs.device)
+            mask = (causal & (valid.unsqueeze(1) | eye)).unsqueeze(1)
+        else:
+            if segments.shape != inputs.shape:
+                raise ValueError(f"segments {tuple(segments.shape)} must match inputs {tuple(inputs.shape)}")
+            positions = _positions_from_end(segments) * valid
+            # Same sequence and not later; padding columns (-1) see each other, so no row is empty.
+            mask = (causal & (segments.unsqueeze(2) == segments.unsqueeze(1))).unsqueeze(1)
         x = self.item_emb(inputs) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
         keep = valid.unsqueeze(-1).to(x.dtype)
         x = self.emb_dropout(x) * keep
-        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
-        # Real keys only; the diagonal stays open so padding rows have one key (no NaN softmax).
-        eye = torch.eye(length, dtype=torch.bool, device=inputs.device)
-        mask = (causal & (valid.unsqueeze(1) | eye)).unsqueeze(1)
         for attn_norm, attn, ffn_norm, ffn in zip(self.attn_norms, self.attns, self.ffn_norms, self.ffns):
             q = attn_norm(x)
             x = q + attn(q, x, mask)
             x = ffn(ffn_norm(x)) * keep
         return self.last_norm(x)
+
+
+def _positions_from_end(segments: torch.Tensor) -> torch.Tensor:
+    """Long[B, L]: 1 at the last column of each contiguous run of equal ``segments``, 2 before it,
+    ... (the left-padded convention: the newest item is position 1)."""
+    b, length = segments.shape
+    cols = torch.arange(length, device=segments.device).expand(b, length)
+    last = torch.ones_like(segments, dtype=torch.bool)
+    last[:, :-1] = segments[:, :-1] != segments[:, 1:]
+    # the end column of each run: a reversed running minimum of "column if last else L"
+    end = torch.where(last, cols, torch.full_like(cols, length)).flip(1).cummin(1).values.flip(1)
+    return end - cols + 1

@@ -18,20 +18,26 @@ import pyarrow as pa
 import torch
 
 from ray_pinet.training.collectives import all_reduce_sum_
+from ray_pinet.training.packing import pack_indices, pack_plan
 
 PURPOSE_EPOCH_ORDER = 11
 
 
 @dataclass
 class TrainBatch:
-    inputs: torch.Tensor  # Long[B, L]   item indices, left-padded with 0
-    targets: torch.Tensor  # Long[B, L]  next item at each position (0 = no target)
-    negs: torch.Tensor  # Long[B, L, n] sampled negatives per target (n may be 0)
+    """B windows of a rank. Padded: row b of ``inputs`` is window b. Packed (``segments`` set,
+    training/packing.py): ``inputs``/``targets``/``negs`` are R <= B rows holding several windows
+    each, ``segments[r, t]`` the window (0..B-1) of column t, -1 for padding."""
+
+    inputs: torch.Tensor  # Long[R, L]   item indices (padded: left-padded with 0, R = B)
+    targets: torch.Tensor  # Long[R, L]  next item at each position (0 = no target)
+    negs: torch.Tensor  # Long[R, L, n] sampled negatives per target (n may be 0)
     stratum: torch.Tensor  # Long[B]
     sample_id: torch.Tensor  # Long[B]
+    segments: Optional[torch.Tensor] = None  # Long[R, L] when packed
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(self.stratum.shape[0])  # windows, not rows
 
 
 @dataclass
@@ -103,6 +109,8 @@ class TrainRows:
         seq = torch.from_numpy(_left_pad(vals, offs, max_len + 1))
         self.inputs, self.targets = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
         self.targets[self.inputs == 0] = 0  # a target without any history is not a sample
+        # items per window, on the host: packing plans from it without reading the device
+        self.lengths = (self.inputs != 0).sum(1).numpy()
         self.stratum = torch.from_numpy(table.column("stratum").to_numpy().astype(np.int64))
         n = len(self.sample_id)
         self.negs = torch.zeros((n, max_len, num_negatives), dtype=torch.int64)
@@ -147,10 +155,13 @@ class TrainRows:
         all_reduce_sum_(flags)
         return flags.nonzero().squeeze(1).cpu().numpy()
 
-    def take(self, global_ids: torch.Tensor) -> TrainBatch:
-        """This rank's rows of a global batch (host ids), as tensors on ``device``."""
+    def take(self, global_ids: torch.Tensor, packed: bool = False) -> TrainBatch:
+        """This rank's rows of a global batch (host ids), as tensors on ``device``; ``packed``:
+        its windows packed into rows without padding (training/packing.py)."""
         mine = global_ids[global_ids % self.world == self.rank]
         local = mine // self.world
+        if packed:
+            return self._packed(mine, local)
         if self.resident:
             idx = local.to(self.device, non_blocking=True)
             return TrainBatch(inputs=self.inputs[idx], targets=self.targets[idx], negs=self.negs[idx],
@@ -164,16 +175,46 @@ class TrainRows:
         return TrainBatch(inputs=move(self.inputs[local]), targets=move(self.targets[local]),
                           negs=move(self.negs[local]), stratum=move(self.stratum[local]), sample_id=move(mine))
 
-    def prefetched(self, id_batches: Iterator[torch.Tensor]) -> Iterator[TrainBatch]:
+    def _packed(self, mine: torch.Tensor, local: torch.Tensor) -> TrainBatch:
+        lengths = self.lengths[local.numpy()]
+        row, offset, num_rows, width = pack_plan(lengths, self.max_len)
+        window, src_col, dst = pack_indices(lengths, row, offset, width, self.max_len)
+        device = self.device if self.resident else torch.device("cpu")
+
+        def idx(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        src_row, src_col, dst, window = idx(local.numpy()[window]), idx(src_col), idx(dst), idx(window)
+        n_neg = self.negs.shape[-1]
+        inputs = torch.zeros(num_rows * width, dtype=torch.int64, device=device)
+        targets = torch.zeros_like(inputs)
+        segments = torch.full_like(inputs, -1)
+        negs = torch.zeros((num_rows * width, n_neg), dtype=torch.int64, device=device)
+        inputs[dst] = self.inputs[src_row, src_col]
+        targets[dst] = self.targets[src_row, src_col]
+        segments[dst] = window
+        if n_neg:
+            negs[dst] = self.negs[src_row, src_col]
+        out = TrainBatch(inputs=inputs.view(num_rows, width), targets=targets.view(num_rows, width),
+                         negs=negs.view(num_rows, width, n_neg), stratum=self.stratum[local.to(device)],
+                         sample_id=mine.to(device), segments=segments.view(num_rows, width))
+        if self.resident:
+            return out
+        pin = self.device.type == "cuda"
+        return TrainBatch(*((t.pin_memory() if pin else t).to(self.device, non_blocking=True)
+                            for t in (out.inputs, out.targets, out.negs, out.stratum, out.sample_id,
+                                      out.segments)))
+
+    def prefetched(self, id_batches: Iterator[torch.Tensor], packed: bool = False) -> Iterator[TrainBatch]:
         """``take`` of each id batch, issued one batch ahead: batch i+1's gather and copy are
         queued before step i runs (the values are those of ``take``; only the timing moves)."""
         it = iter(id_batches)
         ids = next(it, None)
-        pending = None if ids is None else self.take(ids)
+        pending = None if ids is None else self.take(ids, packed)
         while pending is not None:
             current = pending
             ids = next(it, None)
-            pending = None if ids is None else self.take(ids)
+            pending = None if ids is None else self.take(ids, packed)
             yield current
 
 

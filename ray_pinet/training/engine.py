@@ -24,11 +24,12 @@ import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, stratum_name, user_outcomes
+from ray_pinet.methods.sampled_softmax import NegativeSampler
 from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import EvalRows, TrainRows
 from ray_pinet.training.collectives import all_gather_rows, all_reduce_max_, broadcast_module_, rank_and_world
-from ray_pinet.training.loop import prior_settings, run_epoch
+from ray_pinet.training.loop import item_optimizers, prior_settings, run_epoch
 from ray_pinet.training.transfer_epoch import transfer_epoch
 
 ReportFn = Callable[[dict, Optional[dict]], None]
@@ -133,6 +134,9 @@ class Engine:
             raise ValueError("loss 'bce' needs sampled negatives: prepare with samples.train_negatives >= 1")
         self.train_rows = TrainRows(train_table, L, self.rank, self.world, n_neg, self.device,
                                     cfg.run.device_data_mb)
+        # loss sampled_softmax: Q from the training target counts of every rank (collective)
+        self.sampler = (NegativeSampler.from_config(self.train_rows, meta.num_items, cfg)
+                        if cfg.loss == "sampled_softmax" else None)
         self.valid_rows = EvalRows(valid_table, L)
         self.test_rows = EvalRows(test_table, L)
         self.K = meta.num_strata
@@ -246,9 +250,11 @@ class Engine:
     def stage1(self) -> None:
         cfg = self.cfg
         params = list(self.model.backbone_parameters())
-        opt = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        if "stage1" in self.opt_state:
-            opt.load_state_dict(self.opt_state["stage1"])
+        # Adam, plus lazy Adam for the item table with optim.item_exchange=rows
+        opts = dict(zip(("stage1", "stage1_items"), item_optimizers(self.model, params, cfg, cfg.optim.lr)))
+        for key, opt in opts.items():
+            if key in self.opt_state:
+                opt.load_state_dict(self.opt_state[key])
         prior_kind, alpha, shares = prior_settings(cfg, cfg.method, self.meta.user_share,
                                                    self.meta.interaction_share)
         sel = metric_key(cfg.eval.select_slice, cfg.eval.select_metric, cfg.eval.k)
@@ -260,9 +266,9 @@ class Engine:
                                        cfg, epoch, progress=self._progress(1, epoch))
             else:
                 stats = run_epoch(
-                    self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
+                    self.model, params, list(opts.values()), self.train_rows, self.meta.num_train_samples, cfg,
                     epoch, self.K, shares, prior_kind, alpha, use_plugins=False,
-                    progress=self._progress(1, epoch), ids=self.train_ids,
+                    progress=self._progress(1, epoch), ids=self.train_ids, sampler=self.sampler,
                 )
             metrics = {"stage": 1.0, "epoch": float(epoch), **stats.as_metrics("train")}
             improved = False
@@ -289,7 +295,7 @@ class Engine:
                 self.state.stage1_done = True
             self._account(t_start)
             t_start = time.perf_counter()
-            self._emit(metrics, {"stage1": opt}, step=len(self.state.history))
+            self._emit(metrics, opts, step=len(self.state.history))
         self.state.stage1_done = True
         if self.state.best_model is not None:
             self.model.load_state_dict(self.state.best_model)
@@ -352,7 +358,7 @@ class Engine:
             stats = run_epoch(
                 self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
                 10_000 + epoch, K, shares, prior_kind, alpha, use_plugins=True,
-                ids=self.train_ids,
+                ids=self.train_ids, sampler=self.sampler,
                 progress=self._progress(2, epoch),
             )
             val = self._evaluate(self.valid_rows)

@@ -22,6 +22,7 @@ import torch
 from ray_pinet.config import TrainConfig
 from ray_pinet.methods.ga import unit_losses
 from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.methods.sampled_softmax import NegativeSampler
 from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import TrainRows
@@ -138,25 +139,61 @@ def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
     cfg = _cfg(p)
     rows = TrainRows(local, p.max_len, rank, world, n_neg)
     global_ids = torch.arange(p.num_rows)  # one global batch: every row
-    batch = rows.take(global_ids)
-    for prior, alpha, reduce, unit in VARIANTS:
-        model = _model(p, cfg)
-        params = list(model.backbone_parameters())
-        loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, p.loss)
-        ul, ur = unit_losses(loss_vec, row_index, len(batch), unit)
-        ga_backward(params, ul, batch.stratum[ur], p.num_strata, prior, _user_share(p), alpha, reduce)
-        out[f"grad/{prior}/{alpha}/{reduce}/{unit}"] = flatten_grads(params).clone()
+    # packed batches (training/packing.py) for the backbone that supports them, as "grad_packed/..."
+    layouts = [("grad", False)] + ([("grad_packed", True)] if p.backbone == "sasrec" else [])
+    for key, packed in layouts:
+        batch = rows.take(global_ids, packed=packed)
+        for prior, alpha, reduce, unit in VARIANTS:
+            model = _model(p, cfg)
+            params = list(model.backbone_parameters())
+            loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, p.loss,
+                                                      segments=batch.segments)
+            ul, ur = unit_losses(loss_vec, row_index, len(batch), unit)
+            ga_backward(params, ul, batch.stratum[ur], p.num_strata, prior, _user_share(p), alpha, reduce)
+            out[f"{key}/{prior}/{alpha}/{reduce}/{unit}"] = flatten_grads(params).clone()
     # One full epoch (several global batches) from the same init, GA power prior, with SGD and
-    # with Adam.
+    # with Adam; with optim.batching auto (packed for sasrec) and, for sasrec, padded as well.
     # Tiny buckets: the reducer all-reduces several buckets while the backward runs.
     cfg = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5, "ga.bucket_cap_mb": 0.002})
-    for name, make_opt in (("sgd", lambda ps: torch.optim.SGD(ps, lr=0.5)),
-                           ("adam", lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr))):
+    padded = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5, "ga.bucket_cap_mb": 0.002, "optim.batching": "padded"})
+    epochs = [("sgd", cfg, lambda ps: torch.optim.SGD(ps, lr=0.5)),
+              ("adam", cfg, lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr))]
+    if p.backbone == "sasrec":
+        epochs.append(("adam_padded", padded, lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr)))
+    for name, cfg, make_opt in epochs:
         model = _model(p, cfg)
         params = list(model.backbone_parameters())
         run_epoch(model, params, [make_opt(params)], rows, p.num_rows, cfg, 0, p.num_strata,
                   _user_share(p), "power", 0.5, use_plugins=False)
         out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+    # loss sampled_softmax: keyed shared negatives (the proposal's counts all-reduced) and, with
+    # in_batch, the global batch's targets gathered from every rank; packed rows (auto) and padded.
+    # SGD: the negatives leave many item rows with exactly zero gradient (Adam: see the test).
+    if p.backbone != "din":
+        for name, extra in (("sampled_softmax", {"sampled.in_batch": True}),
+                            ("sampled_softmax_uniform_padded", {"sampled.proposal": "uniform",
+                                                                "optim.batching": "padded"})):
+            cfg = _cfg(p, {"loss": "sampled_softmax", "sampled.num_negatives": 16, "ga.prior": "power",
+                           "ga.alpha": 0.5, **extra})
+            model = _model(p, cfg)
+            params = list(model.backbone_parameters())
+            run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, p.num_rows, cfg, 0, p.num_strata,
+                      _user_share(p), "power", 0.5, use_plugins=False,
+                      sampler=NegativeSampler.from_config(rows, p.num_items, cfg))
+            out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+        # optim.item_exchange=rows: the item table crosses ranks by touched rows (sparse_rows.py)
+        # and lazy Adam steps those rows; SGD for the rest, as above.
+        cfg = _cfg(p, {"loss": "sampled_softmax", "sampled.num_negatives": 16, "sampled.in_batch": True,
+                       "optim.item_exchange": "rows"})
+        model = _model(p, cfg)
+        params = list(model.backbone_parameters())
+        table = model.backbone.item_emb.weight
+        opts = [torch.optim.SGD([q for q in params if q is not table], lr=0.5),
+                torch.optim.SparseAdam([table], lr=cfg.optim.lr)]
+        run_epoch(model, params, opts, rows, p.num_rows, cfg, 0, p.num_strata, _user_share(p),
+                  "interaction_share", 0.0, use_plugins=False,
+                  sampler=NegativeSampler.from_config(rows, p.num_items, cfg))
+        out["epoch_params/sampled_softmax_rows"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
     # `separate` / `finetune`: an epoch over one stratum's rows only (ids shared by all-reduce).
     cfg = _cfg(p)
     model = _model(p, cfg)

@@ -176,9 +176,11 @@ class GradReducer:
 
     def backward(
         self, unit_loss: torch.Tensor, unit_strata: torch.Tensor, prior_kind: str, user_share: Sequence[float],
-        alpha: float = 0.0,
+        alpha: float = 0.0, extra_inputs: Sequence[torch.Tensor] = (),
     ) -> GAStepInfo:
-        """Set every param's ``.grad`` to the global GA gradient. Collective: call on every rank."""
+        """Set every param's ``.grad`` to the global GA gradient. Collective: call on every rank.
+        ``extra_inputs``: leaf tensors that also get this rank's GA-weighted gradient in ``.grad``,
+        not reduced here (the touched item rows of training/sparse_rows.py, exchanged by row)."""
         local_counts = stratum_counts(unit_strata, self.num_strata)
         if self._counts is None:
             self.start_counts(local_counts)
@@ -213,7 +215,7 @@ class GradReducer:
         try:
             self._launch_ready()  # buckets without parameters
             if local.requires_grad:  # else no local units: this rank contributes zeros
-                torch.autograd.backward(local, inputs=self.params)
+                torch.autograd.backward(local, inputs=self.params + list(extra_inputs))
         finally:
             self._armed = False
         backward_s = time.perf_counter() - t0

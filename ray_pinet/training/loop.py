@@ -16,11 +16,13 @@ import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.methods.ga import batch_unit_counts, unit_losses
-from ray_pinet.methods.losses import per_position_losses
+from ray_pinet.methods.losses import per_position_losses, valid_positions
+from ray_pinet.methods.sampled_softmax import Candidates, NegativeSampler
 from ray_pinet.training.batches import TrainRows, epoch_batches, num_steps
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
 from ray_pinet.training.device import autocast
 from ray_pinet.training.ga_step import GradReducer, ga_backward
+from ray_pinet.training.sparse_rows import ITEM_TABLE, RowSparseTable
 
 
 TIME_PARTS = ("data", "forward", "backward", "allreduce", "optimizer")
@@ -72,6 +74,22 @@ def prior_settings(
     return "interaction_share", 0.0, list(user_share)
 
 
+def _item_table(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    return dict(model.named_parameters()).get(ITEM_TABLE)
+
+
+def item_optimizers(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], cfg: TrainConfig,
+                    lr: float) -> list[torch.optim.Optimizer]:
+    """Adam over ``params``; with ``optim.item_exchange=rows``, the item table among them is
+    stepped by lazy Adam (``SparseAdam``: touched rows only) and Adam takes the rest."""
+    table = _item_table(model)
+    if cfg.optim.item_exchange != "rows" or not any(p is table for p in params):
+        return [torch.optim.Adam(params, lr=lr, weight_decay=cfg.optim.weight_decay)]
+    rest = [p for p in params if p is not table]
+    return [torch.optim.Adam(rest, lr=lr, weight_decay=cfg.optim.weight_decay),
+            torch.optim.SparseAdam([table], lr=lr)]
+
+
 def run_epoch(
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter],
@@ -88,9 +106,13 @@ def run_epoch(
     after_backward: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     ids: Optional[np.ndarray] = None,
+    sampler: Optional[NegativeSampler] = None,
 ) -> EpochStats:
     """One pass over the global batches (of ``ids`` only, when given). ``after_backward(counts, prior)`` may rescale or
-    zero gradients (stage 2 per-plugin normalisation) before the optimizer steps."""
+    zero gradients (stage 2 per-plugin normalisation) before the optimizer steps. ``sampler``: the
+    shared candidates of each step (needed by ``loss: sampled_softmax``)."""
+    if (cfg.loss == "sampled_softmax") != (sampler is not None):
+        raise ValueError(f"loss {cfg.loss!r}: a NegativeSampler is passed exactly for sampled_softmax")
     model.train()
     stats = EpochStats()
     t_epoch = time.perf_counter()
@@ -105,25 +127,43 @@ def run_epoch(
     # resumed run replays the same masks.
     rank, _ = rank_and_world()
     torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
+    # The item table, when a lazy optimizer steps it (item_optimizers, optim.item_exchange=rows),
+    # leaves the dense reducer and crosses workers by touched rows (training/sparse_rows.py).
+    table = RowSparseTable(model) if any(isinstance(o, torch.optim.SparseAdam) for o in optimizers) else None
+    dense = table.dense_params(params) if table is not None else list(params)
     # One reducer per epoch: its hooks live only as long as this loop.
-    reducer = GradReducer(params, num_strata, cfg.ga.bucket_cap_mb) if cfg.ga.reduce == "loss_weighted" else None
+    reducer = GradReducer(dense, num_strata, cfg.ga.bucket_cap_mb) if cfg.ga.reduce == "loss_weighted" else None
     try:
         # (the loop variable must not be ``ids``: stats.rows below reads the argument)
-        batches = rows.prefetched(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids))
+        batches = rows.prefetched(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids),
+                                  packed=cfg.packed)
         for step in range(steps):
             t_data = time.perf_counter()
             batch = next(batches)
             t0 = time.perf_counter()
             n_local = len(batch)
+            candidates = None
+            if sampler is not None:  # every rank, every step: in-batch negatives are a collective
+                mine = batch.targets[valid_positions(batch.inputs, batch.targets)] if sampler.in_batch else None
+                candidates = sampler.candidates(epoch, step, mine, device)
             if reducer is not None:  # the count all-reduce runs while the model computes
                 reducer.start_counts(
-                    batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata))
+                    batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata,
+                                      batch.segments))
+            items = (batch.inputs, batch.targets, batch.negs)
+            if table is not None:  # every rank, every step: the exchange below is a collective
+                override, renumbered = table.begin(list(items) + ([candidates.items] if candidates else []))
+                items = tuple(renumbered[:3])
+                if candidates is not None:
+                    candidates = Candidates(renumbered[3], candidates.log_count)
             if n_local:
                 with autocast(device, cfg.run.precision):
-                    loss_vec, row_index = per_position_losses(
-                        model, batch.inputs, batch.targets, batch.negs,
-                        batch.stratum if use_plugins else None, cfg.loss,
-                    )
+                    args = (*items, batch.stratum if use_plugins else None, cfg.loss)
+                    kwargs = {"segments": batch.segments, "candidates": candidates}
+                    if table is None:
+                        loss_vec, row_index = per_position_losses(model, *args, **kwargs)
+                    else:
+                        loss_vec, row_index = table.call(override, per_position_losses, *args, **kwargs)
                 loss_vec = loss_vec.float()  # the loss and its GA weights stay fp32 (no-op in fp32)
             else:
                 loss_vec = torch.zeros(0, device=device)
@@ -134,7 +174,10 @@ def run_epoch(
                 opt.zero_grad(set_to_none=True)
             t_fwd = time.perf_counter()
             if reducer is not None:
-                info = reducer.backward(unit_loss, unit_strata, prior_kind, user_share, alpha)
+                info = reducer.backward(unit_loss, unit_strata, prior_kind, user_share, alpha,
+                                        extra_inputs=[table.sub] if table is not None else ())
+                if table is not None:
+                    table.exchange()
             else:
                 info = ga_backward(params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha,
                                    cfg.ga.reduce)

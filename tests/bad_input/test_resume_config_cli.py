@@ -271,6 +271,7 @@ ZERO_OK = {
     "optim.weight_decay", "optim.grad_clip", "optim.max_minutes", "eval.candidates", "run.seed",
     "run.torch_threads", "run.max_failures", "model.dropout", "stage2.plugin.head_layers",
     "run.gpus_per_worker", "run.device_data_mb",  # CPU workers; training rows always in host memory
+    "sampled.beta",  # proposal (count + 1)^0: every item equally likely
     # two-tower
     "data.min_rating", "data.label_threshold", "data.valid_share", "data.split_seed", "model.beta",
     "model.tce_drop_rate", "model.tce_num_gradual", "model.rce_alpha", "model.auc_ns.alpha",

@@ -60,10 +60,10 @@ def test_allreduce_smoke_ga_equals_ddp(tmp_path):
 def test_train_throughput_smoke_plain_and_ray_train(tmp_path):
     rows, result = run_smoke("train_throughput", tmp_path, "--work-dir", str(tmp_path / "work"))
     assert list(rows[0]) == result["columns"]
-    plain, ray_row = result["rows"]
-    assert (plain["impl"], ray_row["impl"], ray_row["method"], ray_row["workers"]) == (
-        "plain", "ray-train", "joint", 1)
-    for r in (plain, ray_row):
+    plain, packed, ray_row = result["rows"]
+    assert (plain["impl"], packed["impl"], ray_row["impl"], ray_row["method"], ray_row["workers"]) == (
+        "plain-padded", "plain-packed", "ray-train", "joint", 1)
+    for r in (plain, packed, ray_row):
         assert r["positions_per_s"] > 0 and r["step_ms"] > 0
         assert all(f"{p}_ms" in r for p in ("data", "forward", "backward", "allreduce", "optimizer"))
     assert ray_row["vs_plain"] > 0 and ray_row["forward_ms"] > 0 and ray_row["backward_ms"] > 0

@@ -52,19 +52,32 @@ def no_tf32():
 eval_table = ex.synthetic_eval_table
 
 
-def engine_cfg(method: str, device: str, epochs: int = 3) -> TrainConfig:
-    return TrainConfig.from_dict({
+# training-step options (issue 20) on top of the defaults (packed rows, full-softmax ce)
+STEP_VARIANTS = {
+    "default": {},
+    "padded": {"optim": {"batching": "padded"}},
+    "sampled-rows": {"loss": "sampled_softmax", "sampled": {"num_negatives": 16, "in_batch": True},
+                     "optim": {"item_exchange": "rows"}},
+}
+
+
+def engine_cfg(method: str, device: str, epochs: int = 3, extra: dict | None = None) -> TrainConfig:
+    d = {
         "method": method,
         "model": {"dim": 16, "num_blocks": 1, "dropout": 0.0, "max_len": P.max_len},
         "optim": {"batch_size": 32, "max_epochs": epochs, "patience": 100},
         "stage2": {"max_epochs": 2, "patience": 100},
         "run": {"progress": False, "device": device, "seed": 3},
-    })
+    }
+    for key, value in (extra or {}).items():
+        d[key] = {**d[key], **value} if isinstance(value, dict) and key in d else value
+    return TrainConfig.from_dict(d)
 
 
-def run_engine(method: str, device: str, epochs: int = 3, reports: list | None = None) -> tuple[dict, dict]:
+def run_engine(method: str, device: str, epochs: int = 3, reports: list | None = None,
+               extra: dict | None = None) -> tuple[dict, dict]:
     """(final metrics, model state on the CPU) of a whole Engine run on ``device``."""
-    cfg = engine_cfg(method, device, epochs)
+    cfg = engine_cfg(method, device, epochs, extra)
     meta = RunMeta(num_items=P.num_items, num_strata=2, num_train_samples=P.num_rows,
                    user_share=[0.8, 0.2], interaction_share=[0.5, 0.5])
     reports = [] if reports is None else reports
@@ -95,10 +108,11 @@ def assert_metrics_close(got: dict, want: dict) -> None:
         assert got[k] == pytest.approx(want[k], abs=1e-4), k
 
 
+@pytest.mark.parametrize("variant", sorted(STEP_VARIANTS))
 @pytest.mark.parametrize("method", ["joint", "pinet"])
-def test_engine_on_cuda_equals_cpu(method):
-    cpu_final, cpu_state = run_engine(method, "cpu")
-    cuda_final, cuda_state = run_engine(method, "cuda")
+def test_engine_on_cuda_equals_cpu(method, variant):
+    cpu_final, cpu_state = run_engine(method, "cpu", extra=STEP_VARIANTS[variant])
+    cuda_final, cuda_state = run_engine(method, "cuda", extra=STEP_VARIANTS[variant])
     assert_states_close(cuda_state, cpu_state)
     assert_metrics_close(cuda_final, cpu_final)
 

@@ -88,9 +88,10 @@ def test_interaction_share_is_pooled_mean(single):
 
 def test_two_workers_equal_one_process(single, distributed):
     for prior, alpha, reduce, unit in ex.VARIANTS:
-        key = f"grad/{prior}/{alpha}/{reduce}/{unit}"
-        err = ex.max_rel_error(distributed[key], single[key])
-        assert err < 1e-6, f"{key}: relative error {err:.2e}"
+        for layout in ("grad", "grad_packed"):  # padded and packed rows (optim.batching)
+            key = f"{layout}/{prior}/{alpha}/{reduce}/{unit}"
+            err = ex.max_rel_error(distributed[key], single[key])
+            assert err < 1e-6, f"{key}: relative error {err:.2e}"
     init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
     sgd_moved = (single["epoch_params/sgd"] - init).abs()
     assert sgd_moved.max().item() > 1e-3  # the epoch really trained (a no-op would pass trivially)
@@ -102,9 +103,24 @@ def test_two_workers_equal_one_process(single, distributed):
     # SGD displacement (< 1e-6 while real ones move by >= 1e-3) and left out; they are few.
     live = sgd_moved > 1e-6
     assert live.float().mean().item() > 0.95
-    a, b = distributed["epoch_params/adam"][live], single["epoch_params/adam"][live]
-    diff = (a - b).abs().max().item()
-    assert diff < 1e-5, f"Adam: after one epoch on 2 workers the parameters differ by {diff:.2e}"
+    for key in ("epoch_params/adam", "epoch_params/adam_padded"):  # packed (auto) and padded batches
+        a, b = distributed[key][live], single[key][live]
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-5, f"{key}: after one epoch on 2 workers the parameters differ by {diff:.2e}"
+
+
+def test_packed_batches_give_the_padded_gradient_and_epoch(single):
+    """optim.batching=packed changes the layout of each rank's windows, not the global batches:
+    the GA gradient of every prior, reduce and unit, and an Adam epoch, equal the padded ones."""
+    for prior, alpha, reduce, unit in ex.VARIANTS:
+        packed = single[f"grad_packed/{prior}/{alpha}/{reduce}/{unit}"]
+        padded = single[f"grad/{prior}/{alpha}/{reduce}/{unit}"]
+        assert ex.max_rel_error(packed, padded) < 1e-5, (prior, alpha, reduce, unit)
+    init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
+    live = (single["epoch_params/sgd"] - init).abs() > 1e-6  # Adam's zero-gradient noise: see above
+    assert (single["epoch_params/adam_padded"] - init).abs().max().item() > 1e-3
+    diff = (single["epoch_params/adam"][live] - single["epoch_params/adam_padded"][live]).abs().max().item()
+    assert diff < 1e-5, f"a packed Adam epoch differs from the padded one by {diff:.2e}"
 
 
 def test_one_stratum_epoch_and_transfer_epoch_are_worker_count_independent(single, distributed):
@@ -126,6 +142,33 @@ def test_one_stratum_epoch_and_transfer_epoch_are_worker_count_independent(singl
         assert moved > 1e-3, f"{key}: the epoch did not train ({moved:.1e})"
         diff = (distributed[key][mask] - single[key][mask]).abs().max().item()
         assert diff < 1e-5, f"{key}: 2 workers differ from 1 process by {diff:.2e}"
+
+
+def test_sampled_softmax_epoch_is_worker_count_independent(single, distributed):
+    """loss sampled_softmax: every rank draws the same shared negatives (keyed by seed, epoch,
+    step; proposal counts all-reduced) and gathers the same sorted in-batch targets, so an epoch
+    on 2 workers ends where 1 process ends: packed rows with in-batch negatives, and padded rows
+    with the uniform proposal."""
+    init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
+    for key in ("epoch_params/sampled_softmax", "epoch_params/sampled_softmax_uniform_padded"):
+        moved = (single[key] - init).abs().max().item()
+        assert moved > 1e-3, f"{key}: the epoch did not train ({moved:.1e})"
+        diff = (distributed[key] - single[key]).abs().max().item()
+        assert diff < 1e-5, f"{key}: 2 workers differ from 1 process by {diff:.2e}"
+    # the two runs really differ (in-batch negatives and the proposal change the gradient)
+    diff = (single["epoch_params/sampled_softmax"] - single["epoch_params/sampled_softmax_uniform_padded"])
+    assert diff.abs().max().item() > 1e-3
+
+
+def test_row_sparse_item_exchange_epoch_is_worker_count_independent(single, distributed):
+    """optim.item_exchange=rows (sampled softmax with in-batch negatives, packed rows): the item
+    table's gradient crosses ranks as the union of touched rows and lazy Adam steps only those;
+    2 workers end where 1 process ends."""
+    init = torch.cat([q.detach().reshape(-1) for q in ex._model(P, ex._cfg(P)).backbone_parameters()])
+    key = "epoch_params/sampled_softmax_rows"
+    assert (single[key] - init).abs().max().item() > 1e-3
+    diff = (distributed[key] - single[key]).abs().max().item()
+    assert diff < 1e-5, f"{key}: 2 workers differ from 1 process by {diff:.2e}"
 
 
 def test_reweight_prior_is_a_static_weighted_mean():
