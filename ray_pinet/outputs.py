@@ -5,16 +5,26 @@ retrain artifacts) writes it into a temporary sibling and swaps it in only when 
 succeeded: a failed or interrupted run leaves the previous output exactly as it was, and a reader
 never sees a half-written one. Siblings (same parent folder) keep the final ``rename`` on one
 filesystem, where it is atomic for a file and a two-rename swap for a folder.
+
+``resumable_dir`` is the same swap for a long command whose work is worth keeping when it stops
+(``prepare``): its unfinished folder stays beside the output for the next run with the same
+inputs to finish, and every file in it is written through ``atomic_path``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from ray_pinet.config_base import ConfigError
 
@@ -73,6 +83,135 @@ def swap_in(new: Path, target: Path, keep: Iterable[str] = ()) -> None:
     os.rename(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_STATE = f"{_TMP_PREFIX}state.json"  # inside a partial folder: what its work depends on
+
+
+def partial_dir(target: str | Path) -> Path:
+    """Where ``resumable_dir`` keeps the unfinished work for ``target``: ``.<name>.partial`` beside it."""
+    target = Path(target)
+    return target.parent / f"{_TMP_PREFIX}{target.name}.partial"
+
+
+def tmp_name(target: Path) -> Path:
+    """A hidden name beside ``target``, unique to this process and call (``.<name>.<pid>-<hex>.tmp``)."""
+    return target.with_name(f"{_TMP_PREFIX}{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``target``; what the block wrote there is renamed over
+    ``target`` (``os.replace``, atomic) when the block ends without an exception, else deleted.
+    A process killed inside the block leaves only the hidden temporary file, never a half
+    ``target``: readers that list files skip hidden names, and ``resumable_dir`` sweeps them."""
+    target = Path(target)
+    tmp = tmp_name(target)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+@dataclass
+class Partial:
+    path: Path  # the folder to write into
+    note: str | None  # what became of an earlier run's folder, to print; None when there was none
+
+
+@contextmanager
+def resumable_dir(target: str | Path, state: dict[str, Any],
+                  discard_on: tuple[type[BaseException], ...] = ()) -> Iterator[Partial]:
+    """``replaced_dir`` whose folder survives a run that stops, so the next run can reuse its work.
+
+    The folder is ``partial_dir(target)``, held under an exclusive lock for the whole block (a
+    second run for the same ``target`` waits for the first). ``state`` (JSON-able) is what the
+    work in it depends on, e.g. config, input files and code: an earlier run's folder is kept
+    only when its state is equal, else emptied (``Partial.note`` says so and why). When the
+    block ends without an exception, stray temporary files (``atomic_path``) are removed and the
+    folder replaces ``target`` (``swap_in``). On an exception of a ``discard_on`` type (bad input
+    or settings: a rerun cannot reuse anything) it is removed; on any other exception (a crash,
+    Ctrl-C, a worker lost beyond its retries) and when the process is killed it stays, and a
+    rerun with an equal state resumes there.
+    """
+    target = Path(target)
+    partial = partial_dir(target)
+    state = json.loads(json.dumps(state))  # as it reads back from the file (tuples -> lists)
+    fd = _lock_dir(partial, target)
+    try:
+        note = _reset_unless_same(partial, state)
+        write_file(partial / _STATE, json.dumps(state, indent=1))
+        try:
+            yield Partial(partial, note)
+        except discard_on:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        except BaseException:
+            print(f"{target}: the finished work of this run is kept in {partial}; the same command "
+                  "with the same inputs resumes from it (delete it to start over)", file=sys.stderr, flush=True)
+            raise
+        (partial / _STATE).unlink()
+        for stray in partial.rglob(f"{_TMP_PREFIX}*.tmp"):  # left by task attempts that were killed
+            stray.unlink()
+        swap_in(partial, target)
+    finally:
+        os.close(fd)
+
+
+def _lock_dir(path: Path, target: Path) -> int:
+    """An open descriptor of the folder ``path`` (created if missing), exclusively locked.
+
+    The lock sits on the folder itself, which the holder renames to its target when it is done:
+    a waiter then holds a lock on a folder no longer at ``path``, and starts over on a new one."""
+    waited = False
+    while True:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    print(f"{target}: another run is writing it ({path}); waiting for it to end",
+                          file=sys.stderr, flush=True)
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            # A filesystem without locks (some network mounts): run unguarded rather than not at all.
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+        try:
+            here = os.stat(path)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(fd)
+        if here is not None and (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+            return fd
+        os.close(fd)
+
+
+def _reset_unless_same(partial: Path, state: dict[str, Any]) -> str | None:
+    """Empty ``partial`` unless it holds work of an equal ``state``; a note on what was done."""
+    entries = list(partial.iterdir())
+    if not entries:
+        return None
+    try:
+        old = json.loads((partial / _STATE).read_text())
+    except (OSError, ValueError):
+        old = None
+    old = old if isinstance(old, dict) else None
+    if old == state:
+        return f"resuming the unfinished run in {partial}"
+    if old is None:
+        why = "it has no readable state file"
+    else:
+        why = ", ".join(k for k in sorted({*old, *state}) if old.get(k) != state.get(k)) + " changed"
+    for entry in entries:  # the folder itself stays: it is what the lock is on
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return f"discarded the unfinished run in {partial}: {why}"
 
 
 def write_file(target: str | Path, data: str | bytes) -> Path:

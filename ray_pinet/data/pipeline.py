@@ -22,16 +22,24 @@ Why Ray tasks rather than a Ray Data ``read_parquet().map_batches()`` chain: the
 timestamps is the source order, and Ray Data's blocks do not carry a row's position in its file;
 per-file tasks know it exactly. Ray Data's hash shuffle (``groupby``) is also several times slower
 than this bucketing on small machines (ray-notes.md, measured numbers). ``report.json["tasks"]``
-has each phase's task count, summed and maximum task wall time and summed task CPU time.
+has each phase's task count, summed and maximum task wall time and summed task CPU time, and how
+many tasks were reused from an unfinished run or retried after their worker died.
+
+Faults (``prepare``'s docstring): a task whose worker dies is retried; every file a task writes
+appears whole (written under a temporary name, renamed when complete); a run that stops leaves
+its finished tasks in ``.<output>.partial`` for the next run with the same inputs to reuse.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
+import sys
 import time
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +60,7 @@ from ray_pinet.data.sources import (FileStats, display_name, first_row, output_c
 from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
 from ray_pinet.data.strata import assign_strata, format_strata_table, strata_stats
 from ray_pinet.errors import DataError
-from ray_pinet.outputs import refuse_foreign, refuse_input_inside, replaced_dir
+from ray_pinet.outputs import atomic_path, refuse_foreign, refuse_input_inside, resumable_dir
 
 SPLITS = ("train", "valid", "test")
 CANONICAL_PART_ROWS = 4 << 20
@@ -75,11 +83,20 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     """Run the whole preparation and write ``cfg.output``; prints a summary. See docs/design.md.
 
-    The output appears whole or not at all: everything is written into a temporary sibling
-    folder, swapped in only when every phase succeeded, so a failed run (a mistyped input path,
-    a bad row) leaves a previous prepared folder exactly as it was. Refused before anything is
-    written: an input inside the output (replacing the output would delete it) and an existing
-    output holding entries prepare does not write (they would be deleted with it).
+    The output appears whole or not at all: everything is written into the sibling folder
+    ``.<name>.partial`` (``outputs.resumable_dir``), swapped in only when every phase succeeded,
+    so a failed run (a mistyped input path, a bad row) leaves a previous prepared folder exactly
+    as it was. Refused before anything is written: an input inside the output (replacing the
+    output would delete it) and an existing output holding entries prepare does not write (they
+    would be deleted with it).
+
+    Faults: a task whose worker process died is retried (``ray_tasks.TASK_RETRIES``); each task
+    writes its files under temporary names and renames them into place when complete, then keeps
+    its result in ``_work/done/``. A run that stops (killed, Ctrl-C, a worker lost beyond its
+    retries) leaves ``.<name>.partial``; a rerun with the same config, input files (names, sizes,
+    modification times) and data-layer code loads the finished tasks' results instead of running
+    them (``report.json`` ``tasks.<phase>.reused``), anything else empties it first, with a note.
+    Bad input or settings (DataError, ConfigError) remove it: nothing in it could be reused.
     """
     import ray
 
@@ -98,43 +115,45 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     timings: dict[str, float] = {}
     tasks: dict[str, dict] = {}
     # A real output that is a symlink is replaced at its target (the link stays).
-    with replaced_dir(out.resolve() if out.is_symlink() else out) as tmp:
-        # The tasks write under ``cfg.output``: the temporary folder; prepare_config.json below
+    target = out.resolve() if out.is_symlink() else out
+    with resumable_dir(target, _resume_state(cfg, fs, files), discard_on=(DataError, ConfigError)) as part:
+        if part.note:
+            print(f"ray-pinet prepare: {part.note}", file=sys.stderr, flush=True)
+        tmp = part.path
+        # The tasks write under ``cfg.output``: the partial folder; prepare_config.json below
         # records the real one.
         tcfg = dataclasses.replace(cfg, output=str(tmp))
-        work = tmp / "_work"
-        for d in ("canonical", *SPLITS, "_work/buckets", "_work/clean"):
+        work, done = tmp / "_work", tmp / "_work" / "done"
+        for d in ("canonical", *SPLITS, "_work/buckets", "_work/clean", "_work/done"):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        try:
-            bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
-            bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
-            ingest_args = [(i, fs, f, tcfg, bucket_cols) for i, f in enumerate(files)]
-            ingested = run_tasks(_ingest_file, ingest_args, "ingest", progress, tasks)
-            rows_read = sum(r["rows_read"] for r in ingested)
-            if rows_read == 0:
-                where = files[0] if len(files) == 1 else cfg.source.path
-                raise DataError("input is empty: no data rows", file=where)
-            timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
+        bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
+        bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
+        ingest_args = [(i, fs, f, tcfg, bucket_cols) for i, f in enumerate(files)]
+        ingested = run_tasks(_ingest_file, ingest_args, "ingest", progress, tasks, done)
+        rows_read = sum(r["rows_read"] for r in ingested)
+        if rows_read == 0:
+            where = files[0] if len(files) == 1 else cfg.source.path
+            raise DataError("input is empty: no data rows", file=where)
+        timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
 
-            buckets = range(cfg.num_buckets)
-            cleaned = run_tasks(_clean_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
-                                progress, tasks)
-            timings["clean"], t = time.perf_counter() - t, time.perf_counter()
+        buckets = range(cfg.num_buckets)
+        cleaned = run_tasks(_clean_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
+                            progress, tasks, done)
+        timings["clean"], t = time.perf_counter() - t, time.perf_counter()
 
-            plan = _plan(cfg, cleaned)
-            maps_refs = [ray.put(m) for m in plan.maps]
-            items_ref = ray.put(plan.item_ids)
-            pq.write_table(plan.users, tmp / "users.parquet")
-            pq.write_table(plan.items, tmp / "items.parquet")
-            timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
+        plan = _plan(cfg, cleaned)
+        maps_refs = [ray.put(m) for m in plan.maps]
+        items_ref = ray.put(plan.item_ids)
+        _write_parquet(plan.users, tmp / "users.parquet")
+        _write_parquet(plan.items, tmp / "items.parquet")
+        timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
 
-            sample_args = [(b, tcfg, maps_refs[b], items_ref) for b in buckets]
-            written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks)
-            timings["samples"] = time.perf_counter() - t
-            del maps_refs, items_ref, sample_args
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        sample_args = [(b, tcfg, maps_refs[b], items_ref) for b in buckets]
+        written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks, done)
+        timings["samples"] = time.perf_counter() - t
+        del maps_refs, items_ref, sample_args
+        shutil.rmtree(work)  # only now: a run that stops keeps it for the next to resume from
 
         counts = {s: sum(w[s] for w in written) for s in SPLITS}
         expected = {"train": plan.train_rows, "valid": plan.valid_rows, "test": plan.test_rows}
@@ -163,6 +182,32 @@ def _validate(cfg: PrepareConfig) -> None:
             raise ConfigError(f"{key} is set but source format {cfg.source.format!r} has no {col} column")
 
 
+def _write_parquet(table: pa.Table, path: Path, **kwargs) -> None:
+    """``pq.write_table`` under a temporary name, renamed into place when complete: a task killed
+    while writing (and then retried, or resumed by a rerun) leaves no half file for a reader."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+
+
+# What a task runs: a change to any of these makes the kept results of an unfinished run stale.
+_CODE = sorted([*Path(__file__).parent.glob("*.py"), Path(__file__).parents[1] / "keyed_random.py"])
+
+
+def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
+    """Everything a task's output depends on; a rerun reuses an unfinished run's finished tasks
+    only when all of it is equal (``outputs.resumable_dir``): the resolved config, each input
+    file's name, size and modification time, and the data-layer code and libraries."""
+    code = hashlib.sha256()
+    for p in _CODE:
+        code.update(p.read_bytes())
+    return {
+        "config": to_dict(cfg),
+        "input files": [{"path": display_name(fs, f), "size": info.size, "mtime_ns": info.mtime_ns}
+                        for f, info in zip(files, fs.get_file_info(files))],
+        "code": {"sha256": code.hexdigest(), "pyarrow": pa.__version__, "numpy": np.__version__},
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Phase 1: ingest one file
 # ----------------------------------------------------------------------------------------------
@@ -178,13 +223,18 @@ def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[st
     stats = FileStats(display_name(fs, path))
     canon, part, part_rows = None, 0, 0
     buckets: dict[int, pq.ParquetWriter] = {}
-    try:
+    with ExitStack() as files:
+        def writer(target: Path, schema: pa.Schema, **kwargs) -> pq.ParquetWriter:
+            w = pq.ParquetWriter(files.enter_context(atomic_path(target)), schema, **kwargs)
+            files.callback(w.close)  # runs before atomic_path's rename (last in, first out)
+            return w
+
         for table in read_file(fs, path, cfg.source, stats):
             if canon is None or part_rows >= CANONICAL_PART_ROWS:
                 if canon is not None:
                     canon.close()
                     part += 1
-                canon = pq.ParquetWriter(out / "canonical" / f"part-{i:05d}-{part:04d}.parquet", table.schema)
+                canon = writer(out / "canonical" / f"part-{i:05d}-{part:04d}.parquet", table.schema)
                 part_rows = 0
             canon.write_table(table)
             part_rows += table.num_rows
@@ -195,13 +245,9 @@ def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[st
             for k in np.flatnonzero(np.diff(bounds)):
                 if k not in buckets:
                     (work / f"{k:04d}").mkdir(exist_ok=True)
-                    buckets[k] = pq.ParquetWriter(work / f"{k:04d}" / f"part-{i:05d}.parquet", rows.schema,
-                                                  **SCRATCH_PARQUET)
+                    buckets[k] = writer(work / f"{k:04d}" / f"part-{i:05d}.parquet", rows.schema,
+                                        **SCRATCH_PARQUET)
                 buckets[k].write_table(rows.slice(bounds[k], bounds[k + 1] - bounds[k]))
-    finally:
-        for w in [canon, *buckets.values()]:
-            if w is not None:
-                w.close()
     return stats.to_dict()
 
 
@@ -227,7 +273,7 @@ def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: lis
         source = int(paths[k].stem.split("-")[1])  # part-<input file index>.parquet
         user = table[USER][exc.position].as_py()
         raise _locate(exc, fs, files[source], cfg, user) from None
-    pq.write_table(res.rows, work / "clean" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
+    _write_parquet(res.rows, work / "clean" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
     return res.users, res.items, res.stats
 
 
@@ -348,7 +394,7 @@ def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps, item_ids: pa.Ar
     rows = pq.read_table(out / "_work" / "clean" / f"{b:04d}.parquet")
     tables = build_samples(rows, maps, item_ids, cfg.samples, cfg.seed)
     for split, table in tables.items():
-        pq.write_table(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
+        _write_parquet(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
     return {split: t.num_rows for split, t in tables.items()}
 
 
@@ -443,5 +489,12 @@ def format_summary(result: PrepareResult) -> str:
         f"test {res['test_rows']:,}; {res['users_without_train_target']:,} users without a training target"
     )
     lines.append(format_strata_table(result.strata))
+    tasks = r.get("tasks", {})
+    reused = [f"{t['reused']}/{t['reused'] + t['tasks']} {k}" for k, t in tasks.items() if t.get("reused")]
+    if reused:
+        lines.append(f"  resumed  kept results of an unfinished run: {', '.join(reused)} tasks")
+    retried = [f"{t['retried']} {k}" for k, t in tasks.items() if t.get("retried")]
+    if retried:
+        lines.append(f"  retried  {', '.join(retried)} task attempt(s) after their worker died")
     lines.append("  timings " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings_s"].items()))
     return "\n".join(lines)

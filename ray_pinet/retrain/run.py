@@ -95,9 +95,9 @@ def write_report(out: Path, summary: dict, uri: str, run_id: str) -> None:
 
 def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -> dict:
     """Run one retrain; returns its summary (also written to <storage>/retrain/<run>/summary.json)."""
-    import pyarrow.parquet as pq
     import torch
 
+    from ray_pinet.data.prepared import read_split
     from ray_pinet.evaluation.protocol import outcome_metrics, user_outcomes
     from ray_pinet.models.registry import build_model
     from ray_pinet.retrain import warm
@@ -157,7 +157,7 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     res = fit(cfg, tags={"retrain.through": through, "retrain.incumbent": summary["incumbent"] or "none"})
 
     # Both models on the newest holdout (the new data's test split), one code path, new strata.
-    rows = EvalRows(pq.read_table(data / "test"), cfg.model.max_len)
+    rows = EvalRows(read_split(data, "test"), cfg.model.max_len)
     k, K = cfg.eval.k, meta.num_strata
 
     def score(model):  # evaluate() without the collectives, keeping the per-user outcomes

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import pyarrow.parquet as pq
-
 from ray_pinet.config import TrainConfig
+from ray_pinet.data.prepared import read_split
 from ray_pinet.evaluation.protocol import evaluate, slice_names
 from ray_pinet.models.ensemble import StratumEnsemble
 from ray_pinet.training.batches import EvalRows
@@ -103,7 +102,7 @@ def fit_per_stratum(
         L = cfg.model.max_len
         final: dict[str, float] = {}
         for split, prefix in (("valid", "final_val"), ("test", "test")):
-            rows = EvalRows(pq.read_table(path / split), L)
+            rows = EvalRows(read_split(path, split), L)
             metrics = evaluate(model, rows, K, k=cfg.eval.k, batch_size=cfg.eval.batch_size,
                                candidates=cfg.eval.candidates > 0)
             final.update({f"{prefix}/{k}": v for k, v in metrics.items()})

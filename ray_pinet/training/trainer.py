@@ -186,14 +186,25 @@ def read_splits(path: Path) -> dict:
     it is created, so the workers' shard iterators also get no progress bars: theirs never
     closed and were redrawn into the console for the whole run; rank 0 prints one line per
     epoch instead.
+
+    A restratified view (``data/restratify.py``) reads its base's sample files and replaces each
+    row's ``stratum`` by its user's in the view's users.parquet: a row-wise map before the rows
+    are sharded, so every rank sees the strata one process would.
     """
     import ray.data
 
+    from ray_pinet.data.prepared import sample_strata, with_user_strata
+
+    strata = sample_strata(path)  # None: the samples carry the folder's own strata
     ctx = ray.data.DataContext.get_current()
     previous = ctx.use_datasource_v2, ctx.enable_progress_bars
     ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     try:
-        return {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
+        out = {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
+        if strata is not None:
+            out = {s: ds.map_batches(with_user_strata, fn_kwargs={"strata": strata, "where": str(path / s)},
+                                     batch_format="pyarrow", batch_size=None) for s, ds in out.items()}
+        return out
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = previous
 

@@ -31,13 +31,14 @@ GUARD_PENALTY = 10.0
 def checkpoint_outcomes(checkpoint_dir: str, split: str = "valid") -> pd.DataFrame:
     """Per-user outcomes of a finished run's model on ``split`` of the data it was trained on:
     columns user_id, hit, ndcg, pos, neg (one process, on the caller)."""
+    from ray_pinet.data.prepared import read_split
     from ray_pinet.training.batches import EvalRows
     from ray_pinet.training.trainer import rebuild_model
     from ray_pinet.training.worker import load_state
 
     model, cfg, _ = rebuild_model(load_state(checkpoint_dir))
     path = Path(cfg.data.path)
-    table = pq.read_table(path / split).sort_by("sample_id")
+    table = read_split(path, split).sort_by("sample_id")
     rows = EvalRows(table, cfg.model.max_len)
     out = user_outcomes(model, rows, cfg.eval.k, cfg.eval.batch_size, cfg.eval.candidates > 0)
     users = pq.read_table(path / "users.parquet", columns=["user_idx", "user_id"]).to_pandas()

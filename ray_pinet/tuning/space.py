@@ -15,8 +15,8 @@ A space file::
       ga.prior: {choice: [interaction_share, user_share]}
 
 Keys are dotted train-config keys (``optim.lr``) or ``prepare.`` + a prepare-config key under
-``strata`` / ``samples`` (a trial with its own stratification or history length gets its own
-prepared copy of the data). ``model.max_len`` also sets ``prepare.samples.max_len`` (they must
+``strata`` / ``samples`` (a trial with its own stratification gets a restratified view of the
+base data, one with its own history length its own prepared copy; ``sweep.ensure_trial_data``). ``model.max_len`` also sets ``prepare.samples.max_len`` (they must
 agree). Clean/source keys are refused: they would change which users are evaluated, and trials
 are only comparable on the same users. Every value a domain can produce at its ends is resolved
 into a full config on load, so a typo or an out-of-range bound fails before any trial starts.

@@ -3,9 +3,10 @@
 Flow (docs/design.md "Tuning"):
 1. the reference: a ``joint`` run of the base config + the space's ``fixed`` values (the untuned
    model users have today), evaluated once per user on validation (``objective.py``);
-2. a ``Tuner`` over ``trial_fn``: each trial resolves its config, prepares its own copy of the
-   data when its stratification or history length differs (cached by the prepare config's
-   hash), and calls ``fit`` with a callback that turns every validation report into the
+2. a ``Tuner`` over ``trial_fn``: each trial resolves its config, restratifies the base data
+   when only its stratification differs (a view: new strata, the base's samples) or prepares
+   its own copy when its history length differs (both cached by the prepare config's hash),
+   and calls ``fit`` with a callback that turns every validation report into the
    objective and forwards it to Tune (ASHA stops trials on it);
 3. the best *feasible, finished* trial (selected on validation only) is registered in the
    MLflow Model Registry, and a report (Markdown, CSV, plot) is written and logged.
@@ -57,8 +58,9 @@ class SweepSetup:
 
 # -- configs and data of one run ---------------------------------------------------------------
 def prepared_path_for(base_path: str, prep) -> str:
-    """Where a trial's prepared data lives: next to the base data, named by the prepare config's
-    hash, so trials with the same stratification and history length share one copy."""
+    """Where a trial's prepared data (a copy or a restratified view) lives: next to the base data,
+    named by the prepare config's hash, so trials with the same stratification and history
+    length share one."""
     d = to_dict(prep)
     d.pop("output", None)
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -68,20 +70,34 @@ def prepared_path_for(base_path: str, prep) -> str:
 
 def ensure_trial_data(cfg, prep, base_prep) -> str:
     """The data path of a run: the base data when its prepare config is the base one, else a
-    hashed copy, prepared under a file lock (concurrent trials of one stratification wait for
-    the first to write it)."""
+    hashed folder made under a file lock (concurrent trials of one setting wait for the first to
+    write it). When only the stratification differs it is a restratified view of the base data
+    (``data/restratify.py``: new users.parquet and strata.json, the base's samples; made again
+    when the base was prepared again since); any other difference runs a full ``prepare``."""
     from ray_pinet.data.pipeline import prepare
+    from ray_pinet.data.prepared import check_view, view_base
+    from ray_pinet.data.restratify import restratify
+    from ray_pinet.errors import DataError
 
     if prep is None:
         return cfg.data.path
-    strip = lambda p: {k: v for k, v in to_dict(p).items() if k != "output"}  # noqa: E731
+    strip = lambda p, *also: {k: v for k, v in to_dict(p).items() if k not in ("output", *also)}  # noqa: E731
     if strip(prep) == strip(base_prep):
         return cfg.data.path
     path = Path(prepared_path_for(cfg.data.path, prep))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(str(path) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "strata.json").exists():
+        made = (path / "strata.json").exists()
+        if made and view_base(path) is not None:
+            try:
+                check_view(path)
+            except DataError as exc:
+                print(f"[ray-pinet] {path}: {exc}; making it again", flush=True)
+                made = False
+        if not made and strip(prep, "strata") == strip(base_prep, "strata"):
+            restratify(cfg.data.path, prep.strata, path)
+        elif not made:
             prepare(dataclasses.replace(prep, output=str(path)), progress=False)
     return str(path)
 

@@ -31,7 +31,7 @@ def sweep(ray_cluster, tmp_path_factory):
 
 
 def test_asha_stops_a_trial_and_the_best_is_feasible_and_finished(sweep):
-    _, _, summary = sweep
+    tmp, _, summary = sweep
     trials = summary["trials"]
     assert len(trials) == 4 and not any(t["error"] for t in trials)
     stopped = [t for t in trials if not t["finished"]]
@@ -40,9 +40,12 @@ def test_asha_stops_a_trial_and_the_best_is_feasible_and_finished(sweep):
     best = summary["best"]
     assert best["finished"] and best["feasible"]
     assert best["values"]["optim.lr"] == pytest.approx(0.003)  # 1e-6 learns nothing
-    # Two thresholds -> two stratifications: the q = 0.3 trials ran on their own prepared copy.
+    # Two thresholds -> two stratifications: the q = 0.3 trials ran on a restratified view.
     qs = {t["values"]["prepare.strata.q"] for t in trials}
     assert qs == {0.2, 0.3}
+    views = [p for p in (tmp / "tune").glob("prepared-*") if p.is_dir()]
+    assert len(views) == 1 and (views[0] / "restratified.json").is_file()  # no second prepare
+    assert (views[0] / "train").resolve() == (tmp / "prepared" / "train").resolve()
 
 
 def test_mlflow_parent_children_and_registered_model(sweep):
