@@ -9,7 +9,8 @@ docs/design.md, written independently of ``ray_pinet.data`` so that equal output
 2. clean: exact duplicates of (user, item, timestamp) keep their first row; users with fewer than
    ``min_history`` remaining events are removed; each user's events are sorted by
    (timestamp, source order);
-3. ``user_idx`` = rank of the user id (string order), ``item_idx`` = 1 + rank of the item id;
+3. ``user_idx`` = rank of (crc32(user id) % 2^16, user id) (prepared format 2), ``item_idx`` = 1 +
+   rank of the item id;
    activeness a = events - 2 (the last two are validation and test);
 4. strata ``top_fraction``: head = the ceil(q * U) highest (activeness, user_idx);
 5. leave-one-out rows and training windows of <= L + 1 items whose ends lie L apart, counted back
@@ -28,6 +29,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 USER, ITEM, TS = "user_id", "item_id", "timestamp"
+HASH_SLOTS = 1 << 16  # docs/design.md: users numbered by (crc32(id) % HASH_SLOTS, id)
 
 
 def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -69,10 +72,13 @@ def pandas_prepare(inp: Path, out: Path, max_len: int = 50, q: float = 0.2, min_
     events = log.groupby(USER, sort=False)[ITEM].transform("size").to_numpy()
     log = log[events >= min_history]
     log = log.rename_axis("source_row").reset_index()
-    log = log.sort_values([USER, TS, "source_row"], kind="stable", ignore_index=True)
+    codes, uniq = pd.factorize(log[USER], sort=True)
+    slots = np.fromiter((zlib.crc32(u.encode()) % HASH_SLOTS for u in uniq), np.int64, len(uniq))
+    log["slot"] = slots[codes]
+    log = log.sort_values(["slot", USER, TS, "source_row"], kind="stable", ignore_index=True)
     lap("clean")
 
-    user_idx, user_ids = pd.factorize(log[USER], sort=True)  # sorted log: codes ascend with user id
+    user_idx, user_ids = pd.factorize(log[USER], sort=False)  # order of appearance = user_idx order
     item_code, item_ids = pd.factorize(log[ITEM], sort=True)
     item = (item_code + 1).astype(np.int64)
     n_users = len(user_ids)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ray_pinet.config import METHODS
 from ray_pinet.config_base import ConfigError
+from ray_pinet.storage_uri import local_or_uri
 from ray_pinet.twotower_config import TWOTOWER_METHODS
 
 
@@ -236,8 +237,7 @@ def run_compare(args: argparse.Namespace) -> int:
     command = "\n".join(commands)
     uri = parent = None
     if base.tracking.enabled:
-        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri,
-                                      str(Path(base.run.storage_path).expanduser().resolve()))
+        uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, local_or_uri(base.run.storage_path))
         parent, _ = mu.start_or_resume_run(
             uri, base.tracking.experiment, name,
             {"config": args.config, "overrides": overrides, "cells": [c.__dict__ for c in cells],

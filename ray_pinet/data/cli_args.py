@@ -35,11 +35,11 @@ def prepare_config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """0 on success; 2 with a one-line error on stderr for a config or data error."""
-    from ray_pinet.data.pipeline import prepare
+    from ray_pinet.storage_uri import prepare_output
 
     try:
         cfg = prepare_config_from_args(args)
-        prepare(cfg, progress=not args.no_progress)
+        prepare_output(cfg, progress=not args.no_progress)  # output may be an s3:// / gs:// URI
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -127,4 +127,5 @@ class PrepareConfig:
     def validate(self) -> None:
         require(bool(self.output.strip()), "output", "a directory", self.output)
         require(self.seed >= 0, "seed", ">= 0", self.seed)
-        require(self.num_buckets >= 1, "num_buckets", ">= 1", self.num_buckets)
+        require(1 <= self.num_buckets <= 1 << 16, "num_buckets", "in 1..65536 (pipeline.HASH_SLOTS)",
+                self.num_buckets)

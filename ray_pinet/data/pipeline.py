@@ -1,22 +1,33 @@
 """``prepare(cfg)``: raw log -> the prepared-data directory of docs/design.md, on Ray.
 
-Three parallel phases (1, 2, 4), each a set of Ray tasks (one CPU each) that read and write Parquet
-on disk, and one driver step (3). Only small tables travel to the driver (per-user and per-item
-counts, statistics); the log itself never does:
+Parallel phases, each a set of Ray tasks (one CPU each) that read and write Parquet on disk, and
+one driver step. Only summaries travel to the driver (counts, activeness histograms, per-item
+training counts); neither the log nor any per-user table does, so the driver is O(1) in users:
 
 1. ingest (one task per input file): read + validate (``sources``), write ``canonical/`` and split
-   the rows into ``num_buckets`` user buckets by a stable hash of the user id (crc32), keeping
-   source order inside each bucket. This replaces a hash shuffle (slow on small machines,
-   ray-notes.md) and keeps every user whole in one bucket.
-2. clean (one task per bucket): cleaning policies (``clean``), returns per-user counts and the
-   validation/test items, and per-item training counts.
-3. driver: ``user_idx`` (users sorted by id), ``item_idx`` (items sorted by id, 1..M), activeness,
-   strata (``strata``), unseen-item policy, and every sample_id offset, so sample ids are
-   deterministic and contiguous whatever the number of buckets.
-4. samples (one task per bucket): leave-one-out rows, windows and negatives (``samples``).
+   the rows into ``num_buckets`` user buckets by a stable hash of the user id (crc32 into
+   ``HASH_SLOTS`` slots, a contiguous run of slots per bucket), keeping source order inside each
+   bucket. This replaces a hash shuffle (slow on small machines, ray-notes.md) and keeps every
+   user whole in one bucket.
+2. clean (one task per bucket): cleaning policies (``clean``); writes the bucket's rows and its
+   users in user_idx order (hash slot, then id), returns counts, the bucket's activeness histogram
+   and its per-item training counts (summed on the driver as they arrive).
+3. driver: ``item_idx`` (items sorted by id, 1..M), strata from the activeness histogram
+   (``strata.stratum_histograms``: exact, with prepare's tie-break), and each bucket's first
+   user_idx and sample ids. Users are numbered bucket after bucket, so user_idx = the bucket's
+   first + the rank inside the bucket, the same for any ``num_buckets`` (prepared format 2; format 1
+   numbered users by id, which needed every user on the driver). When some item appears only as a
+   validation/test target, one small task round counts those rows per bucket (``unseen``).
+4. samples (one task per bucket): the bucket's strata (global ranks from the driver's offsets),
+   leave-one-out rows, windows and negatives (``samples``), and its rows of ``users.parquet``,
+   which the driver concatenates one bucket at a time.
+
+Scratch files of a bucket are deleted as soon as its result is kept (``run_tasks(keep=...)``), so
+scratch disk is about one uncompressed copy of the log at its peak.
 
 Memory of one task is about the size of one bucket (rows / num_buckets); raise ``num_buckets`` for
-larger logs. Outputs are written to a local (or shared) filesystem path.
+larger logs (the benchmarks use about 1.25 M rows per bucket). Outputs are written to a local (or
+shared) filesystem path.
 
 Why Ray tasks rather than a Ray Data ``read_parquet().map_batches()`` chain: the tie-break of equal
 timestamps is the source order, and Ray Data's blocks do not carry a row's position in its file;
@@ -53,12 +64,14 @@ import pyarrow.parquet as pq
 from ray_pinet.config_base import ConfigError, to_dict
 from ray_pinet.data.clean import STAT_KEYS, MixedScale, clean_bucket, per_user
 from ray_pinet.data.config import PrepareConfig
+from ray_pinet.data.prepared import PREPARED_FORMAT
+from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
 from ray_pinet.data.samples import SampleMaps, build_samples, num_windows
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
 from ray_pinet.data.sources import (FileStats, display_name, first_row, output_columns, read_file,
                                     resolve_inputs)
-from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
-from ray_pinet.data.strata import assign_strata, format_strata_table, strata_stats
+from ray_pinet.data.strata import (first_ranks, format_strata_table, ranks_in_bucket, stats_from_histograms,
+                                   stratum_histograms, stratum_of)
 from ray_pinet.errors import DataError
 from ray_pinet.outputs import atomic_path, refuse_foreign, refuse_input_inside, resumable_dir
 
@@ -68,6 +81,10 @@ CANONICAL_PART_ROWS = 4 << 20
 # dictionary) is 2.7x faster to write and 2x faster to read than pyarrow's default (snappy +
 # dictionary) on the synthetic benchmark log, for 2.7x the bytes (BENCHMARKS.md).
 SCRATCH_PARQUET = {"compression": "none", "use_dictionary": False}
+_WORK_DIRS = ("buckets", "clean", "users", "users_out", "done")
+# Users are hashed into this many slots, and bucket b holds a contiguous run of slots: numbering
+# users by (slot, id) bucket after bucket gives the same user_idx for any num_buckets <= this.
+HASH_SLOTS = 1 << 16
 _OUTPUTS = ("canonical", *SPLITS, "users.parquet", "items.parquet", "strata.json", "report.json",
             "prepare_config.json", "_work")
 _DROPPED = ("partitions.json",)  # written into a prepared folder by retrain; see prepare()
@@ -124,7 +141,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         # records the real one.
         tcfg = dataclasses.replace(cfg, output=str(tmp))
         work, done = tmp / "_work", tmp / "_work" / "done"
-        for d in ("canonical", *SPLITS, "_work/buckets", "_work/clean", "_work/done"):
+        for d in ("canonical", *SPLITS, *(f"_work/{w}" for w in _WORK_DIRS)):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
@@ -138,28 +155,52 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
 
         buckets = range(cfg.num_buckets)
+        item_counts = _ItemCounts()
+
+        def fold(b: int, summary: _CleanedSummary) -> _CleanedSummary:
+            # A finished bucket's scratch input is deleted at once (a rerun loads its kept result
+            # and never reads it): scratch disk stays about one copy of the log, not two.
+            item_counts.add(summary.items)
+            shutil.rmtree(work / "buckets" / f"{b:04d}", ignore_errors=True)
+            return dataclasses.replace(summary, items=None)
+
         cleaned = run_tasks(_clean_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
-                            progress, tasks, done)
+                            progress, tasks, done, keep=fold)
         timings["clean"], t = time.perf_counter() - t, time.perf_counter()
 
-        plan = _plan(cfg, cleaned)
-        maps_refs = [ray.put(m) for m in plan.maps]
-        items_ref = ray.put(plan.item_ids)
-        _write_parquet(plan.users, tmp / "users.parquet")
+        items = item_counts.table()
+        unseen_ids = pc.filter(items[ITEM], pc.equal(items["count"], 0)).combine_chunks()
+        unseen_counts = [(0, 0)] * cfg.num_buckets
+        if len(unseen_ids):  # one small round over the users files; most logs skip it
+            unseen_ref = ray.put(unseen_ids)
+            unseen_counts = run_tasks(_count_unseen, [(b, tcfg, unseen_ref) for b in buckets], "unseen",
+                                      progress, tasks, done)
+            del unseen_ref
+        plan = _plan(cfg, cleaned, items, unseen_counts)
         _write_parquet(plan.items, tmp / "items.parquet")
         timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
 
-        sample_args = [(b, tcfg, maps_refs[b], items_ref) for b in buckets]
-        written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks, done)
+        items_ref = ray.put(plan.item_ids)
+        drop_ref = ray.put(unseen_ids) if cfg.clean.unseen_items == "drop" and len(unseen_ids) else None
+
+        def drop_scratch(b: int, written: dict) -> dict:
+            for name in ("clean", "users"):
+                (work / name / f"{b:04d}.parquet").unlink(missing_ok=True)
+            return written
+
+        sample_args = [(b, tcfg, plan.buckets[b], items_ref, drop_ref) for b in buckets]
+        written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks, done, keep=drop_scratch)
+        _concat_parquet([work / "users_out" / f"{b:04d}.parquet" for b in buckets], tmp / "users.parquet")
         timings["samples"] = time.perf_counter() - t
-        del maps_refs, items_ref, sample_args
+        del items_ref, drop_ref, sample_args
         shutil.rmtree(work)  # only now: a run that stops keeps it for the next to resume from
 
         counts = {s: sum(w[s] for w in written) for s in SPLITS}
         expected = {"train": plan.train_rows, "valid": plan.valid_rows, "test": plan.test_rows}
         if counts != expected:
             raise RuntimeError(f"internal error: wrote {counts} rows, planned {expected}")
-        report = _report(cfg, ingested, cleaned, plan, counts, timings)
+        report = {"prepared_format": PREPARED_FORMAT,
+                  **_report(cfg, ingested, cleaned, plan, counts, timings)}
         report["source"]["skipped_paths"] = notes
         report["tasks"] = tasks
         (tmp / "strata.json").write_text(json.dumps(plan.strata, indent=2))
@@ -173,8 +214,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
 def _validate(cfg: PrepareConfig) -> None:
     for part in (cfg.source, cfg.clean, cfg.strata, cfg.samples):
         part.validate()
-    if cfg.num_buckets < 1:
-        raise ConfigError(f"num_buckets must be >= 1, got {cfg.num_buckets}")
+    if not 1 <= cfg.num_buckets <= HASH_SLOTS:
+        raise ConfigError(f"num_buckets must be in 1..{HASH_SLOTS}, got {cfg.num_buckets}")
     cols = output_columns(cfg.source)
     for key, used, col in (("clean.min_rating", cfg.clean.min_rating is not None, RATING),
                            ("source.behaviors", bool(cfg.source.behaviors), BEHAVIOR)):
@@ -213,9 +254,15 @@ def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def user_slot(user_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Stable hash slot of each user id: ``crc32(utf-8 id) % HASH_SLOTS`` (same in every process)."""
+    return per_user(user_ids, lambda uid: zlib.crc32(uid.encode()) % HASH_SLOTS, np.int64)
+
+
 def bucket_of(user_ids: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
-    """Stable bucket of each user id: ``crc32(utf-8 id) % num_buckets`` (same in every process)."""
-    return per_user(user_ids, lambda uid: zlib.crc32(uid.encode()) % num_buckets, np.int64)
+    """Bucket of each user id: bucket b holds a contiguous run of hash slots, so numbering users
+    bucket by bucket, by (slot, id) inside each, gives one order whatever ``num_buckets`` is."""
+    return user_slot(user_ids) * num_buckets // HASH_SLOTS
 
 
 def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[str]) -> dict:
@@ -257,7 +304,10 @@ def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[st
 
 
 def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: list[str],
-                  fs=None) -> tuple[pa.Table, pa.Table, dict]:
+                  fs=None) -> "_CleanedSummary":
+    """Clean bucket ``b``; writes its rows (``_work/clean``) and its users in user_idx order
+    (``_work/users``: by hash slot, then id) and returns only what the driver needs to number
+    and stratify them: counts, the activeness histogram and the per-item training counts."""
     work = Path(cfg.output) / "_work"
     paths = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
     schema = pa.schema([(c, {RATING: pa.float64(), TS: pa.int64()}.get(c, pa.string())) for c in bucket_cols])
@@ -273,8 +323,56 @@ def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: lis
         source = int(paths[k].stem.split("-")[1])  # part-<input file index>.parquet
         user = table[USER][exc.position].as_py()
         raise _locate(exc, fs, files[source], cfg, user) from None
+    del table, parts
+    users = res.users.append_column("slot", pa.array(user_slot(res.users[USER]), pa.int64()))
+    users = users.sort_by([("slot", "ascending"), (USER, "ascending")]).drop_columns(["slot"])
+    activeness = users["n"].to_numpy() - 2
+    values, counts = np.unique(activeness, return_counts=True)
+    windows = num_windows(activeness, cfg.samples.max_len, cfg.samples.window)
+    targets = np.minimum(activeness - 1, cfg.samples.max_len if cfg.samples.window == "last" else activeness)
     _write_parquet(res.rows, work / "clean" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
-    return res.users, res.items, res.stats
+    _write_parquet(users, work / "users" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
+    return _CleanedSummary(
+        users=users.num_rows, activeness_values=values, activeness_counts=counts,
+        train_rows=int(windows.sum()), train_targets=int(np.maximum(targets, 0).sum()),
+        no_target_users=int((activeness < 2).sum()), items=res.items, stats=res.stats,
+    )
+
+
+@dataclass
+class _CleanedSummary:
+    """A cleaned bucket as the driver sees it: O(distinct activeness values + items), no per-user table."""
+
+    users: int
+    activeness_values: np.ndarray  # ascending, distinct
+    activeness_counts: np.ndarray
+    train_rows: int  # training windows
+    train_targets: int
+    no_target_users: int
+    items: pa.Table | None  # item_id, count (training events); None once folded into _ItemCounts
+    stats: dict
+
+
+class _ItemCounts:
+    """Per-item training counts summed over buckets as their results arrive: the driver holds
+    O(items x a few buckets), not one table per bucket."""
+
+    FOLD = 16
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Table] = []
+
+    def add(self, items: pa.Table) -> None:
+        self.parts.append(items)
+        if len(self.parts) >= self.FOLD:
+            self.parts = [self._sum()]
+
+    def _sum(self) -> pa.Table:
+        t = pa.concat_tables(self.parts).group_by(ITEM).aggregate([("count", "sum")])
+        return t.rename_columns([ITEM, "count"])
+
+    def table(self) -> pa.Table:
+        return self._sum().sort_by(ITEM)
 
 
 def _locate(exc: MixedScale, fs, path: str, cfg: PrepareConfig, user: str) -> DataError:
@@ -297,13 +395,27 @@ def _locate(exc: MixedScale, fs, path: str, cfg: PrepareConfig, user: str) -> Da
 
 
 @dataclass
+class _BucketPlan:
+    """What samples task b gets from the driver: where its users' numbers start, and the global
+    rank of the first of its users of each activeness value (for the strata). No per-user data."""
+
+    num_users: int  # all users, for the strata rule
+    user_first: int  # user_idx of the bucket's first user
+    train_first: int  # first training sample_id
+    valid_first: int
+    test_first: int
+    activeness_values: np.ndarray
+    first_rank: np.ndarray
+
+
+@dataclass
 class _Plan:
-    users: pa.Table
     items: pa.Table
-    maps: list[SampleMaps]  # one per bucket
     item_ids: pa.Array  # sorted; position + 1 = item_idx
+    buckets: list[_BucketPlan]
     strata: dict
     unseen: dict
+    users: int
     train_rows: int
     valid_rows: int
     test_rows: int
@@ -311,77 +423,74 @@ class _Plan:
     no_target_users: int
 
 
-def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
-    users = pa.concat_tables([c[0] for c in cleaned])
-    bucket = np.repeat(np.arange(len(cleaned)), [c[0].num_rows for c in cleaned])
-    by_id = pc.sort_indices(users, sort_keys=[(USER, "ascending")])
-    users, bucket = users.take(by_id), bucket[by_id.to_numpy()]
-    if users.num_rows == 0:
+def _plan(cfg: PrepareConfig, cleaned: list[_CleanedSummary], items: pa.Table,
+          unseen_counts: list[tuple[int, int]]) -> _Plan:
+    """Numbers, strata and sample-id offsets from per-bucket summaries: O(buckets x distinct
+    activeness values + items) on the driver, nothing per user.
+
+    Users are numbered bucket by bucket (bucket-major, each bucket by hash slot then id, see
+    ``bucket_of``), items by id; sample ids are contiguous per split in user_idx order."""
+    n_users = np.array([c.users for c in cleaned], dtype=np.int64)
+    if n_users.sum() == 0:
         raise ConfigError(
             f"no user is left after cleaning (min_history={cfg.clean.min_history}, "
             f"duplicates={cfg.clean.duplicates}, min_rating={cfg.clean.min_rating}, "
             f"behaviors={cfg.source.behaviors}, sample_users={cfg.clean.sample_users})"
         )
-    items = pa.concat_tables([c[1] for c in cleaned]).group_by(ITEM).aggregate([("count", "sum")])
-    items = items.rename_columns([ITEM, "count"]).sort_by(ITEM)
-    n_items = items.num_rows
-    n = users["n"].to_numpy()
-    activeness = n - 2
-    strata = assign_strata(activeness, cfg.strata)
-    stats = strata_stats(activeness, strata, cfg.strata)
+    values = [c.activeness_values for c in cleaned]
+    counts = [c.activeness_counts for c in cleaned]
+    allv = np.unique(np.concatenate(values))
+    total = np.zeros(len(allv), dtype=np.int64)
+    for v, c in zip(values, counts):
+        np.add.at(total, np.searchsorted(allv, v), c)
+    stats = stats_from_histograms(stratum_histograms(allv, total, cfg.strata), cfg.strata)
+    firsts = first_ranks(values, counts)
 
-    trained = pc.filter(items[ITEM], pc.greater(items["count"], 0))
-    keep: dict[str, np.ndarray] = {}
-    unseen: dict[str, Any] = {"setting": cfg.clean.unseen_items}
-    for split, col in (("valid", "valid_item"), ("test", "test_item")):
-        is_unseen = ~pc.is_in(users[col], value_set=trained).to_numpy(zero_copy_only=False)
-        unseen[f"{split}_rows_unseen"] = int(is_unseen.sum())
-        keep[split] = ~is_unseen if cfg.clean.unseen_items == "drop" else np.ones(len(n), dtype=bool)
-        unseen[f"removed_{split}_rows"] = int((~keep[split]).sum())
+    drop = cfg.clean.unseen_items == "drop"
+    unseen_v = np.array([u[0] for u in unseen_counts], dtype=np.int64)
+    unseen_t = np.array([u[1] for u in unseen_counts], dtype=np.int64)
+    unseen = {"setting": cfg.clean.unseen_items,
+              "valid_rows_unseen": int(unseen_v.sum()), "test_rows_unseen": int(unseen_t.sum()),
+              "removed_valid_rows": int(unseen_v.sum()) if drop else 0,
+              "removed_test_rows": int(unseen_t.sum()) if drop else 0}
+    kept_v, kept_t = (n_users - unseen_v, n_users - unseen_t) if drop else (n_users, n_users)
+    train = np.array([c.train_rows for c in cleaned], dtype=np.int64)
 
-    windows = num_windows(activeness, cfg.samples.max_len, cfg.samples.window)
-    ids = {s: np.where(keep[s], np.cumsum(keep[s]) - 1, -1) for s in ("valid", "test")}
-    train_first = np.cumsum(windows) - windows
-    user_ids, item_ids = users[USER].combine_chunks(), items[ITEM].combine_chunks()
-    # One stable sort splits the users by bucket (each part in ascending user_idx, i.e. by id),
-    # instead of one scan of every user per bucket.
-    by_bucket = np.argsort(bucket, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(bucket, minlength=len(cleaned)))]
-    maps = []
-    for b in range(len(cleaned)):
-        mine = by_bucket[bounds[b] : bounds[b + 1]]
-        maps.append(SampleMaps(user_ids=user_ids.take(pa.array(mine)), user_idx=mine, stratum=strata[mine],
-                               train_first=train_first[mine], valid_id=ids["valid"][mine],
-                               test_id=ids["test"][mine]))
-    targets = np.minimum(activeness - 1, cfg.samples.max_len if cfg.samples.window == "last" else activeness)
-    users_out = pa.table(
-        {
-            "user_idx": pa.array(np.arange(len(n)), pa.int64()),
-            USER: users[USER],
-            "activeness": pa.array(activeness, pa.int64()),
-            "stratum": pa.array(strata, pa.int8()),
-        }
-    )
+    def first(x: np.ndarray) -> np.ndarray:
+        return np.cumsum(x) - x
+
+    u0, t0, v0, s0 = first(n_users), first(train), first(kept_v), first(kept_t)
+    num = int(n_users.sum())
+    plans = [_BucketPlan(num, int(u0[b]), int(t0[b]), int(v0[b]), int(s0[b]), values[b], firsts[b])
+             for b in range(len(cleaned))]
     items_out = pa.table(
         {
-            "item_idx": pa.array(np.arange(1, n_items + 1), pa.int32()),
+            "item_idx": pa.array(np.arange(1, items.num_rows + 1), pa.int32()),
             ITEM: items[ITEM],
             "count": items["count"],
         }
     )
     return _Plan(
-        users=users_out,
         items=items_out,
-        maps=maps,
-        item_ids=item_ids,
+        item_ids=items[ITEM].combine_chunks(),
+        buckets=plans,
         strata=stats,
         unseen=unseen,
-        train_rows=int(windows.sum()),
-        valid_rows=int(keep["valid"].sum()),
-        test_rows=int(keep["test"].sum()),
-        train_targets=int(np.maximum(targets, 0).sum()),
-        no_target_users=int((activeness < 2).sum()),
+        users=num,
+        train_rows=int(train.sum()),
+        valid_rows=int(kept_v.sum()),
+        test_rows=int(kept_t.sum()),
+        train_targets=sum(c.train_targets for c in cleaned),
+        no_target_users=sum(c.no_target_users for c in cleaned),
     )
+
+
+def _count_unseen(b: int, cfg: PrepareConfig, unseen_ids: pa.Array) -> tuple[int, int]:
+    """Bucket b's users whose validation / test item was never trained on."""
+    users = pq.read_table(Path(cfg.output) / "_work" / "users" / f"{b:04d}.parquet",
+                          columns=["valid_item", "test_item"])
+    return tuple(int(pc.sum(pc.is_in(users[c], value_set=unseen_ids)).as_py() or 0)
+                 for c in ("valid_item", "test_item"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,13 +498,48 @@ def _plan(cfg: PrepareConfig, cleaned: list) -> _Plan:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps, item_ids: pa.Array) -> dict[str, int]:
-    out = Path(cfg.output)
-    rows = pq.read_table(out / "_work" / "clean" / f"{b:04d}.parquet")
+def _sample_bucket(b: int, cfg: PrepareConfig, plan: _BucketPlan, item_ids: pa.Array,
+                   drop_ids: pa.Array | None) -> dict[str, int]:
+    """Bucket b's samples (train/valid/test parts) and its rows of users.parquet (``_work/users_out``).
+    ``drop_ids``: items never trained on, whose evaluation rows are dropped (unseen_items=drop)."""
+    out, work = Path(cfg.output), Path(cfg.output) / "_work"
+    rows = pq.read_table(work / "clean" / f"{b:04d}.parquet")
+    users = pq.read_table(work / "users" / f"{b:04d}.parquet")
+    a = users["n"].to_numpy() - 2
+    strata = stratum_of(a, ranks_in_bucket(a, plan.activeness_values, plan.first_rank), plan.num_users,
+                        cfg.strata)
+    windows = num_windows(a, cfg.samples.max_len, cfg.samples.window)
+    ids = {}
+    for split, col, first in (("valid", "valid_item", plan.valid_first),
+                              ("test", "test_item", plan.test_first)):
+        keep = (np.ones(len(a), dtype=bool) if drop_ids is None
+                else ~pc.is_in(users[col], value_set=drop_ids).to_numpy(zero_copy_only=False))
+        ids[split] = np.where(keep, first + np.cumsum(keep) - 1, -1)
+    user_idx = plan.user_first + np.arange(len(a), dtype=np.int64)
+    maps = SampleMaps(user_ids=users[USER].combine_chunks(), user_idx=user_idx, stratum=strata,
+                      train_first=plan.train_first + np.cumsum(windows) - windows,
+                      valid_id=ids["valid"], test_id=ids["test"])
     tables = build_samples(rows, maps, item_ids, cfg.samples, cfg.seed)
     for split, table in tables.items():
         _write_parquet(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
+    _write_parquet(pa.table({"user_idx": pa.array(user_idx, pa.int64()), USER: users[USER],
+                             "activeness": pa.array(a, pa.int64()), "stratum": pa.array(strata, pa.int8())}),
+                   work / "users_out" / f"{b:04d}.parquet")
     return {split: t.num_rows for split, t in tables.items()}
+
+
+def _concat_parquet(parts: list[Path], path: Path) -> None:
+    """One Parquet file of ``parts`` in order, read one at a time (the driver never holds more)."""
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +548,7 @@ def _sample_bucket(b: int, cfg: PrepareConfig, maps: SampleMaps, item_ids: pa.Ar
 
 
 def _report(cfg, ingested, cleaned, plan: _Plan, counts, timings) -> dict[str, Any]:
-    s = {k: sum(c[2][k] for c in cleaned) for k in STAT_KEYS}
+    s = {k: sum(c.stats[k] for c in cleaned) for k in STAT_KEYS}
     removed = (
         s["removed_sample_users_rows"] + s["removed_behaviors_rows"] + s["removed_min_rating_rows"]
         + s["removed_duplicates"] + s["removed_min_history_rows"]

@@ -22,6 +22,10 @@ import pyarrow.parquet as pq
 from ray_pinet.errors import DataError
 
 SPLITS = ("train", "valid", "test")
+# The prepared-data contract's version, ``report.json["prepared_format"]`` (docs/design.md).
+# 2: user_idx numbers users bucket by bucket in (hash slot, id) order and the strata break ties by
+# it. 1 (no field): user_idx in id order. A folder of another version is refused, never mixed in.
+PREPARED_FORMAT = 2
 VIEW_FILE = "restratified.json"  # marks a restratified view; names the base folder
 # The users.parquet columns a view shares with its base (only ``stratum`` is its own).
 VIEW_SHARED_USER_COLUMNS = ("user_idx", "user_id", "activeness")
@@ -48,6 +52,24 @@ class PreparedMeta:
         return sorted(str(p) for p in (self.path / split).glob("part-*.parquet"))
 
 
+def check_format(path: str | Path) -> None:
+    """DataError unless ``path`` holds prepared data of this version of the contract
+    (``PREPARED_FORMAT``), naming the file, the field and the version found."""
+    report = Path(path) / "report.json"
+    try:
+        found = json.loads(report.read_text()).get("prepared_format", 1)
+    except FileNotFoundError:
+        raise DataError("not a prepared directory (run `ray-pinet prepare`)", file=str(report)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise DataError(f"unreadable ({exc!r}): prepare the folder again", file=str(report)) from None
+    if found != PREPARED_FORMAT:
+        raise DataError(
+            f"prepared data of format {found}, this ray-pinet reads format {PREPARED_FORMAT} (format 2 "
+            "numbers users bucket by bucket, format 1 by id; models and results of one do not carry "
+            "over to the other): run `ray-pinet prepare` for this folder again",
+            file=str(report), column="prepared_format", value=found)
+
+
 def load_meta(path: str | Path) -> PreparedMeta:
     """Metadata of a prepared directory; DataError naming the file when a part is missing."""
     root = Path(path)
@@ -55,6 +77,7 @@ def load_meta(path: str | Path) -> PreparedMeta:
     for name in needed:
         if not (root / name).exists():
             raise DataError("not a prepared directory (run `ray-pinet prepare`)", file=str(root / name))
+    check_format(root)
     strata = json.loads((root / "strata.json").read_text())
     config = json.loads((root / "prepare_config.json").read_text())
     samples = config["samples"]

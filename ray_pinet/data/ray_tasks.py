@@ -49,7 +49,7 @@ def _run_one(fn: Callable, done: Path | None, key: str, *args) -> tuple[Any, flo
 
 def run_tasks(
     fn: Callable, arg_list: list[tuple], desc: str, progress: bool, timing: dict | None = None,
-    done: Path | None = None,
+    done: Path | None = None, keep: Callable[[int, Any], Any] | None = None,
 ) -> list:
     """``fn(*args)`` as one 1-CPU Ray task per element; results in input order.
 
@@ -65,6 +65,11 @@ def run_tasks(
     ``timing`` (optional) gets ``{desc: {"tasks", "task_wall_s_sum", "task_wall_s_max",
     "task_cpu_s_sum"}}`` over the tasks run, and with ``done`` also ``"reused"`` (results
     loaded) and ``"retried"`` (attempts beyond the first, i.e. after a worker died).
+
+    ``keep`` (optional): ``keep(i, result)`` is called as each result arrives (or is loaded), in
+    no particular order, and its return value is kept instead of the result: a caller folds large
+    results as they come (the driver then never holds all of them), or deletes task ``i``'s inputs,
+    which no rerun needs once its result is kept in ``done``.
     """
     import ray
     from ray.exceptions import RayTaskError
@@ -78,7 +83,7 @@ def run_tasks(
         (done / "attempts").mkdir(parents=True, exist_ok=True)
         for stale in (done / "attempts").glob(f"{desc}-*"):  # counts are of this run only
             stale.unlink()
-        todo = [i for i in todo if not _load(done / f"{keys[i]}.pkl", results, i)]
+        todo = [i for i in todo if not _load(done / f"{keys[i]}.pkl", results, i, keep)]
     # "DEFAULT" scheduling: inside a Tune trial the caller runs in the trial's placement group,
     # whose tiny bundle would otherwise capture (and refuse) these 1-CPU tasks.
     remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False,
@@ -92,7 +97,9 @@ def run_tasks(
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             try:
-                results[where[ready[0]]] = ray.get(ready[0])
+                i = where[ready[0]]
+                out, wall, cpu = ray.get(ready[0])
+                results[i] = (keep(i, out) if keep else out, wall, cpu)
             except Exception as exc:  # a task's own error, or a worker lost beyond its retries
                 _cancel(pending)
                 cause = getattr(exc, "cause", None)
@@ -114,12 +121,13 @@ def run_tasks(
     return [r[0] for r in results]
 
 
-def _load(path: Path, results: list, i: int) -> bool:
+def _load(path: Path, results: list, i: int, keep: Callable | None) -> bool:
     """Put the kept result at ``path`` into ``results[i]``; False when there is none."""
     try:
-        results[i] = (pickle.loads(path.read_bytes()), None, None)
+        out = pickle.loads(path.read_bytes())
     except FileNotFoundError:
         return False
+    results[i] = (keep(i, out) if keep else out, None, None)
     return True
 
 

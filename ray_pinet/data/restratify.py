@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ray_pinet.config_base import ConfigError, to_dict
 from ray_pinet.data.config import StrataConfig
-from ray_pinet.data.prepared import VIEW_FILE, by_user_idx, view_base
+from ray_pinet.data.prepared import VIEW_FILE, by_user_idx, check_format, view_base
 from ray_pinet.data.strata import assign_strata, strata_stats
 from ray_pinet.errors import DataError
 from ray_pinet.outputs import replaced_dir
@@ -51,6 +51,7 @@ def restratify(base: str | Path, strata: StrataConfig, output: str | Path) -> di
         if not (base / name).exists():
             raise DataError("not a complete prepared folder: nothing to restratify (run `ray-pinet "
                             "prepare` first)", file=str(base / name))
+    check_format(base)
     out = Path(output)
     out_abs, base_abs = out.parent.resolve() / out.name, base.resolve()
     if out_abs == base_abs or base_abs.is_relative_to(out_abs) or out_abs.is_relative_to(base_abs):

@@ -253,6 +253,12 @@ def _hidden(p: str, root: str) -> bool:
 
 
 def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    from ray_pinet import storage_uri
+
+    if storage_uri.scheme(uri) in ("s3", "s3a", "file") and not any(c in uri for c in _GLOB_CHARS):
+        # s3: endpoint and credentials from the environment, written into the filesystem that the
+        # ingest tasks receive (storage_uri.filesystem_for)
+        return storage_uri.filesystem_for(uri)
     if not any(c in uri for c in _GLOB_CHARS):
         try:
             return pafs.FileSystem.from_uri(uri)

@@ -116,6 +116,12 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     if base.run.init_from or base.run.warm_start:
         raise ConfigError("retrain chooses the warm start itself (--checkpoint or the registered "
                           "version): leave run.init_from / run.warm_start unset")
+    from ray_pinet.storage_uri import is_remote
+
+    if is_remote(base.run.storage_path):  # never Path-resolved: it would become <cwd>/s3:/...
+        raise ConfigError(f"run.storage_path={base.run.storage_path!r}: retrain writes its drift reports and "
+                          "warm-start weights under run.storage_path, which must be a local (or mounted) "
+                          "path; object-storage URIs are for prepare, train and twotower")
     storage = Path(base.run.storage_path).expanduser().resolve()
     uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, str(storage))
 

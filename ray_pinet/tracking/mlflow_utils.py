@@ -45,7 +45,12 @@ def resolve_tracking_uri(explicit: Optional[str], storage_path: str) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = Path(storage_path).expanduser().resolve()
+    from ray_pinet import storage_uri
+
+    # SQLite cannot live in object storage: with a URI storage_path the default store is the
+    # default storage_path's own, runs/mlflow.db under the working directory (README "Object storage").
+    root = Path("runs" if storage_uri.is_remote(storage_path) else storage_uri.local_path(storage_path))
+    root = root.expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 

@@ -26,6 +26,7 @@ from ray_pinet.config import TrainConfig
 from ray_pinet.data.prepared import read_split
 from ray_pinet.evaluation.protocol import evaluate, slice_names
 from ray_pinet.models.ensemble import StratumEnsemble
+from ray_pinet.storage_uri import local_or_uri
 from ray_pinet.training.batches import EvalRows
 
 
@@ -74,7 +75,7 @@ def fit_per_stratum(
     meta = load_run_meta(path)
     K = meta.num_strata
     names = slice_names(K)[:K]
-    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    storage = local_or_uri(cfg.run.storage_path)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = mu.resolve_tracking_uri(cfg.tracking.tracking_uri, storage)

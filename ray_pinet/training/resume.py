@@ -21,6 +21,7 @@ the run starts from scratch, in a new MLflow run.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -104,7 +105,25 @@ def check_resume(config_cls, cfg, storage: str, load_checkpoint_config: Callable
 
     ``load_checkpoint_config(checkpoint_dir)`` gives the config stored with a checkpoint;
     ``extra(checkpoint_dir)`` further (key, old, new) differences (e.g. of the data's sizes).
-    With ``fresh`` the run folder is moved aside first and None is returned."""
+    With ``fresh`` the run folder is moved aside first and None is returned. A remote
+    ``storage`` (a URI): the same check on a local copy of what it reads (``storage_uri.mirror_run``),
+    errors naming the remote run folder; the checkpoint's URI is returned."""
+    from ray_pinet import storage_uri
+
+    if storage_uri.is_remote(storage):
+        run_uri = storage_uri.join(storage, cfg.run.name)
+        if fresh:
+            kept = storage_uri.move_aside(run_uri)
+            if kept is not None:
+                say(f"--fresh: run {cfg.run.name!r} starts anew; its previous folder is kept as {kept}")
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            storage_uri.mirror_run(run_uri, Path(tmp) / cfg.run.name, SNAPSHOT)
+            try:
+                ckpt = check_resume(config_cls, cfg, tmp, load_checkpoint_config, extra=extra, say=say)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace(str(Path(tmp) / cfg.run.name), run_uri)) from None
+            return None if ckpt is None else storage_uri.join(run_uri, ckpt.name)
     run_dir = Path(storage) / cfg.run.name
     if fresh:
         kept = move_aside(run_dir)

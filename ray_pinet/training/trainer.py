@@ -21,6 +21,7 @@ from ray_pinet.config import TrainConfig
 from ray_pinet.config_base import to_dict
 from ray_pinet.evaluation.protocol import slice_names
 from ray_pinet.local_ray import start_ray
+from ray_pinet.storage_uri import check_reachable, local_or_uri, run_storage, same_place, uri_of
 from ray_pinet.training.engine import RunMeta
 from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, load_state, train_func
 
@@ -70,11 +71,29 @@ def ensure_prepared(cfg: TrainConfig, progress: bool = True) -> Path:
     output is refused with what it lacks, and with ``data.prepare`` set, data prepared with other
     settings (any key but ``PREPARE_FREE``) is refused with the differing keys, as ``twotower``
     refuses stale pair data."""
+    from ray_pinet import storage_uri
     from ray_pinet.config_base import ConfigError, config_diff, format_diff, from_dict
     from ray_pinet.data.config import PrepareConfig
     from ray_pinet.errors import DataError
 
-    path = Path(cfg.data.path)
+    if storage_uri.is_remote(cfg.data.path):
+        # A remote folder is prepared (uploaded) when empty, then read from a local copy that
+        # is checked like a local folder (docs/design.md "Object storage").
+        uri = storage_uri.local_or_uri(cfg.data.path)
+        if not storage_uri.has_files(uri, "data.path"):
+            if not cfg.data.prepare:
+                raise ConfigError(f"data.path={uri!r}: no prepared data there: run `ray-pinet prepare` "
+                                  "first, or set data.prepare to a prepare config so that train prepares it")
+            storage_uri.prepare_output(_prepare_config_of(cfg, uri), progress=progress)
+        local = storage_uri.local_copy(uri, "data.path")
+        try:
+            return ensure_prepared(replace(cfg, data=replace(cfg.data, path=str(local))), progress)
+        except DataError as exc:  # errors name the URI, not its local copy
+            raise DataError(exc.reason.replace(str(local), uri), file=(exc.file or "").replace(str(local), uri),
+                            column=exc.column, row=exc.row, value=exc.value) from None
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(str(local), uri), key=exc.key) from None
+    path = Path(storage_uri.local_path(cfg.data.path))
     if not path.is_dir() or not any(path.iterdir()):
         if not cfg.data.prepare:
             raise ConfigError(f"data.path={str(path)!r}: no prepared data there: run `ray-pinet prepare` "
@@ -121,8 +140,10 @@ def _read_json(path: Path) -> dict:
 
 
 def load_run_meta(path: Path) -> RunMeta:
+    from ray_pinet.data.prepared import check_format
     from ray_pinet.errors import DataError
 
+    check_format(path)
     strata = _read_json(path / "strata.json")
     pconf = _read_json(path / "prepare_config.json")
     try:
@@ -212,18 +233,18 @@ def read_splits(path: Path) -> dict:
 def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> None:
     """run.init_from / run.warm_start must be a finished checkpoint of the same model on the
     same data."""
+    from ray_pinet import storage_uri
     from ray_pinet.config_base import ConfigError
 
     where = getattr(cfg.run, key)
-    state = Path(where) / STATE_FILE
-    if not state.exists():
+    if not storage_uri.exists(storage_uri.join(where, STATE_FILE), f"run.{key}"):
         raise ConfigError(f"run.{key}={where!r}: no {STATE_FILE} there (a checkpoint directory of a "
                           "finished run holds one)")
     snap = load_state(where)
     other = TrainConfig.from_dict(snap["config"])
     if other.model != cfg.model:
         raise ConfigError(f"run.{key}={where!r} holds model {other.model}, this run has {cfg.model}")
-    if Path(other.data.path).resolve() != Path(cfg.data.path).resolve() or snap["meta"]["num_items"] != meta.num_items:
+    if not same_place(other.data.path, cfg.data.path) or snap["meta"]["num_items"] != meta.num_items:
         raise ConfigError(f"run.{key}={where!r} was trained on {other.data.path}, "
                           f"this run reads {cfg.data.path}")
     if snap["engine"].get("stage", 1) != 3:
@@ -234,7 +255,7 @@ def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> 
 def absolute_checkpoint_paths(cfg: TrainConfig) -> TrainConfig:
     """``run.init_from`` / ``run.warm_start`` as absolute paths: the driver checks them relative
     to its working directory, but Ray Train workers run in directories of their own."""
-    paths = {k: str(Path(v).expanduser().resolve()) for k in ("init_from", "warm_start")
+    paths = {k: local_or_uri(v) for k in ("init_from", "warm_start")
              if (v := getattr(cfg.run, k))}
     return replace(cfg, run=replace(cfg.run, **paths)) if paths else cfg
 
@@ -275,7 +296,8 @@ def fit(
         check_init_from(cfg, meta)
     if cfg.run.warm_start:
         check_init_from(cfg, meta, "warm_start")
-    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    storage = local_or_uri(cfg.run.storage_path)
+    check_reachable(storage, "run.storage_path")
     _check_resume(cfg, meta, storage, fresh)
     if not ray.is_initialized():
         start_ray()
@@ -293,7 +315,7 @@ def fit(
         snap = load_state(d)
     history = snap["engine"]["history"]
     final = {k: v for k, v in history[-1].items() if k != "step"}
-    out = FitResult(cfg, final, history, ckpt.path, run_id, uri, meta=meta)
+    out = FitResult(cfg, final, history, uri_of(ckpt.filesystem, ckpt.path), run_id, uri, meta=meta)
     if uri and run_id:
         out.model_uri = _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id)
         mu.finish_run(uri, run_id)
@@ -362,7 +384,7 @@ def torch_trainer(train_loop, loop_config: dict, run, storage: str, callbacks: O
                                  timeout_s=run.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run.name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2),
+        run_config=RunConfig(name=run.name, **run_storage(storage), checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              callbacks=callbacks or None),
         **data,
@@ -449,7 +471,7 @@ def reuse_joint(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_data: O
     (``cfg.run.init_from`` is set in place, unless ``retrain_stage1``); ``finetune`` fine-tunes
     it (returned, for ``fit``'s ``base_checkpoint``). A run on other data (e.g. K = 4 buckets)
     trains its own."""
-    if not joint_checkpoint or not joint_data or Path(cfg.data.path).resolve() != Path(joint_data).resolve():
+    if not joint_checkpoint or not joint_data or not same_place(cfg.data.path, joint_data):
         return None
     if cfg.method == "pinet" and cfg.stage1_is_joint and not cfg.run.init_from and not retrain_stage1:
         cfg.run.init_from = joint_checkpoint

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ray_pinet.data.pairs import load_meta, prepare_pairs
+from ray_pinet.storage_uri import check_reachable, local_or_uri, uri_of
 from ray_pinet.training.trainer import FitResult
 from ray_pinet.training.twotower_loop import TwoTowerRun, run_epochs, select
 from ray_pinet.training.worker import _mlflow_logger
@@ -132,7 +133,8 @@ def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,
 
     path = ensure_pairs(cfg, progress=cfg.run.progress)
     meta = load_meta(path)
-    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    storage = local_or_uri(cfg.run.storage_path)
+    check_reachable(storage, "run.storage_path")
     check_resume(TwoTowerConfig, cfg, storage, lambda d: load_checkpoint_state(str(d))["config"], fresh=fresh)
     if not ray.is_initialized():
         start_ray()
@@ -149,7 +151,7 @@ def fit_twotower(cfg: TwoTowerConfig, parent_run_id: Optional[str] = None,
     history = snap["history"]
     final = select(history, cfg)
     final["train/seconds_per_epoch"] = sum(h["train/seconds"] for h in history) / len(history)
-    out = FitResult(cfg, final, history, ckpt.path, run_id, uri)
+    out = FitResult(cfg, final, history, uri_of(ckpt.filesystem, ckpt.path), run_id, uri)
     if uri and run_id:
         _log_outputs(cfg, meta, final, history, uri, run_id)
         mu.finish_run(uri, run_id)

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -72,8 +73,13 @@ def load_state(checkpoint_dir: str) -> dict:
     """The engine snapshot (``state.pt``) of a checkpoint directory, on the CPU. Loaded with
     ``weights_only=True`` (``checkpoint_io``): a file holding anything but tensors and plain values
     is refused (``RefusedCheckpoint``, a ``DataError`` naming it) and nothing in it runs."""
+    from ray_pinet import storage_uri
     from ray_pinet.checkpoint_io import load_weights
 
+    if storage_uri.is_remote(checkpoint_dir):  # a checkpoint in object storage (run.storage_path)
+        uri = storage_uri.join(checkpoint_dir, STATE_FILE)
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_weights(storage_uri.download_file(uri, Path(tmp) / STATE_FILE), label=uri)
     return load_weights(os.path.join(checkpoint_dir, STATE_FILE))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ray_pinet.config_base import to_dict
+from ray_pinet.storage_uri import local_or_uri
 from ray_pinet.tuning.space import TuneSpace, decode_values, encode_value, resolve_trial
 
 
@@ -442,7 +443,7 @@ def sweep_parent_run(base, name: str, space: TuneSpace, tags: Optional[dict] = N
 
     if not base.tracking.enabled:
         return None, None
-    uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, str(Path(base.run.storage_path).expanduser().resolve()))
+    uri = mu.resolve_tracking_uri(base.tracking.tracking_uri, local_or_uri(base.run.storage_path))
     parent = mu.find_run(uri, base.tracking.experiment, name)
     if parent is None:
         parent, _ = mu.start_or_resume_run(

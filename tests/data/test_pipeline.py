@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +22,11 @@ LOG = [
 ]
 # item_idx by item id: A..G = 1..7, P=8, Q=9, R=10, S=11, W=12, X=13, Y=14, Z=15 (H, I leave with u3).
 IDX = {c: i for i, c in enumerate("ABCDEFGPQRSWXYZ", start=1)}
+# user_idx (prepared format 2): users in (crc32(id) % 2^16, id) order, computed here from the rule
+# written in docs/design.md: u4 (slot 27641), u1 (40822), u2 (52940).
+ORDER = sorted(["u1", "u2", "u4"], key=lambda u: (zlib.crc32(u.encode()) % 2**16, u))
+UIDX = {u: i for i, u in enumerate(ORDER)}
+POSITIVES = {"u1": "ABCDEFG", "u2": "XYZW", "u4": "PQRS"}
 
 
 def seq(s: str) -> list[int]:
@@ -57,10 +64,11 @@ def test_cleaning_report(prepared):
 def test_users_items_and_strata(prepared):
     out, res = prepared
     users = pq.read_table(out / "users.parquet").to_pylist()
+    assert ORDER == ["u4", "u1", "u2"]
     assert users == [
-        {"user_idx": 0, "user_id": "u1", "activeness": 5, "stratum": 1},
-        {"user_idx": 1, "user_id": "u2", "activeness": 2, "stratum": 0},
-        {"user_idx": 2, "user_id": "u4", "activeness": 3, "stratum": 1},
+        {"user_idx": 0, "user_id": "u4", "activeness": 3, "stratum": 1},
+        {"user_idx": 1, "user_id": "u1", "activeness": 5, "stratum": 1},
+        {"user_idx": 2, "user_id": "u2", "activeness": 2, "stratum": 0},
     ]
     items = pq.read_table(out / "items.parquet")
     assert items["item_id"].to_pylist() == list("ABCDEFGPQRSWXYZ")
@@ -76,27 +84,28 @@ def test_users_items_and_strata(prepared):
 def test_leave_one_out_and_windows(prepared):
     out, _ = prepared
     train = rows(out, "train")
-    # u1 train A B C D E, L = 2: windows end at E and C -> [A B C], [C D E]; u2 [Z X]; u4 [P Q R].
+    # Sample ids follow user_idx: u4 [P Q R]; u1 train A B C D E, L = 2: windows end at E and C ->
+    # [A B C], [C D E]; u2 [Z X].
     assert [(r["sample_id"], r["user_idx"], r["stratum"], r["seq"]) for r in train] == [
-        (0, 0, 1, seq("ABC")), (1, 0, 1, seq("CDE")), (2, 1, 0, seq("ZX")), (3, 2, 1, seq("PQR")),
+        (0, 0, 1, seq("PQR")), (1, 1, 1, seq("ABC")), (2, 1, 1, seq("CDE")), (3, 2, 0, seq("ZX")),
     ]
     valid, test = rows(out, "valid"), rows(out, "test")
     assert [(r["user_idx"], r["history"], r["target"], r["seen"]) for r in valid] == [
-        (0, seq("DE"), IDX["F"], seq("ABCDE")),
-        (1, seq("ZX"), IDX["Y"], seq("XZ")),
-        (2, seq("QR"), IDX["P"], seq("PQR")),
+        (0, seq("QR"), IDX["P"], seq("PQR")),
+        (1, seq("DE"), IDX["F"], seq("ABCDE")),
+        (2, seq("ZX"), IDX["Y"], seq("XZ")),
     ]
     assert [(r["user_idx"], r["history"], r["target"], r["seen"]) for r in test] == [
-        (0, seq("EF"), IDX["G"], seq("ABCDEF")),
-        (1, seq("XY"), IDX["W"], seq("XYZ")),
-        (2, seq("RP"), IDX["S"], seq("PQR")),
+        (0, seq("RP"), IDX["S"], seq("PQR")),
+        (1, seq("EF"), IDX["G"], seq("ABCDEF")),
+        (2, seq("XY"), IDX["W"], seq("XYZ")),
     ]
     assert [r["sample_id"] for r in valid] == [0, 1, 2] == [r["sample_id"] for r in test]
 
 
 def test_negatives_avoid_every_positive(prepared):
     out, _ = prepared
-    positives = {0: set(seq("ABCDEFG")), 1: set(seq("XYZW")), 2: set(seq("PQRS"))}
+    positives = {UIDX[u]: set(seq(items)) for u, items in POSITIVES.items()}
     for r in rows(out, "train"):
         assert len(r["neg"]) == 2 * (len(r["seq"]) - 1)
         assert not positives[r["user_idx"]] & set(r["neg"]) and all(1 <= n <= 15 for n in r["neg"])
@@ -113,7 +122,7 @@ def test_output_independent_of_buckets_and_window_last(ray_cluster, log, prepare
         assert rows(other.output, split) == rows(out, split)
     last = run(log, tmp_path / "last", samples={"max_len": 2, "train_negatives": 2, "window": "last"},
                strata={"mode": "min_count", "tau": 3})
-    assert [r["seq"] for r in rows(last.output, "train")] == [seq("CDE"), seq("ZX"), seq("PQR")]
+    assert [r["seq"] for r in rows(last.output, "train")] == [seq("PQR"), seq("CDE"), seq("ZX")]
     # eval negatives do not depend on train_negatives (drawn first from the same stream)
     assert [r["neg"] for r in rows(last.output, "test")] == [r["neg"] for r in rows(out, "test")]
 
@@ -134,7 +143,7 @@ def test_pair_duplicates_unseen_drop_and_candidates(ray_cluster, log, tmp_path):
 def test_candidates_exclude_positives(ray_cluster, log, tmp_path):
     res = run(log, tmp_path / "c", samples={"max_len": 2, "eval_candidates": 5},
               strata={"mode": "min_count", "tau": 3})
-    positives = {0: set(seq("ABCDEFG")), 1: set(seq("XYZW")), 2: set(seq("PQRS"))}
+    positives = {UIDX[u]: set(seq(items)) for u, items in POSITIVES.items()}
     for r in rows(res.output, "test"):
         assert len(set(r["candidates"])) == 5 and not positives[r["user_idx"]] & set(r["candidates"])
 
@@ -156,7 +165,7 @@ def test_filters_behaviours_and_min_rating(ray_cluster, tmp_path):
     assert (filt(r, "min_history")["removed_rows"], filt(r, "min_history")["removed_users"]) == (2, 1)
     assert (r["result"]["rows"], r["result"]["users"]) == (6, 2)  # a: 1 4 5, e: 1 2 3
     assert pq.read_table(res.output / "canonical").num_rows == 15  # canonical keeps every valid row
-    assert pq.read_table(res.output / "users.parquet")["stratum"].to_pylist() == [0, 1]  # a=1 tie: e is head
+    assert pq.read_table(res.output / "users.parquet")["stratum"].to_pylist() == [0, 1]  # a=1 tie: a (after e by slot) is head
     printed = format_summary(res)
     assert "behaviors    ['buy']      removed          3 rows        1 users" in printed
 
@@ -201,7 +210,7 @@ def test_generator_draws_rebuild_the_per_user_generator_stream(ray_cluster, log,
     out, _ = prepared
     gen = run(log, tmp_path / "gen", samples={"max_len": 2, "train_negatives": 2, "draws": "generator"},
               strata={"mode": "min_count", "tau": 3})
-    positives = {0: set(seq("ABCDEFG")), 1: set(seq("XYZW")), 2: set(seq("PQRS"))}
+    positives = {UIDX[u]: set(seq(items)) for u, items in POSITIVES.items()}
     for split, k in (("valid", 0), ("test", 1)):
         for r in rows(gen.output, split):
             free = [i for i in range(1, 16) if i not in positives[r["user_idx"]]]

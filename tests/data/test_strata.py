@@ -64,3 +64,40 @@ def test_stats_and_priors():
 def test_empty_stratum_is_a_config_error(cfg):
     with pytest.raises(ConfigError, match="empty stratum"):
         assign_strata(A, cfg)
+
+
+# -- the driver's histogram path equals the all-users rule ------------------------------------
+# prepare's driver never sees a per-user table: it cuts the strata from activeness histograms and
+# each bucket ranks its own users from offsets (data/strata.py). Both must give exactly what the
+# all-users functions give on the concatenated users, ties included.
+MODES = [StrataConfig(mode="top_fraction", q=q) for q in (0.01, 0.2, 0.5)] + [
+    StrataConfig(mode="min_count", tau=t) for t in (2, 4)] + [
+    StrataConfig(mode="quantiles", k=k) for k in (2, 3, 5)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bucket_ranks_and_histogram_stats_equal_the_all_users_rule(seed):
+    from ray_pinet.data.strata import (first_ranks, ranks_in_bucket, stats_from_histograms,
+                                       stratum_histograms, stratum_of)
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    a = np.minimum(rng.zipf(1.8, n), 40) + int(rng.integers(0, 2))  # heavy ties at the low values
+    cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(0, 6)), replace=False))
+    parts = np.split(a, cuts)  # buckets = contiguous runs of user_idx, some may be empty
+    hists = [np.unique(p, return_counts=True) for p in parts]
+    firsts = first_ranks([h[0] for h in hists], [h[1] for h in hists])
+    ranks = np.concatenate([ranks_in_bucket(p, h[0], f) for p, h, f in zip(parts, hists, firsts)])
+    assert ranks.tolist() == rank_users(a).tolist()
+    values, counts = np.unique(a, return_counts=True)
+    for cfg in MODES:
+        try:
+            expected = assign_strata(a, cfg)
+        except ConfigError as exc:
+            with pytest.raises(ConfigError, match="empty stratum") as got:
+                stats_from_histograms(stratum_histograms(values, counts, cfg), cfg)
+            assert str(got.value) == str(exc)
+            continue
+        assert stratum_of(a, ranks, n, cfg).tolist() == expected.tolist()
+        assert stats_from_histograms(stratum_histograms(values, counts, cfg), cfg) == \
+            strata_stats(a, expected, cfg)
