@@ -438,13 +438,8 @@ def _plan(cfg: PrepareConfig, cleaned: list[_CleanedSummary], items: pa.Table,
             f"behaviors={cfg.source.behaviors}, sample_users={cfg.clean.sample_users})"
         )
     values = [c.activeness_values for c in cleaned]
-    counts = [c.activeness_counts for c in cleaned]
-    allv = np.unique(np.concatenate(values))
-    total = np.zeros(len(allv), dtype=np.int64)
-    for v, c in zip(values, counts):
-        np.add.at(total, np.searchsorted(allv, v), c)
+    allv, total, firsts = first_ranks(values, [c.activeness_counts for c in cleaned])
     stats = stats_from_histograms(stratum_histograms(allv, total, cfg.strata), cfg.strata)
-    firsts = first_ranks(values, counts)
 
     drop = cfg.clean.unseen_items == "drop"
     unseen_v = np.array([u[0] for u in unseen_counts], dtype=np.int64)

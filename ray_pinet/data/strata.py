@@ -110,9 +110,11 @@ def stratum_histograms(values: np.ndarray, counts: np.ndarray,
     return out
 
 
-def first_ranks(values: list[np.ndarray], counts: list[np.ndarray]) -> list[np.ndarray]:
+def first_ranks(values: list[np.ndarray],
+                counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """For buckets in user_idx order, each with its activeness histogram (``values[b]`` ascending,
-    ``counts[b]``): the global rank of the first user of each of bucket b's values."""
+    ``counts[b]``): all users' histogram ``(values, counts)`` and, per bucket, the global rank of
+    the first user of each of bucket b's values."""
     allv = np.unique(np.concatenate(values)) if values else np.zeros(0, np.int64)
     per_bucket = np.zeros((len(values), len(allv)), dtype=np.int64)
     for b, (v, c) in enumerate(zip(values, counts)):
@@ -120,7 +122,7 @@ def first_ranks(values: list[np.ndarray], counts: list[np.ndarray]) -> list[np.n
     total = per_bucket.sum(axis=0)
     earlier = np.cumsum(per_bucket, axis=0) - per_bucket  # equal activeness, earlier buckets
     first = (np.cumsum(total) - total) + earlier  # + lower activeness, all buckets
-    return [first[b, np.searchsorted(allv, v)] for b, v in enumerate(values)]
+    return allv, total, [first[b, np.searchsorted(allv, v)] for b, v in enumerate(values)]
 
 
 def ranks_in_bucket(activeness: np.ndarray, values: np.ndarray, first: np.ndarray) -> np.ndarray:

@@ -86,10 +86,11 @@ def test_bucket_ranks_and_histogram_stats_equal_the_all_users_rule(seed):
     cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(0, 6)), replace=False))
     parts = np.split(a, cuts)  # buckets = contiguous runs of user_idx, some may be empty
     hists = [np.unique(p, return_counts=True) for p in parts]
-    firsts = first_ranks([h[0] for h in hists], [h[1] for h in hists])
+    allv, total, firsts = first_ranks([h[0] for h in hists], [h[1] for h in hists])
     ranks = np.concatenate([ranks_in_bucket(p, h[0], f) for p, h, f in zip(parts, hists, firsts)])
     assert ranks.tolist() == rank_users(a).tolist()
     values, counts = np.unique(a, return_counts=True)
+    assert allv.tolist() == values.tolist() and total.tolist() == counts.tolist()
     for cfg in MODES:
         try:
             expected = assign_strata(a, cfg)

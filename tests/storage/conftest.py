@@ -12,14 +12,10 @@ import time
 
 import pytest
 
+from ray_pinet.local_ray import free_local_port
+
 BUCKET = "ray-pinet-test"
 _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +27,7 @@ def s3_server(tmp_path_factory):
     import moto.server  # noqa: F401
     import pyarrow.fs as pafs
 
-    port = _free_port()
+    port = free_local_port(0)
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
