@@ -130,7 +130,7 @@ def plain_row(args, data, batch: int, precision: str) -> dict:
 
     eng, _ = engine_for(args, data, batch, precision)  # same initial weights and rows
     model, rows, dev = eng.model, eng.train_rows, torch.device(args.device)
-    inputs, targets = rows.inputs.to(dev), rows.targets.to(dev)
+    inputs, targets = rows.inputs.to(dev).long(), rows.targets.to(dev).long()  # rows hold int32
     opt = torch.optim.Adam(model.backbone_parameters(), lr=eng.cfg.optim.lr)
     n = len(rows.sample_id)
     per_epoch = []

@@ -19,7 +19,7 @@ Reported beside it: the epoch's split (forward, backward, optimizer per step) an
 ``--exchange rows`` (sampled softmax only) is ``optim.item_exchange: rows``: the item table's
 gradient crosses ranks as its touched rows and lazy Adam steps only those (training/
 sparse_rows.py). ``--workers 2`` runs each measurement on 2 spawned gloo ranks of this box, each
-with ``--threads`` / 2 torch threads and its residue class of windows (rank 0's timings).
+with ``--threads`` / 2 torch threads and its block of windows (rank 0's timings).
 
 Memory: full softmax holds [positions, M] logits and their gradient (~5 GB at M = 10^6 and
 128 windows of this log); the item table's dense gradient and Adam state are 4 x M x dim floats
@@ -47,7 +47,8 @@ from report import machine_info, parse_count, write_results  # noqa: E402
 from ray_pinet.config import TrainConfig  # noqa: E402
 from ray_pinet.methods.sampled_softmax import NegativeSampler  # noqa: E402
 from ray_pinet.models.registry import build_model  # noqa: E402
-from ray_pinet.training.batches import TrainRows  # noqa: E402
+from ray_pinet.training.batches import RowSubset, TrainRows  # noqa: E402
+from ray_pinet.training.shards import shard_range  # noqa: E402
 from ray_pinet.training.loop import item_optimizers, run_epoch  # noqa: E402
 
 COLUMNS = ["loss", "items", "negatives", "in_batch", "exchange", "workers", "steps", "positions", "seconds",
@@ -80,8 +81,8 @@ def run_one(loss: str, negatives: int, in_batch: bool, exchange: str, items: int
         "run": {"seed": 0, "progress": False},
     })
     table = long_tail_table(args.steps * args.batch_size, items, args.max_len, args.seed)
-    mine = table.filter(pa.array(table.column("sample_id").to_numpy() % world == rank))
-    rows = TrainRows(mine, args.max_len, rank, world, 0, device)
+    lo, hi = shard_range(table.num_rows, rank, world)  # the trainer's block of this rank
+    rows = TrainRows(table.slice(lo, hi - lo), args.max_len, table.num_rows, 0, device)
     torch.manual_seed(0)
     model = build_model(cfg.model, items, 2, None).to(device)
     model.use_plugins = False
@@ -90,15 +91,18 @@ def run_one(loss: str, negatives: int, in_batch: bool, exchange: str, items: int
     sampler = NegativeSampler.from_config(rows, items, cfg) if loss == "sampled_softmax" else None
     n = table.num_rows
 
-    def epoch(e: int, ids: np.ndarray):
+    def epoch(e: int, first: int):
+        """An epoch over the windows 0..first-1 (a warm-up) or all of them (first = n)."""
+        local = np.arange(min(lo, first), min(hi, first), dtype=np.int64)
         return run_epoch(model, params, opts, rows, n, cfg, e, 2, [0.8, 0.2], "interaction_share", 0.0,
-                         use_plugins=False, ids=ids, sampler=sampler)
+                         use_plugins=False, ids=None if first == n else RowSubset(local, min(lo, first), first),
+                         sampler=sampler)
 
-    epoch(0, np.arange(min(args.warmup, args.steps) * args.batch_size))
+    epoch(0, min(args.warmup, args.steps) * args.batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    stats = epoch(1, np.arange(n))
+    stats = epoch(1, n)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -118,7 +118,7 @@ def plain_loop(cfg, threads: int, packed: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     meta = load_run_meta(Path(cfg.data.path))
     n_neg = meta.train_negatives if cfg.loss == "bce" else 0
-    rows = TrainRows(pq.read_table(Path(cfg.data.path) / "train"), cfg.model.max_len, 0, 1, n_neg)
+    rows = TrainRows(pq.read_table(Path(cfg.data.path) / "train"), cfg.model.max_len, meta.num_train_samples, n_neg)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, meta.num_items, meta.num_strata, None)
     model.use_plugins = False

@@ -136,7 +136,8 @@ class TransferConfig:
     ``users_per_task`` training rows of distinct users), fresh inner Adam (``inner_lr``) per
     trajectory; outer update θ ← θ + outer_lr · mean_j(θ_k^j − θ_0). One epoch visits every
     training row once. ``trajectories`` must be a multiple of the worker count: trajectory j
-    takes rows with sample_id ≡ j (mod trajectories), so it lives on one rank, whatever W.
+    takes the j-th of ``trajectories`` contiguous blocks of sample ids, inside one rank's block
+    whatever W (training/shards.py).
     """
 
     inner_steps: int = 5

@@ -22,8 +22,10 @@ def local_cpus() -> int:
     """Logical CPUs a local instance advertises: at least 4, twice the cores on bigger boxes.
 
     Train workers and the controller hold CPU reservations; with only the real cores advertised,
-    two 1-CPU workers on a 2-core box leave Ray Data's read tasks a budget of zero and the run
-    hangs (ray-notes §6). The work itself is still bounded by the real cores.
+    two 1-CPU workers on a 2-core box leave any other task a budget of zero: Ray Data's read
+    tasks hung that way while they fed the workers (ray-notes §6). The workers now read their own
+    blocks (training/shards.py); the headroom stays for whatever else a job schedules beside
+    its workers. The work itself is still bounded by the real cores.
     """
     return max(4, 2 * (os.cpu_count() or 1))
 

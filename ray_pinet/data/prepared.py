@@ -5,7 +5,7 @@ A *restratified view* (``data/restratify.py``, marked by ``restratified.json``) 
 ``users.parquet`` / ``strata.json`` and links to the sample files of the prepared folder it was
 made from; the ``stratum`` column of those files is the base stratification, so every reader
 takes a sample's stratum from the view's ``users.parquet`` instead (``read_split``, and
-``training/trainer.py::read_splits`` for Ray Data). A plain ``prepare`` output is read as written.
+``training/shards.py::read_shard`` for the training workers). A plain ``prepare`` output is read as written.
 """
 
 from __future__ import annotations

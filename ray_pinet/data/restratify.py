@@ -12,7 +12,7 @@ new samples. ``restratify`` writes a *view* (docs/design.md "Restratified views"
                            relative symlinks to the base's (never copied or rewritten)
 
 The sample files keep the base's ``stratum`` column; readers take a sample's stratum from the
-view's users.parquet (``prepared.read_split``, ``training/trainer.py::read_splits``). Settings
+view's users.parquet (``prepared.read_split``, ``training/shards.py::read_shard``). Settings
 that change the samples (history length, cleaning, negatives) still need a real ``prepare``.
 """
 

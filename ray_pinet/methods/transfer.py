@@ -5,7 +5,8 @@
 - ``Discriminator``: 2-layer MLP on the sequence state (hidden = d by default) with K outputs,
   trained by cross-entropy on the user's stratum. With K = 2 this is the paper's head/tail
   BCE (softmax over two logits); with K buckets it generalises to "which activeness bucket".
-- ``trajectory_ids``: the W-independent assignment of training rows to Reptile trajectories.
+- ``trajectory_ids``, ``rank_trajectories``: the W-independent assignment of training rows to
+  Reptile trajectories, and of trajectories to ranks.
 """
 
 from __future__ import annotations
@@ -43,17 +44,22 @@ class Discriminator(nn.Module):
         return self.net(h)
 
 
-def trajectory_ids(num_samples: int, trajectories: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Trajectory j's training rows for one epoch: the sample ids ≡ j (mod P), permuted by
-    rng(seed, epoch, j). Every row is visited once per epoch. With P a multiple of W, rank
-    r holds every row of trajectories j ≡ r (mod W) (it holds sample ids ≡ r mod W), so a
-    trajectory's inner loop never needs another rank's rows, and the set of trajectories, hence
-    the outer update, does not depend on W."""
-    out = []
-    for j in range(trajectories):
-        ids = np.arange(j, num_samples, trajectories, dtype=np.int64)
-        out.append(ids[np.random.default_rng([seed, PURPOSE_TRAJECTORY_ORDER, epoch, j]).permutation(len(ids))])
-    return out
+def trajectory_ids(num_samples: int, trajectories: int, j: int, seed: int, epoch: int) -> np.ndarray:
+    """Trajectory j's training rows for one epoch: the contiguous block ``shard_range(N, j, P)``
+    of sample ids, permuted by rng(seed, epoch, j). Every row is visited once per epoch. With P a
+    multiple of W, the block of trajectory j lies inside rank j // (P / W)'s block (the blocks of
+    ``shard_range`` nest), so a trajectory's inner loop never needs another rank's rows, and the
+    set of trajectories, hence the outer update, does not depend on W. A rank builds only its
+    own trajectories: O(N / W)."""
+    lo, hi = num_samples * j // trajectories, num_samples * (j + 1) // trajectories
+    ids = np.arange(lo, hi, dtype=np.int64)
+    return ids[np.random.default_rng([seed, PURPOSE_TRAJECTORY_ORDER, epoch, j]).permutation(len(ids))]
+
+
+def rank_trajectories(trajectories: int, rank: int, world: int) -> list[int]:
+    """The trajectories whose rows rank holds (P a multiple of W, checked by the config)."""
+    per_rank = trajectories // world
+    return list(range(rank * per_rank, (rank + 1) * per_rank))
 
 
 def num_iterations(num_samples: int, trajectories: int, rows_per_iteration: int) -> int:

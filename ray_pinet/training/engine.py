@@ -28,6 +28,7 @@ from ray_pinet.methods.sampled_softmax import NegativeSampler
 from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import EvalRows, TrainRows
+from ray_pinet.training.shards import shard_range
 from ray_pinet.training.collectives import all_gather_rows, all_reduce_max_, broadcast_module_, rank_and_world
 from ray_pinet.training.loop import item_optimizers, prior_settings, run_epoch
 from ray_pinet.training.transfer_epoch import transfer_epoch
@@ -132,8 +133,14 @@ class Engine:
         n_neg = meta.train_negatives if cfg.loss == "bce" else 0
         if cfg.loss == "bce" and n_neg < 1:
             raise ValueError("loss 'bce' needs sampled negatives: prepare with samples.train_negatives >= 1")
-        self.train_rows = TrainRows(train_table, L, self.rank, self.world, n_neg, self.device,
+        self.train_rows = TrainRows(train_table, L, meta.num_train_samples, n_neg, self.device,
                                     cfg.run.device_data_mb)
+        block = shard_range(meta.num_train_samples, self.rank, self.world)
+        if (self.train_rows.first, self.train_rows.first + len(self.train_rows)) != block:
+            # e.g. every rank handed the whole table: each would train on all rows, counted W times
+            raise ValueError(f"rank {self.rank}/{self.world} holds training samples {self.train_rows.first}.."
+                             f"{self.train_rows.first + len(self.train_rows) - 1}, its block is "
+                             f"{block[0]}..{block[1] - 1} (training/shards.py::read_shard reads it)")
         # loss sampled_softmax: Q from the training target counts of every rank (collective)
         self.sampler = (NegativeSampler.from_config(self.train_rows, meta.num_items, cfg)
                         if cfg.loss == "sampled_softmax" else None)
@@ -161,8 +168,8 @@ class Engine:
             bad = [s for s in cfg.data.train_strata if s >= self.K]
             if bad:
                 raise ValueError(f"data.train_strata {bad}: the data has {self.K} strata (0..{self.K - 1})")
-            self.train_ids = self.train_rows.global_ids_in_strata(cfg.data.train_strata, meta.num_train_samples)
-            self.say(f"training on strata {cfg.data.train_strata}: {len(self.train_ids):,} of "
+            self.train_ids = self.train_rows.subset(cfg.data.train_strata)
+            self.say(f"training on strata {cfg.data.train_strata}: {self.train_ids.total:,} of "
                      f"{meta.num_train_samples:,} training rows")
         self.state = EngineState()
         self.opt_state: dict[str, Any] = {}

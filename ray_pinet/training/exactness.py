@@ -2,7 +2,8 @@
 
 ``check(num_workers)`` runs, on a real ``TorchTrainer`` with gloo, (1) the GA gradient of a fixed
 model on a fixed global batch for every prior and both reduce modes, and (2) one full training
-epoch; every rank sees only its residue class of sample ids (the production sharding). The same
+epoch; every rank reads only its block of sample ids from Parquet files through the production
+reader (``shards.read_shard``: several files, small row groups). The same
 quantities are then computed in this process, without any process group, and compared. Used by
 the test suite and available to users on their own cluster (``ray-pinet check``).
 """
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -26,9 +28,10 @@ from ray_pinet.methods.sampled_softmax import NegativeSampler
 from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import TrainRows
-from ray_pinet.training.collectives import flatten_grads, rank_and_world
+from ray_pinet.training.collectives import all_reduce_sum_, flatten_grads, rank_and_world
 from ray_pinet.training.ga_step import ga_backward
 from ray_pinet.training.loop import run_epoch
+from ray_pinet.training.shards import read_shard, shard_range
 from ray_pinet.training.transfer_epoch import transfer_epoch
 
 VARIANTS = [
@@ -121,23 +124,40 @@ def _model(p: Problem, cfg: TrainConfig):
     return model
 
 
-def _shard(table: pa.Table, rank: int, world: int) -> pa.Table:
-    ids = table.column("sample_id").to_numpy()
-    return table.filter(pa.array(ids % world == rank))
+def write_train_split(p: Problem, root: str | os.PathLike, files: int = 3, row_group_rows: int = 7) -> str:
+    """The problem's training table as ``root/train/part-*.parquet`` (``files`` files in id order,
+    row groups of ``row_group_rows``), the layout ``shards.read_shard`` reads; returns ``root``."""
+    import pyarrow.parquet as pq
+
+    table = synthetic_train_table(p)
+    os.makedirs(os.path.join(root, "train"), exist_ok=True)
+    cuts = np.linspace(0, table.num_rows, files + 1).astype(int)
+    for k in range(files):
+        pq.write_table(table.slice(cuts[k], cuts[k + 1] - cuts[k]),
+                       os.path.join(root, "train", f"part-{k:05d}.parquet"), row_group_size=row_group_rows)
+    return str(root)
+
+
+def shard(table: pa.Table, rank: int, world: int) -> pa.Table:
+    """Rank's block of an in-memory table (``shards.shard_range``), for tests without files."""
+    lo, hi = shard_range(table.num_rows, rank, world)
+    return table.sort_by("sample_id").slice(lo, hi - lo)
 
 
 def _user_share(p: Problem) -> list[float]:
     return [1.0 / p.num_strata] * p.num_strata if p.num_strata != 2 else [0.8, 0.2]
 
 
-def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
-    """Every checked quantity for this rank (or for one process when there is no group)."""
+def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
+    """Every checked quantity for this rank (or for one process when there is no group), the
+    training rows read from ``root`` (``write_train_split``) as production reads them."""
     rank, world = rank_and_world()
-    local = _shard(table, rank, world)
+    local, num_rows = read_shard(Path(root), "train", rank, world)
+    assert num_rows == p.num_rows
     n_neg = 2 if p.loss == "bce" else 0
     out: dict[str, torch.Tensor] = {}
     cfg = _cfg(p)
-    rows = TrainRows(local, p.max_len, rank, world, n_neg)
+    rows = TrainRows(local, p.max_len, p.num_rows, n_neg)
     global_ids = torch.arange(p.num_rows)  # one global batch: every row
     # packed batches (training/packing.py) for the backbone that supports them, as "grad_packed/..."
     layouts = [("grad", False)] + ([("grad_packed", True)] if p.backbone == "sasrec" else [])
@@ -198,8 +218,12 @@ def compute(p: Problem, table: pa.Table) -> dict[str, torch.Tensor]:
     cfg = _cfg(p)
     model = _model(p, cfg)
     params = list(model.backbone_parameters())
-    ids = rows.global_ids_in_strata([p.num_strata - 1], p.num_rows)
-    out["stratum_ids"] = torch.from_numpy(ids)
+    ids = rows.subset([p.num_strata - 1])
+    # the whole subset, gathered for the check (every rank's ids, in rank order)
+    gathered = torch.zeros(p.num_rows, dtype=torch.int64)
+    gathered[torch.from_numpy(ids.local_ids)] = 1
+    out["stratum_ids"] = all_reduce_sum_(gathered).nonzero().squeeze(1)
+    out["stratum_offset_total"] = torch.tensor([ids.total], dtype=torch.int64)
     run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, p.num_rows, cfg, 0, p.num_strata,
               _user_share(p), "interaction_share", 0.0, use_plugins=False, ids=ids)
     out["epoch_params/one_stratum"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
@@ -222,7 +246,13 @@ def _worker(config: dict) -> None:
 
     torch.set_num_threads(1)
     p = Problem(**config["problem"])
-    out = compute(p, synthetic_train_table(p))
+    # Each worker writes the (seeded, identical) files itself: a driver's temp folder is not on
+    # the other nodes of a user's cluster (``ray-pinet check``).
+    root = tempfile.mkdtemp(prefix="ray-pinet-exact-data-")
+    try:
+        out = compute(p, write_train_split(p, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     ctx = ray.train.get_context()
     if ctx.get_world_rank() == 0:
         d = tempfile.mkdtemp(prefix="ray-pinet-exact-")

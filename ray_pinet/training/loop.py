@@ -11,14 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.methods.ga import batch_unit_counts, unit_losses
 from ray_pinet.methods.losses import per_position_losses, valid_positions
 from ray_pinet.methods.sampled_softmax import Candidates, NegativeSampler
-from ray_pinet.training.batches import TrainRows, epoch_batches, num_steps
+from ray_pinet.training.batches import RowSubset, TrainRows, num_steps
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
 from ray_pinet.training.device import autocast
 from ray_pinet.training.ga_step import GradReducer, ga_backward
@@ -105,7 +104,7 @@ def run_epoch(
     use_plugins: bool,
     after_backward: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
-    ids: Optional[np.ndarray] = None,
+    ids: Optional[RowSubset] = None,
     sampler: Optional[NegativeSampler] = None,
 ) -> EpochStats:
     """One pass over the global batches (of ``ids`` only, when given). ``after_backward(counts, prior)`` may rescale or
@@ -116,7 +115,7 @@ def run_epoch(
     model.train()
     stats = EpochStats()
     t_epoch = time.perf_counter()
-    steps = num_steps(num_samples if ids is None else len(ids), cfg.optim.batch_size)
+    steps = num_steps(num_samples if ids is None else ids.total, cfg.optim.batch_size)
     device = params[0].device if len(params) else torch.device("cpu")
     # Per-step statistics accumulate on the device and are read once, after the epoch: a read
     # per step (.item(), float()) would stall the GPU stream every step. float64 sums of the
@@ -135,7 +134,7 @@ def run_epoch(
     reducer = GradReducer(dense, num_strata, cfg.ga.bucket_cap_mb) if cfg.ga.reduce == "loss_weighted" else None
     try:
         # (the loop variable must not be ``ids``: stats.rows below reads the argument)
-        batches = rows.prefetched(epoch_batches(num_samples, cfg.optim.batch_size, cfg.run.seed, epoch, ids),
+        batches = rows.prefetched(rows.epoch_batches(cfg.optim.batch_size, cfg.run.seed, epoch, ids),
                                   packed=cfg.packed)
         for step in range(steps):
             t_data = time.perf_counter()
@@ -208,7 +207,7 @@ def run_epoch(
     totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64, device=device))
     stats.positions = int(totals[0])
     stats.loss = float(loss_sum)  # the epoch's one read of the device-side sums
-    stats.rows = num_samples if ids is None else len(ids)
+    stats.rows = num_samples if ids is None else ids.total
     stats.stratum_units = unit_totals.tolist()
     stats.seconds = time.perf_counter() - t_epoch
     return stats

@@ -23,7 +23,7 @@ from ray_pinet.evaluation.protocol import slice_names
 from ray_pinet.local_ray import start_ray
 from ray_pinet.storage_uri import check_reachable, local_or_uri, run_storage, same_place, uri_of
 from ray_pinet.training.engine import RunMeta
-from ray_pinet.training.worker import STATE_FILE, ShardBySampleId, load_state, train_func
+from ray_pinet.training.worker import STATE_FILE, load_state, train_func
 
 SPLITS = ("train", "valid", "test")
 
@@ -196,40 +196,6 @@ def _check_compatible(cfg: TrainConfig, meta: RunMeta, path: Path) -> None:
                           f"{K} strata (0..{K - 1})")
 
 
-def read_splits(path: Path) -> dict:
-    """The three prepared splits as Ray Datasets (read lazily, sharded in ``ShardBySampleId``).
-
-    Ray 2.60's DataSourceV2 Parquet reader plans each execution with a ListFiles task that took
-    8 s per dataset on a 2-core node (6 executions per 2-worker fit: ~60 s before the first
-    step, benchmarks/results/ingest.md); the V1 reader lists on the driver and its executions
-    take 0.1-0.5 s once workers are warm. The flag is read when the dataset is planned, so it
-    is set here, on the driver, for these reads only. Each Dataset deep-copies the context when
-    it is created, so the workers' shard iterators also get no progress bars: theirs never
-    closed and were redrawn into the console for the whole run; rank 0 prints one line per
-    epoch instead.
-
-    A restratified view (``data/restratify.py``) reads its base's sample files and replaces each
-    row's ``stratum`` by its user's in the view's users.parquet: a row-wise map before the rows
-    are sharded, so every rank sees the strata one process would.
-    """
-    import ray.data
-
-    from ray_pinet.data.prepared import sample_strata, with_user_strata
-
-    strata = sample_strata(path)  # None: the samples carry the folder's own strata
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.use_datasource_v2, ctx.enable_progress_bars
-    ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
-    try:
-        out = {s: ray.data.read_parquet(str((path / s).resolve())) for s in SPLITS}
-        if strata is not None:
-            out = {s: ds.map_batches(with_user_strata, fn_kwargs={"strata": strata, "where": str(path / s)},
-                                     batch_format="pyarrow", batch_size=None) for s, ds in out.items()}
-        return out
-    finally:
-        ctx.use_datasource_v2, ctx.enable_progress_bars = previous
-
-
 def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> None:
     """run.init_from / run.warm_start must be a finished checkpoint of the same model on the
     same data."""
@@ -308,8 +274,8 @@ def fit(
         {"method": cfg.method, "backbone": cfg.model.backbone, "data": str(path), **(tags or {})},
         [path / name for name in ("strata.json", "report.json", "prepare_config.json")], fresh=fresh)
     trainer = torch_trainer(
-        train_func, {"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info}, cfg.run, storage,
-        callbacks=callbacks, datasets=read_splits(path), dataset_config=ShardBySampleId.make())
+        train_func, {"train": config_dict, "meta": meta.__dict__, "mlflow": mlflow_info,
+                     "data_path": str(Path(path).resolve())}, cfg.run, storage, callbacks=callbacks)
     ckpt = fit_to_checkpoint(trainer, cfg.run.name, uri, run_id)
     with ckpt.as_directory() as d:
         snap = load_state(d)
@@ -365,11 +331,11 @@ def start_tracking(tracking, run_name: str, config_dict: dict, storage: str, par
     return uri, run_id, {"tracking_uri": uri, "run_id": run_id}
 
 
-def torch_trainer(train_loop, loop_config: dict, run, storage: str, callbacks: Optional[list] = None, **data):
+def torch_trainer(train_loop, loop_config: dict, run, storage: str, callbacks: Optional[list] = None):
     """The TorchTrainer of a run section: ``run.num_workers`` workers, each with
     ``run.gpus_per_worker`` GPUs (0: CPU workers) and collectives on nccl when they hold GPUs,
     gloo otherwise; a checkpoint kept per report (the last two), ``run.max_failures`` restarts.
-    ``data``: datasets / dataset_config."""
+    No Ray Datasets: each worker reads its own block of the prepared files (training/shards.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -387,7 +353,6 @@ def torch_trainer(train_loop, loop_config: dict, run, storage: str, callbacks: O
         run_config=RunConfig(name=run.name, **run_storage(storage), checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              callbacks=callbacks or None),
-        **data,
     )
 
 

@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.methods.losses import per_position_losses
-from ray_pinet.methods.transfer import Discriminator, grad_reverse, num_iterations, trajectory_ids
+from ray_pinet.methods.transfer import Discriminator, grad_reverse, num_iterations, rank_trajectories, trajectory_ids
 from ray_pinet.training.batches import TrainRows
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
 from ray_pinet.training.device import autocast
@@ -69,8 +69,8 @@ def transfer_epoch(
     disc.train()
     params = [p for p in list(model.backbone_parameters()) + list(disc.parameters()) if p.requires_grad]
     torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
-    trajs = trajectory_ids(num_samples, t.trajectories, cfg.run.seed, epoch)
-    mine = [j for j in range(t.trajectories) if j % world == rank]
+    trajs = {j: trajectory_ids(num_samples, t.trajectories, j, cfg.run.seed, epoch)
+             for j in rank_trajectories(t.trajectories, rank, world)}
     per_iter = t.inner_steps * t.users_per_task
     iters = num_iterations(num_samples, t.trajectories, per_iter)
     stats = EpochStats()
@@ -87,8 +87,8 @@ def transfer_epoch(
         delta = torch.zeros(theta0.shape, dtype=torch.float64, device=device)
         ran = positions = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for j in mine:
-            ids = trajs[j][it * per_iter : (it + 1) * per_iter]
+        for j, traj in trajs.items():
+            ids = traj[it * per_iter : (it + 1) * per_iter]
             if len(ids) == 0:
                 continue
             copy_into_(params, theta0)

@@ -1,4 +1,4 @@
-"""What runs on each Ray Train worker: shards in, Engine, reports and checkpoints out.
+"""What runs on each Ray Train worker: its block of the data in, Engine, reports and checkpoints out.
 
 This file, ``trainer.py`` and ``twotower_trainer.py`` are the only ones that import Ray Train.
 """
@@ -21,52 +21,12 @@ from ray_pinet.training.engine import Engine, RunMeta
 STATE_FILE = "state.pt"
 
 
-class ShardBySampleId:
-    """Ray Data ingest: rank r of W receives the rows with ``sample_id % W == r`` of every split.
+def _read_shard(path: str, name: str, rank: int, world: int) -> pa.Table:
+    """This rank's block of split ``name`` (training/shards.py): only the row groups it holds."""
+    from ray_pinet.training.shards import read_shard
 
-    Unlike the default ``streaming_split(equal=True)`` this drops no rows and is a fixed
-    function of (sample_id, W), which is what makes W workers compute exactly what one process
-    computes (see ``batches.py``). Built lazily as a ``ray.train.DataConfig`` subclass so this
-    module imports without Ray.
-    """
-
-    @staticmethod
-    def make():
-        import ray.train
-
-        class _ShardBySampleId(ray.train.DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                out = [{} for _ in range(world_size)]
-                for name, ds in datasets.items():
-                    for r in range(world_size):
-                        out[r][name] = ds.map_batches(
-                            _keep_residue, fn_kwargs={"rank": r, "world": world_size},
-                            batch_format="pyarrow", batch_size=None,
-                        ).iterator()
-                return out
-
-        return _ShardBySampleId(datasets_to_split=[])
-
-
-def _keep_residue(batch: pa.Table, rank: int, world: int) -> pa.Table:
-    import numpy as np
-
-    ids = batch.column("sample_id").to_numpy()
-    return batch.filter(pa.array(np.asarray(ids % world == rank)))
-
-
-def _read_shard(name: str) -> pa.Table:
-    import ray.train
-
-    from ray.data import DataContext
-
-    # One console line per epoch from rank 0 says more than W interleaved Ray Data bars.
-    DataContext.get_current().enable_progress_bars = False
-    it = ray.train.get_dataset_shard(name)
-    parts = list(it.iter_batches(batch_format="pyarrow", batch_size=8192))
-    if not parts:
-        raise ValueError(f"worker received no rows of split {name!r}")
-    return pa.concat_tables(parts)
+    table, _ = read_shard(Path(path), name, rank, world)
+    return table
 
 
 def load_state(checkpoint_dir: str) -> dict:
@@ -157,7 +117,7 @@ def train_func(config: dict[str, Any]) -> None:
     # Once per worker: Ray Train has set this worker's CUDA device (run.gpus_per_worker) by now.
     device = resolve_device(cfg.run.device)
     engine = Engine(
-        cfg, meta, _read_shard("train"), _read_shard("valid"), _read_shard("test"),
+        cfg, meta, *(_read_shard(config["data_path"], s, rank, world) for s in ("train", "valid", "test")),
         device=device,
         report=report,
         log=_mlflow_logger(config.get("mlflow")) if rank == 0 else (lambda m, s: None),

@@ -67,3 +67,29 @@ def test_train_throughput_smoke_plain_and_ray_train(tmp_path):
         assert r["positions_per_s"] > 0 and r["step_ms"] > 0
         assert all(f"{p}_ms" in r for p in ("data", "forward", "backward", "allreduce", "optimizer"))
     assert ray_row["vs_plain"] > 0 and ray_row["forward_ms"] > 0 and ray_row["backward_ms"] > 0
+
+
+def test_train_ingest_smoke_ranks_read_their_blocks(tmp_path):
+    """benchmarks/train_ingest.py: 2 ranks read, build and batch their own blocks, which tile the
+    training set (the script checks the sum, this checks the per-rank record)."""
+    out = tmp_path / "ingest.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_ingest.py"), "--smoke-test", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    ranks = result["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["train_samples"] == 300
+    assert [r["local_samples"] for r in ranks] == [150, 150]
+    assert all(r["local_positions"] > 0 and r["peak_rss_mib"] > 0 and r["data_s"] > 0 for r in ranks)
+
+
+@pytest.mark.slow
+def test_ray_data_vs_tasks_smoke(tmp_path):
+    """benchmarks/ray_data_vs_tasks.py: prepare and the Ray Data pipeline both run on one log."""
+    out = tmp_path / "rd.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ray_data_vs_tasks.py"), "--smoke-test", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tasks"]["ingest_s"] > 0 and result["ray_data"]["ingest_s"] > 0
+    assert result["ray_data"]["files_written"] >= result["buckets"]

@@ -23,7 +23,7 @@ from ray_pinet.data.pipeline import prepare
 from ray_pinet.data.prepared import SPLITS, VIEW_FILE, read_split
 from ray_pinet.data.restratify import restratify
 from ray_pinet.errors import DataError
-from ray_pinet.training.trainer import read_splits
+from ray_pinet.training.shards import read_shard
 from tests.conftest import DEV_PREPARE, REPO
 
 # Each differs from the base (top_fraction q = 0.2) for some users; two thresholds of min_count.
@@ -51,11 +51,8 @@ def data(ray_cluster, tmp_path_factory):
 
 
 def _reader_table(path: Path, split: str) -> pa.Table:
-    """A split as the Train workers receive it (read_splits' Ray Dataset), in sample_id order."""
-    import ray
-
-    ds = read_splits(path)[split]
-    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("sample_id")
+    """A split as the Train workers receive it (read_shard's blocks of 2 ranks), in sample_id order."""
+    return pa.concat_tables([read_shard(path, split, r, 2)[0] for r in range(2)]).sort_by("sample_id")
 
 
 def _sorted(table: pa.Table) -> pa.Table:

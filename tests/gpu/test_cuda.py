@@ -27,6 +27,7 @@ import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.training import exactness as ex
+from ray_pinet.training.collectives import rank_and_world
 from ray_pinet.training.engine import Engine, RunMeta
 
 pytestmark = pytest.mark.gpu
@@ -81,7 +82,9 @@ def run_engine(method: str, device: str, epochs: int = 3, reports: list | None =
     meta = RunMeta(num_items=P.num_items, num_strata=2, num_train_samples=P.num_rows,
                    user_share=[0.8, 0.2], interaction_share=[0.5, 0.5])
     reports = [] if reports is None else reports
-    eng = Engine(cfg, meta, ex.synthetic_train_table(P), eval_table(P, 1), eval_table(P, 2),
+    rank, world = rank_and_world()  # each rank gets its block of every split, as read_shard gives it
+    eng = Engine(cfg, meta, *(ex.shard(t, rank, world) for t in (ex.synthetic_train_table(P), eval_table(P, 1),
+                                                                  eval_table(P, 2))),
                  report=lambda m, s: reports.append((m, s)), say=lambda s: None, device=torch.device(device))
     final = eng.run()
     return final, {k: v.detach().cpu() for k, v in eng.model.state_dict().items()}

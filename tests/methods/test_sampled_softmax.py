@@ -53,7 +53,7 @@ def test_empirical_frequencies_match_the_proposal(proposal, beta):
 def test_counts_come_from_the_training_targets():
     p = ex.Problem(num_rows=40, num_items=30)
     table = ex.synthetic_train_table(p)
-    s = NegativeSampler.from_rows(TrainRows(table, p.max_len, 0, 1, 0), p.num_items, 4)
+    s = NegativeSampler.from_rows(TrainRows(table, p.max_len, p.num_rows, 0), p.num_items, 4)
     expected = np.zeros(p.num_items + 1, dtype=np.int64)
     for seq in table.column("seq").to_pylist():
         np.add.at(expected, np.asarray(seq[1:][-p.max_len:]), 1)  # every item after the first, last L
@@ -119,7 +119,7 @@ def test_many_uniform_negatives_give_full_cross_entropy_and_its_gradient():
     about log(n / M)."""
     model = _model(False)
     p = ex.Problem(num_rows=16, num_items=50, max_len=6)
-    batch = TrainRows(ex.synthetic_train_table(p), p.max_len, 0, 1, 0).take(torch.arange(p.num_rows))
+    batch = TrainRows(ex.synthetic_train_table(p), p.max_len, p.num_rows, 0).take(torch.arange(p.num_rows))
     params = list(model.backbone_parameters())
 
     def loss_and_grad(loss, cands=None):

@@ -56,8 +56,8 @@ def test_explicit_cpu_device_trains_exactly_the_default_path():
 
 def test_tiny_device_budget_keeps_rows_on_the_host_and_gives_the_same_batches():
     table = ex.synthetic_train_table(P)
-    resident = TrainRows(table, P.max_len, 0, 1, 2, torch.device("cpu"), budget_mb=2048)
-    host = TrainRows(table, P.max_len, 0, 1, 2, torch.device("cpu"), budget_mb=1e-6)
+    resident = TrainRows(table, P.max_len, P.num_rows, 2, torch.device("cpu"), budget_mb=2048)
+    host = TrainRows(table, P.max_len, P.num_rows, 2, torch.device("cpu"), budget_mb=1e-6)
     assert resident.resident and not host.resident
     ids = list(epoch_batches(P.num_rows, 32, 7, 3))
     got_resident = list(resident.prefetched(iter(ids)))
@@ -126,7 +126,7 @@ def _bf16_epoch(rank: int, world: int, init_file: str, out_dir: str, precision: 
     try:
         cfg = ex._cfg(P, {"run.precision": precision, "ga.prior": "power", "ga.alpha": 0.5,
                           "ga.bucket_cap_mb": 0.002})
-        rows = TrainRows(ex._shard(ex.synthetic_train_table(P), rank, world), P.max_len, rank, world, 0,
+        rows = TrainRows(ex.shard(ex.synthetic_train_table(P), rank, world), P.max_len, P.num_rows, 0,
                          budget_mb=budget_mb)
         model = ex._model(P, cfg)
         params = list(model.backbone_parameters())

@@ -207,7 +207,7 @@ def test_train_strata_and_warm_start():
     reports = []
     eng = make_engine(over, reports=reports)
     head = (ex.synthetic_train_table(P).column("stratum").to_numpy() == 1).nonzero()[0]
-    assert eng.train_ids.tolist() == head.tolist()
+    assert eng.train_ids.local_ids.tolist() == head.tolist() and eng.train_ids.total == len(head)
     eng.run()
     backbone = {k[len("backbone."):]: v for k, v in reports[-1][1]["model"].items() if k.startswith("backbone.")}
     warm = make_engine({**over, "optim.max_epochs": 1}, warm_backbone=backbone)

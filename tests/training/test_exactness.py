@@ -21,8 +21,8 @@ P = ex.Problem()
 
 
 @pytest.fixture(scope="module")
-def single():
-    return ex.compute(P, ex.synthetic_train_table(P))
+def single(tmp_path_factory):
+    return ex.compute(P, ex.write_train_split(P, tmp_path_factory.mktemp("exact-data")))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _oracle(prior_kind: str, alpha: float, unit: str) -> torch.Tensor:
     """Literal §1.2: one backward per sample, per-stratum means, Σ π_s ḡ_s."""
     table = ex.synthetic_train_table(P)
     cfg = ex._cfg(P)
-    rows = TrainRows(table, P.max_len, 0, 1, 0)
+    rows = TrainRows(table, P.max_len, P.num_rows, 0)
     batch = rows.take(torch.arange(P.num_rows))
     model = ex._model(P, cfg)
     model.eval()
@@ -74,7 +74,7 @@ def test_single_process_equals_literal_oracle(single, prior, alpha, unit):
 def test_interaction_share_is_pooled_mean(single):
     table = ex.synthetic_train_table(P)
     model = ex._model(P, ex._cfg(P))
-    rows = TrainRows(table, P.max_len, 0, 1, 0)
+    rows = TrainRows(table, P.max_len, P.num_rows, 0)
     b = rows.take(torch.arange(P.num_rows))
     loss_vec, _ = per_position_losses(model, b.inputs, b.targets, b.negs, None, "ce")
     params = list(model.backbone_parameters())

@@ -21,7 +21,7 @@ P = ex.Problem()
 
 @pytest.fixture(scope="module")
 def batch():
-    rows = TrainRows(ex.synthetic_train_table(P), P.max_len, 0, 1, 2)
+    rows = TrainRows(ex.synthetic_train_table(P), P.max_len, P.num_rows, 2)
     return rows.take(torch.arange(P.num_rows))
 
 

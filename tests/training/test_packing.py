@@ -41,7 +41,7 @@ def test_plan_places_every_window_once_without_overlap():
 
 def test_packed_rows_hold_each_window_items_and_targets():
     table = ex.synthetic_train_table(P)
-    rows = TrainRows(table, P.max_len, 0, 1, 2)
+    rows = TrainRows(table, P.max_len, P.num_rows, 2)
     ids = torch.from_numpy(np.random.default_rng(1).permutation(P.num_rows)[:40])
     padded, packed = rows.take(ids), rows.take(ids, packed=True)
     assert len(packed) == len(padded) == 40
@@ -73,7 +73,7 @@ def test_packed_losses_equal_padded_with_plugins(loss):
         for p in model.plugin_parameters():
             p.normal_(0, 0.1)
     model.eval()
-    rows = TrainRows(table, P.max_len, 0, 1, 2)
+    rows = TrainRows(table, P.max_len, P.num_rows, 2)
     ids = torch.arange(P.num_rows)
     out = {}
     for packed in (False, True):
@@ -91,7 +91,7 @@ def test_packed_losses_equal_padded_with_plugins(loss):
 
 def test_a_rank_without_windows_gets_an_empty_packed_batch():
     table = ex.synthetic_train_table(P)
-    rows = TrainRows(table.filter(table.column("sample_id").to_numpy() % 2 == 1), P.max_len, 1, 2, 0)
+    rows = TrainRows(ex.shard(table, 1, 2), P.max_len, P.num_rows, 0)
     b = rows.take(torch.tensor([0, 2, 4]), packed=True)  # ids of rank 0 only
     assert len(b) == 0 and b.inputs.shape[0] == 0
 

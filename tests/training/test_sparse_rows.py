@@ -22,7 +22,7 @@ def _ga_grads(sparse: bool, packed: bool):
     """The GA (power 0.5, per user) gradient of one global batch, dense or row-sparse."""
     cfg = ex._cfg(P, {"loss": "bce"})
     model = ex._model(P, cfg)
-    rows = TrainRows(ex.synthetic_train_table(P), P.max_len, 0, 1, 2)
+    rows = TrainRows(ex.synthetic_train_table(P), P.max_len, P.num_rows, 2)
     b = rows.take(torch.arange(P.num_rows), packed=packed)
     params = list(model.backbone_parameters())
     table = RowSparseTable(model) if sparse else None
