@@ -96,7 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
         if res.run_id:
             print(f"MLflow run {res.run_id} at {res.tracking_uri}")
         if mcfg.tracking.register_as:
-            print(f"registered: {register_result(res)['uri']}")
+            reg = register_result(res)
+            print(f"registered: {reg['uri']}" + (" (@champion)" if reg["champion"] else ""))
     if len(results) > 1:
         print("\n" + comparison_table(results))
     if args.json:
@@ -124,7 +125,7 @@ def comparison_table(results: dict) -> str:
     base = methods[0]
     first = results[base]
     k = first.config.eval.k
-    lines = [f"| slice | metric | " + " | ".join(methods) + f" | change vs {base} |",
+    lines = ["| slice | metric | " + " | ".join(methods) + f" | change vs {base} |",
              "|---|---|" + "---|" * len(methods) + "---|"]
     for s in slice_names(first.meta.num_strata):
         for m in (f"ndcg@{k}", f"hr@{k}", "auc"):
@@ -308,7 +309,7 @@ def run_tune(args: argparse.Namespace) -> int:
     print("\n" + open(f"{sweep}/report.md").read())
     print(f"sweep directory: {sweep}")
     if summary["registered"]:
-        print(f"registered: {summary['registered']['uri']}")
+        print(f"registered: {summary['registered']['uri']} (@champion)")
     return 0 if summary["best"] else 1
 
 
@@ -318,7 +319,8 @@ def _add_retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a train config value")
     p.add_argument("--logs", required=True, help="root of the date=YYYY-MM-DD log partitions (history + new)")
     p.add_argument("--model", required=True, metavar="NAME",
-                   help="registered model: warm start from its latest version, gate against it, register the candidate as it")
+                   help="registered model: warm start from its @champion version, gate against it, register the "
+                        "candidate as it (@champion moves to it only when it passes the gate)")
     p.add_argument("--through", default=None, metavar="YYYY-MM-DD", help="use partitions up to this date (default: all)")
     p.add_argument("--checkpoint", default=None, help="warm-start from this checkpoint directory instead of the registry")
     p.add_argument("--tolerance", type=float, default=0.005,
@@ -341,7 +343,9 @@ def run_retrain(args: argparse.Namespace) -> int:
     if summary.get("report_dir"):
         print("\n" + open(f"{summary['report_dir']}/drift.md").read())
         print(f"retrain report: {summary['report_dir']}")
-    print(f"decision: {summary['decision']}" + (f" ({summary['registered']})" if summary["registered"] else ""))
+    where = summary["registered"] or summary.get("registered_without_alias")
+    note = "" if not where else f" ({where}{', @champion' if summary['registered'] else ', without @champion'})"
+    print(f"decision: {summary['decision']}{note}")
     return REJECTED if summary["decision"] == "rejected" else 0
 
 
@@ -405,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "per-stratum gate against the registered version"))
     _add_partition_args(sub.add_parser("partition", help="split a raw log by time into date=YYYY-MM-DD "
                                                          "partitions (history + new days) for retrain"))
+    from ray_pinet.recommend import add_recommend_args
     from ray_pinet.submit import add_submit_args
     from ray_pinet.twotower_cli import add_twotower_args
 
+    add_recommend_args(sub.add_parser("recommend", help="registered model -> top-k raw item ids of every user "
+                                                        "(Ray Data batch scoring, Parquet)"))
     add_submit_args(sub.add_parser("submit", help="run a command as a Ray Job (Jobs SDK), stream its logs, "
                                                   "exit with its exit code: submit [OPTIONS] -- COMMAND ..."))
     add_twotower_args(sub.add_parser("twotower", help="two-tower MF on (user, item) pairs: OneBP, TwoBP, "
@@ -425,6 +432,10 @@ def _handler(command: str):
         from ray_pinet.submit import run_submit_cli
 
         return run_submit_cli
+    if command == "recommend":
+        from ray_pinet.recommend import run_recommend
+
+        return run_recommend
     if command == "twotower":
         from ray_pinet.twotower_cli import run_twotower
 

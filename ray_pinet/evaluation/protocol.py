@@ -39,6 +39,14 @@ def slice_names(num_strata: int) -> list[str]:
     return [stratum_name(s, num_strata) for s in range(num_strata)] + ["all"]
 
 
+def mask_seen_(scores: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor) -> torch.Tensor:
+    """Scores [B, M+1] with the padding column and each row's seen items at -inf (in place):
+    what evaluation ranks over, and what ``ray-pinet recommend`` recommends from."""
+    scores[:, 0] = -torch.inf
+    scores[seen_rows, seen_items] = -torch.inf
+    return scores
+
+
 @torch.no_grad()
 def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rank of target, target score, negative score) for one EvalBatch, last position."""
@@ -55,8 +63,7 @@ def batch_ranks(model, batch, k: int, use_candidates: bool) -> tuple[torch.Tenso
     rows = torch.arange(len(batch), device=scores.device)
     target_score = scores[rows, batch.target].clone()
     neg_score = scores[rows, batch.neg].clone()
-    scores[:, 0] = -torch.inf
-    scores[batch.seen_rows, batch.seen_items] = -torch.inf
+    mask_seen_(scores, batch.seen_rows, batch.seen_items)
     scores[rows, batch.target] = target_score  # the target is never masked
     # Only strictly higher scores count, so ties favour the target ("optimistic", as
     # metrics.target_rank's default); exact float ties among 10^4 learned scores are rare.

@@ -22,6 +22,7 @@ class StratumEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.num_strata = len(self.members)
         self.use_plugins = True  # scoring needs the stratum (ScoringModule passes it when True)
+        self.static_routing = False  # serving.export_scoring sets it
 
     @property
     def supports_full(self) -> bool:
@@ -33,6 +34,10 @@ class StratumEnsemble(nn.Module):
         if stratum is None:
             raise ValueError("StratumEnsemble routes every row by its stratum: pass stratum")
         check_stratum(stratum, history.shape[0], self.num_strata)
+        if self.static_routing:  # the exported graph (layers.route): every member, then a gather
+            outs = torch.stack([m.predict(history, None, candidates) for m in self.members])
+            index = stratum.view(1, -1, *([1] * (outs.dim() - 2))).expand(1, *outs.shape[1:])
+            return outs.gather(0, index).squeeze(0)
         out = None
         for s, member in enumerate(self.members):
             rows = (stratum == s).nonzero(as_tuple=True)[0]

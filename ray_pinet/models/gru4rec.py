@@ -40,8 +40,15 @@ class GRU4Rec(nn.Module):
         cols = torch.arange(length, device=inputs.device).unsqueeze(0)
         right = inputs.gather(1, (cols + shift) % length)  # real items first
         x = self.emb_dropout(self.item_emb(right))
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
+        if torch.compiler.is_exporting():
+            # Packing needs the lengths on the host, which an exported graph cannot read. The GRU
+            # is causal, so after the rotation every real item's state is the same without it;
+            # the trailing padding's states are zeroed as pad_packed_sequence leaves them.
+            out, _ = self.gru(x)
+            out = out * (cols < lengths.clamp(min=1).unsqueeze(1)).unsqueeze(-1).to(out.dtype)
+        else:
+            packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.gru(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
         back = ((cols - shift) % length).unsqueeze(-1).expand(b, length, out.shape[-1])
         return self.proj(out.gather(1, back))  # back to left padding

@@ -91,6 +91,10 @@ class MLP(nn.Module):
 def check_stratum(stratum: torch.Tensor, batch: int, num_strata: int) -> None:
     if stratum.dim() != 1 or stratum.shape[0] != batch:
         raise ValueError(f"stratum must have shape [{batch}], got {tuple(stratum.shape)}")
+    if torch.compiler.is_exporting():
+        # The value check reads the batch on the host, which an exported graph cannot; there
+        # the static route's gather refuses an out-of-range stratum instead.
+        return
     if stratum.numel() and (int(stratum.min()) < 0 or int(stratum.max()) >= num_strata):
         raise ValueError(
             f"stratum values must be in 0..{num_strata - 1} (unseen users go to 0 = tail), "
@@ -99,12 +103,21 @@ def check_stratum(stratum: torch.Tensor, batch: int, num_strata: int) -> None:
 
 
 def route(
-    x: torch.Tensor, stratum: torch.Tensor, fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    x: torch.Tensor, stratum: torch.Tensor, fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    static: bool = False,
 ) -> torch.Tensor:
     """Apply ``fns[s]`` to the rows (dim 0) of ``x`` whose stratum is s; rows keep their order.
 
-    Only the strata present in the batch run, so each plugin sees only its own rows (and only its
-    parameters get gradients from them)."""
+    Training (``static=False``): only the strata present in the batch run, so each plugin sees
+    only its own rows (and only its parameters get gradients from them). That needs the batch's
+    strata on the host (``unique().tolist()``, ``nonzero``): data-dependent control flow, which
+    ``torch.export`` cannot trace. ``static=True`` (the served scoring graph): every plugin runs
+    on every row and a gather keeps row b's ``fns[stratum[b]]`` output: K times the plugin
+    compute (K is small), no host sync, one graph for every batch."""
+    if static:
+        outs = torch.stack([f(x) for f in fns])  # [K, B, ...]
+        index = stratum.view(1, -1, *([1] * (outs.dim() - 2))).expand(1, *outs.shape[1:])
+        return outs.gather(0, index).squeeze(0)
     pieces, order = [], []
     for s in torch.unique(stratum).tolist():
         idx = (stratum == s).nonzero(as_tuple=True)[0]

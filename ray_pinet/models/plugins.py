@@ -44,6 +44,7 @@ class SequencePlugins(nn.Module):
         self.item_offset = (
             nn.Parameter(torch.zeros(num_strata, num_items + 1, dim)) if cfg.item_offset else None
         )
+        self.static_routing = False  # layers.route: True in the exported scoring graph (serving.py)
         self.reset()
 
     @torch.no_grad()
@@ -61,7 +62,7 @@ class SequencePlugins(nn.Module):
         """states [B, ..., d] -> states + adapter_{s(b)}(states)."""
         if self.adapters is None:
             return states
-        return states + route(states, stratum, list(self.adapters))
+        return states + route(states, stratum, list(self.adapters), self.static_routing)
 
     def shared_logits(
         self, states: torch.Tensor, stratum: torch.Tensor, emb: torch.Tensor, items: slice | torch.Tensor
@@ -78,7 +79,8 @@ class SequencePlugins(nn.Module):
             logits = logits.addmm_(onehot, self.item_bias.weight[:, items])
         if self.item_offset is not None:  # added separately: exactly + 0 while the offsets are zero
             offset = self.item_offset[:, items]
-            logits = logits + route(states, stratum, [lambda h, s=s: h @ offset[s].T for s in range(len(offset))])
+            logits = logits + route(states, stratum, [lambda h, s=s: h @ offset[s].T for s in range(len(offset))],
+                                   self.static_routing)
         return logits
 
     def item_logits(
@@ -101,6 +103,7 @@ class HeadPlugins(nn.Module):
         self.start = len(head.blocks) - n  # head blocks before this index stay shared
         self.heads = nn.ModuleList(head.tail(self.start) for _ in range(num_strata)) if n else None
         self.item_bias = _ItemBias(num_strata, num_items) if cfg.item_bias else None
+        self.static_routing = False  # layers.route: True in the exported scoring graph (serving.py)
 
     @torch.no_grad()
     def reset(self, head: MLP) -> None:
@@ -117,7 +120,7 @@ class HeadPlugins(nn.Module):
         if self.heads is None:
             out = head(feats)
         else:
-            out = route(head(feats, end=self.start), stratum, list(self.heads))
+            out = route(head(feats, end=self.start), stratum, list(self.heads), self.static_routing)
         out = out.squeeze(-1)
         if self.item_bias is not None:
             out = out + self.item_bias.items(stratum, items)

@@ -183,13 +183,17 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     summary.update({"gate": g.to_dict(), "drift": drift(inc.strata if inc else None, meta.strata),
                     "candidate_run": res.run_id, "candidate": cand, "incumbent_metrics": inc_metrics,
                     "data": str(data), "decision": "registered" if g.accepted else "rejected"})
-    if g.accepted:
-        reg = register_run(uri, res.run_id, opts.model_name, {
-            "data.through": through, "method": cfg.method, "run_name": cfg.run.name,
-            "retrain.parent": inc.source if inc else "none",
-            "retrain.gate": json.dumps({r.slice: None if r.change is None else round(r.change, 5) for r in g.rows})},
-            str(data))
-        summary["registered"] = reg["uri"]
+    # Both outcomes are registered (the candidate stays findable beside its incumbent); only a
+    # candidate that passes the gate takes @champion, a rejected one is tagged with why.
+    tags = {"data.through": through, "method": cfg.method, "run_name": cfg.run.name,
+            "retrain.parent": inc.source if inc else "none", "retrain.decision": summary["decision"],
+            "retrain.gate": json.dumps({r.slice: None if r.change is None else round(r.change, 5) for r in g.rows})}
+    if not g.accepted:
+        tags["retrain.rejected_because"] = "; ".join(g.reasons)[:5000]
+    reg = register_run(uri, res.run_id, opts.model_name, tags, str(data), make_champion=g.accepted)
+    summary["registered"] = reg["uri"] if g.accepted else None
+    summary["registered_without_alias"] = None if g.accepted else reg["uri"]
+    summary["champion"] = reg["champion"]
 
     out = storage / "retrain" / cfg.run.name
     write_report(out, summary, uri, res.run_id)

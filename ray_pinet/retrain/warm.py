@@ -146,9 +146,10 @@ def from_checkpoint(checkpoint_dir: str) -> Incumbent:
 
 
 def from_registry(uri: str, model_name: str) -> Optional[Incumbent]:
-    """The latest version of a registered model; None only when the registry has no model of
-    that name (or no version of it). A registry it cannot read is a ``RegistryError``, never
-    "no incumbent" (that would register the candidate ungated).
+    """The serving version of a registered model, ``@champion`` (the latest version when no
+    version holds the alias: a registry written before aliases); None only when the registry has
+    no model of that name (or no version of it). A registry it cannot read is a
+    ``RegistryError``, never "no incumbent" (that would register the candidate ungated).
 
     The model is rebuilt from the run's plain weights artifact (``MODEL_STATE_ARTIFACT``), read
     with ``weights_only=True``: the pickled served model is never loaded, so a tampered version
@@ -158,13 +159,14 @@ def from_registry(uri: str, model_name: str) -> Optional[Incumbent]:
 
     from ray_pinet.checkpoint_io import RefusedCheckpoint, load_weights
     from ray_pinet.tracking.mlflow_utils import MODEL_STATE_ARTIFACT
-    from ray_pinet.tracking.registry import RegistryError, model_versions, registry_failure
+    from ray_pinet.tracking.registry import RegistryError, champion, model_versions, registry_failure
     from ray_pinet.training.trainer import rebuild_model
 
     versions = model_versions(uri, model_name)
     if not versions:
         return None
-    mv = max(versions, key=lambda v: int(v.version))
+    # the version URI, not the alias: the alias moves, a report must name what it compared with
+    mv = champion(uri, model_name) or max(versions, key=lambda v: int(v.version))
     where = f"models:/{model_name}/{mv.version}"
     with tempfile.TemporaryDirectory() as tmp:
         files = {}

@@ -134,23 +134,6 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
-def log_scoring_model(uri: str, run_id: str, module, input_example, registered_model_name: Optional[str] = None):
-    """Log ``module`` with ``mlflow.pytorch`` into ``run_id``; returns the model URI."""
-    import mlflow
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            module, name="model", input_example=input_example,
-            registered_model_name=registered_model_name,
-            pip_requirements=["torch==2.13.0"],
-            serialization_format="pickle",  # pt2 export cannot trace the data-dependent routing
-        )
-    # start_run(run_id) ends the run as FINISHED on exit; the caller decides the final status.
-    return info.model_uri
-
-
 def log_model_state(uri: str, run_id: str, config: dict, meta: dict, model_state: dict,
                     use_plugins: bool) -> None:
     """Log a model's weights as plain data to ``MODEL_STATE_ARTIFACT`` of ``run_id``."""

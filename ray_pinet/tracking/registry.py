@@ -1,5 +1,9 @@
 """MLflow Model Registry: register a run's served model with the tags a reader needs to know
-what it was trained on (dataset, stratification and its statistics, the objective it won on)."""
+what it was trained on (dataset, stratification and its statistics, the objective it won on),
+and mark the version that serves with the alias ``@champion`` (MLflow's convention): the first
+training, a Tune winner and a retrain candidate that passes the gate take it; a rejected
+candidate is registered without it. ``retrain`` warm-starts from and gates against
+``models:/NAME@champion``."""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 from ray_pinet.config_base import ConfigError
+
+
+CHAMPION = "champion"
 
 
 class RegistryError(ConfigError):
@@ -61,12 +68,30 @@ def stratum_tags(data_path: Optional[str]) -> dict[str, str]:
     return tags
 
 
+def champion(uri: str, model_name: str):
+    """The version of ``model_name`` that holds ``@champion``; None when no version does (no
+    model, or one registered before aliases). Other registry errors are a ``RegistryError``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri).get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise registry_failure(uri, model_name, exc) from exc
+    except Exception as exc:  # connection errors that MLflow did not wrap
+        raise registry_failure(uri, model_name, exc) from exc
+
+
 def register_run(uri: str, run_id: str, model_name: str, tags: dict[str, str],
-                 data_path: Optional[str]) -> dict:
+                 data_path: Optional[str], make_champion: Optional[bool] = None) -> dict:
     """Register ``runs:/<run_id>/model`` as a new version of ``model_name`` with ``tags`` plus the
     stratification tags of ``data_path``. Idempotent: a rerun (resumed sweep, resubmitted job)
-    finds the version it registered before instead of adding another. Returns name, version,
-    models:/ URI and tags."""
+    finds the version it registered before instead of adding another. ``make_champion``: True
+    moves ``@champion`` to this version, False leaves the alias where it is, None (a plain
+    training) gives it the alias only when no version holds it yet (the first training).
+    Returns name, version, models:/ URI (by version), champion (bool) and tags."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -80,12 +105,18 @@ def register_run(uri: str, run_id: str, model_name: str, tags: dict[str, str],
         mv = mlflow.register_model(f"runs:/{run_id}/model", model_name, tags=tags)
     for k, v in tags.items():
         client.set_model_version_tag(model_name, mv.version, k, v)
+    if make_champion is None:
+        make_champion = champion(uri, model_name) is None
+    if make_champion:
+        client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    current = champion(uri, model_name)
     return {"name": model_name, "version": str(mv.version), "uri": f"models:/{model_name}/{mv.version}",
-            "tags": tags}
+            "champion": current is not None and str(current.version) == str(mv.version), "tags": tags}
 
 
 def register_best(uri: str, run_id: str, model_name: str, sweep: str, trial_dir: str,
                   objective: float, data_path: Optional[str]) -> dict:
     """A sweep's winner: registered with the sweep name and its objective value."""
-    out = register_run(uri, run_id, model_name, {"sweep": sweep, "objective": f"{objective:.6g}"}, data_path)
+    out = register_run(uri, run_id, model_name, {"sweep": sweep, "objective": f"{objective:.6g}"}, data_path,
+                       make_champion=True)
     return {**out, "sweep_dir": trial_dir}

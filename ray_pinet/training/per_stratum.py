@@ -118,7 +118,7 @@ def fit_per_stratum(
                                         indent=2, sort_keys=True))
                 mu.log_artifact(uri, run_id, f, None)
             if cfg.tracking.log_model:
-                model_uri = log_served_model(cfg, K, model, uri, run_id)
+                model_uri = log_served_model(cfg, model, uri, run_id, path)
             mu.finish_run(uri, run_id)
     except BaseException:
         if uri and run_id:

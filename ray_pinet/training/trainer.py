@@ -8,12 +8,12 @@ run tagged with that name is reopened.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -405,28 +405,29 @@ def _log_run_outputs(cfg, meta, path, snap, final, history, uri, run_id) -> Opti
             mu.log_artifact(uri, run_id, tmp / f, "plots" if f.endswith(".png") else None)
     if not cfg.tracking.log_model:
         return None
-    # The served model takes item indices: its vocabulary travels with it (retrain needs it too).
+    # The item-index vocabulary beside the run (retrain reads it; the served model carries its own).
     mu.log_artifact(uri, run_id, path / "items.parquet", "vocab")
-    return log_served_model(cfg, meta.num_strata, rebuild_model(snap)[0], uri, run_id, meta=meta)
+    return log_served_model(cfg, rebuild_model(snap)[0], uri, run_id, path, meta=meta)
 
 
-def log_served_model(cfg: TrainConfig, num_strata: int, model, uri: str, run_id: str,
-                     meta: Optional[RunMeta] = None) -> str:
-    """Log ``model`` wrapped in ``ScoringModule`` (with an input example) to the run; its URI.
+def log_served_model(cfg: TrainConfig, model, uri: str, run_id: str, data_path,
+                     meta: Optional[RunMeta] = None) -> Optional[str]:
+    """Log ``model`` as the run's served model on raw ids (``serving.log_served_pyfunc``: the
+    exported ``ScoringModule`` graph with ``data_path``'s vocabulary and users); its URI.
     With ``meta`` (a single RecModel, not a per-stratum ensemble) its weights also go to
-    ``mlflow_utils.MODEL_STATE_ARTIFACT`` as plain data: what ``retrain`` warm-starts from,
-    without unpickling the served model."""
-    from ray_pinet.serving import ScoringModule
+    ``mlflow_utils.MODEL_STATE_ARTIFACT`` as plain data: what ``retrain`` warm-starts from."""
+    from ray_pinet.serving import ScoringModule, log_served_pyfunc
     from ray_pinet.tracking import mlflow_utils as mu
 
     if meta is not None:
         mu.log_model_state(uri, run_id, cfg.to_dict(), dict(meta.__dict__), model.state_dict(),
                            getattr(model, "use_plugins", False))
-
-    example = np.zeros((2, 1 + cfg.model.max_len), dtype=np.int64)
-    example[:, 0] = [0, num_strata - 1]
-    example[:, -3:] = [[1, 2, 3], [3, 2, 1]]
-    return mu.log_scoring_model(uri, run_id, ScoringModule(model, cfg.stage2.unseen_stratum), example)
+    if not model.supports_full:  # DIN scores given candidates only: no catalogue to rank
+        print(f"ray-pinet: {cfg.model.backbone} scores candidates, not the catalogue: no served model "
+              "logged (its weights are in the run's checkpoint)", file=sys.stderr)
+        return None
+    return log_served_pyfunc(uri, run_id, ScoringModule(model, cfg.stage2.unseen_stratum), cfg.model.max_len,
+                             data_path)
 
 
 def reuse_joint(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_data: Optional[str],

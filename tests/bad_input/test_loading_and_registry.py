@@ -58,6 +58,28 @@ def _tiny_model(num_items: int = 20):
     return cfg, meta, model
 
 
+def write_tiny_prepared(data: Path, num_items: int) -> Path:
+    """The parts of a prepared folder a served model carries (``serving.serving_users``):
+    items, two users and their validation/test rows."""
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "items.parquet").exists():
+        pq.write_table(pa.table({"item_idx": pa.array(np.arange(1, num_items + 1), pa.int32()),
+                                 "item_id": [f"i{i}" for i in range(1, num_items + 1)]}), data / "items.parquet")
+    # users and their latest histories
+    pq.write_table(pa.table({"user_idx": pa.array([0, 1], pa.int64()), "user_id": ["u0", "u1"],
+                             "activeness": pa.array([3, 9], pa.int64()), "stratum": pa.array([0, 1], pa.int8())}),
+                   data / "users.parquet")
+    for split in ("valid", "test"):
+        (data / split).mkdir(exist_ok=True)
+        pq.write_table(pa.table({"sample_id": pa.array([0, 1], pa.int64()), "user_idx": pa.array([0, 1], pa.int64()),
+                                 "stratum": pa.array([0, 1], pa.int8()),
+                                 "history": pa.array([[1, 2], [3, 4, 5]], pa.list_(pa.int32())),
+                                 "target": pa.array([6, 7], pa.int32()), "neg": pa.array([8, 9], pa.int32()),
+                                 "seen": pa.array([[1, 2], [3, 4, 5]], pa.list_(pa.int32()))}),
+                       data / split / "part-00000.parquet")
+    return data
+
+
 def _log_run_with_vocab(uri: str, run_name: str, num_items: int, tmp: Path) -> str:
     """A tracked run carrying the vocabulary and strata artifacts a trained run logs."""
     from ray_pinet.tracking import mlflow_utils as mu
@@ -70,6 +92,7 @@ def _log_run_with_vocab(uri: str, run_name: str, num_items: int, tmp: Path) -> s
     (data / "strata.json").write_text(json.dumps({"num_strata": 2, "mode": "top_fraction"}))
     mu.log_artifact(uri, run_id, data / "items.parquet", "vocab")
     mu.log_artifact(uri, run_id, data / "strata.json", "data")
+    write_tiny_prepared(data, num_items)
     return run_id
 
 
@@ -173,7 +196,7 @@ def test_model_state_artifact_round_trip(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, meta, model = _tiny_model()
     run_id = _log_run_with_vocab(uri, "round-trip", 20, tmp_path)
-    log_served_model(cfg, 2, model, uri, run_id, meta=meta)
+    log_served_model(cfg, model, uri, run_id, tmp_path / "data-round-trip", meta=meta)
     register_run(uri, run_id, "round-trip", {"data.through": "2020-01-01"}, None)
     inc = from_registry(uri, "round-trip")
     assert inc is not None and inc.version == "1" and inc.through == "2020-01-01"
@@ -239,7 +262,7 @@ def test_registered_version_without_weights_artifact_says_so(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, meta, model = _tiny_model()
     run_id = _log_run_with_vocab(uri, "older", 20, tmp_path)
-    log_served_model(cfg, 2, model, uri, run_id)  # no meta: no model_state artifact, as before
+    log_served_model(cfg, model, uri, run_id, tmp_path / "data-older")  # no meta: no model_state artifact
     register_run(uri, run_id, "older", {}, None)
     with pytest.raises(ConfigError, match="has no model_state/state.pt artifact: it was logged by an older ray-pinet"):
         from_registry(uri, "older")
@@ -269,7 +292,7 @@ def test_model_names_with_quotes_find_their_versions(tmp_path):
     cfg, meta, model = _tiny_model()
     for i, name in enumerate(("team's model", 'the "best" one')):
         run_id = _log_run_with_vocab(uri, f"quoted-{i}", 20, tmp_path)
-        log_served_model(cfg, 2, model, uri, run_id, meta=meta)
+        log_served_model(cfg, model, uri, run_id, tmp_path / f"data-quoted-{i}", meta=meta)
         first = register_run(uri, run_id, name, {}, None)
         again = register_run(uri, run_id, name, {}, None)  # idempotent: finds the version it made
         assert first["version"] == again["version"] == "1"
@@ -335,3 +358,34 @@ def test_a_failing_retrain_report_leaves_the_previous_report(tmp_path, monkeypat
         write_report(out, rejected, f"http://127.0.0.1:{_closed_port()}", "f" * 32)
     assert files() == before
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no half-written sibling left
+
+
+def test_champion_alias_marks_the_serving_version_and_retrain_follows_it(tmp_path):
+    """The first registration takes @champion, a plain later one leaves it, a winner moves it,
+    a rejected candidate (make_champion=False) is registered without it; from_registry (what
+    retrain warm-starts from and gates against) follows the alias, not the newest version."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_pinet.retrain.warm import from_registry
+    from ray_pinet.tracking.registry import champion, register_run
+    from ray_pinet.training.trainer import log_served_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg, meta, model = _tiny_model()
+    runs = []
+    for i in range(4):
+        run_id = _log_run_with_vocab(uri, f"alias-{i}", 20, tmp_path)
+        log_served_model(cfg, model, uri, run_id, tmp_path / f"data-alias-{i}", meta=meta)
+        runs.append(run_id)
+    assert champion(uri, "aliased") is None  # no such model yet
+    first = register_run(uri, runs[0], "aliased", {}, None)
+    assert first["champion"] and str(champion(uri, "aliased").version) == "1"
+    plain = register_run(uri, runs[1], "aliased", {}, None)  # a later plain training
+    assert not plain["champion"] and str(champion(uri, "aliased").version) == "1"
+    winner = register_run(uri, runs[2], "aliased", {}, None, make_champion=True)
+    assert winner["champion"] and str(champion(uri, "aliased").version) == "3"
+    rejected = register_run(uri, runs[3], "aliased", {"retrain.decision": "rejected"}, None, make_champion=False)
+    assert rejected["version"] == "4" and not rejected["champion"]
+    inc = from_registry(uri, "aliased")
+    assert inc.version == "3" and inc.source == "models:/aliased/3" and inc.run_id == runs[2]
+    assert str(MlflowClient(uri).get_model_version_by_alias("aliased", "champion").version) == "3"

@@ -82,14 +82,3 @@ def test_train_ingest_smoke_ranks_read_their_blocks(tmp_path):
     assert [r["local_samples"] for r in ranks] == [150, 150]
     assert all(r["local_positions"] > 0 and r["peak_rss_mib"] > 0 and r["data_s"] > 0 for r in ranks)
 
-
-@pytest.mark.slow
-def test_ray_data_vs_tasks_smoke(tmp_path):
-    """benchmarks/ray_data_vs_tasks.py: prepare and the Ray Data pipeline both run on one log."""
-    out = tmp_path / "rd.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "ray_data_vs_tasks.py"), "--smoke-test", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["tasks"]["ingest_s"] > 0 and result["ray_data"]["ingest_s"] > 0
-    assert result["ray_data"]["files_written"] >= result["buckets"]

@@ -53,7 +53,10 @@ def test_mlflow_parent_child_runs_and_served_ensemble(grid):
     assert sorted(r.data.tags["stratum"] for r in subs) == ["head", "tail"]
     joint = next(r for r in children if r.data.tags["cell"] == "joint")
     assert sep.data.metrics["test/all/users"] == joint.data.metrics["test/all/users"] > 100
-    model = mlflow.pytorch.load_model(f"runs:/{sep.info.run_id}/model")
+    from ray_pinet.serving import load_program
+
+    mlflow.set_tracking_uri(uri)
+    model = load_program(f"runs:/{sep.info.run_id}/model")  # the per-stratum ensemble, exported
     x = np.zeros((3, 51), dtype=np.int64)
     x[:, 0] = [0, 1, -1]  # tail, head, unseen user
     x[:, -2:] = [[1, 2], [2, 3], [3, 4]]

@@ -3,7 +3,8 @@ partition (before 2018) and two new ones (2018-01..04, 2018-05..09).
 
 Day 0 trains from scratch and registers version 1; day 1 warm-starts from it on history + the
 first new partition (activeness recomputed, item vocabulary grown), passes the gate and becomes
-version 2; day 2 is sabotaged (learning rate 1.0) so the gate must reject it and keep version 2.
+version 2; day 2 is sabotaged (learning rate 1.0) so the gate must reject it: it is registered as
+version 3 without `@champion`, which stays on version 2.
 Each candidate's MLflow run carries the drift report."""
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_day0_trains_from_scratch_and_registers_version_1(days):
     code, s = out["day0"]
     assert code == 0 and s["decision"] == "registered" and s["incumbent"] is None
     assert s["registered"] == f"models:/{MODEL}/1" and s["new_partitions"] == ["2017-12-31"]
+    assert s["champion"] is True  # the first training serves: it took @champion (day 1 moves it on)
 
 
 def test_day1_warm_starts_on_the_grown_log_and_passes_the_gate(days):
@@ -75,10 +77,11 @@ def test_day1_warm_starts_on_the_grown_log_and_passes_the_gate(days):
         # (a slice whose users both models miss entirely has the point interval [0, 0])
     assert next(r for r in s["gate"]["rows"] if r["slice"] == "all")["ci95"][0] < \
         next(r for r in s["gate"]["rows"] if r["slice"] == "all")["ci95"][1]
-    assert s["decision"] == "registered" and s["registered"] == f"models:/{MODEL}/2"
+    assert s["decision"] == "registered" and s["registered"] == f"models:/{MODEL}/2" and s["champion"] is True
     client = MlflowClient(uri)
     mv = client.get_model_version(MODEL, "2")
     assert mv.tags["data.through"] == "2018-04-30" and mv.tags["retrain.parent"] == f"models:/{MODEL}/1"
+    assert mv.tags["retrain.decision"] == "registered"
     arts = {a.path for a in client.list_artifacts(s["candidate_run"], "retrain")}
     assert {"retrain/drift.md", "retrain/drift.json", "retrain/drift.png"} <= arts
     # the candidate's own evaluation on the holdout equals what its training run reported
@@ -91,7 +94,7 @@ def test_rerun_without_new_partitions_is_up_to_date(days):
     assert out["again"] == 0
 
 
-def test_day2_regression_is_rejected_and_version_2_stays(days):
+def test_day2_regression_is_registered_without_the_alias_and_version_2_stays_champion(days):
     from mlflow.tracking import MlflowClient
 
     _, uri, out = days
@@ -101,7 +104,13 @@ def test_day2_regression_is_rejected_and_version_2_stays(days):
     bad = [r for r in s["gate"]["rows"] if not r["ok"]]
     assert bad and all(r["change"] < -0.3 for r in bad)
     client = MlflowClient(uri)
-    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == [1, 2]
+    # registered (findable beside the champion), without @champion, and tagged with why
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == [1, 2, 3]
+    assert s["registered_without_alias"] == f"models:/{MODEL}/3"
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    v3 = client.get_model_version(MODEL, "3")
+    assert v3.run_id == s["candidate_run"] and v3.tags["retrain.decision"] == "rejected"
+    assert bad[0]["slice"] in v3.tags["retrain.rejected_because"]
     tags = client.get_run(s["candidate_run"]).data.tags
     assert tags["retrain.decision"] == "rejected" and "ndcg@10" in tags["retrain.rejected_because"]
     assert bad[0]["slice"] in tags["retrain.rejected_because"]

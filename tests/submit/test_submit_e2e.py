@@ -10,6 +10,7 @@ and killing the processes that belong to it (``ray stop`` would stop every Ray o
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -23,6 +24,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from ray_pinet.cli import main
@@ -262,3 +264,15 @@ def test_smoke_train_job_registers_a_model(submit_cluster, client_env, capsys, t
     assert "SUCCEEDED (exit 0)" in out
     mv = MlflowClient(uri).get_model_version("submit-model", "1")
     assert "dataset" in mv.tags
+    # the path to served recommendations, as a job too: the first registration took @champion
+    assert "registered: models:/submit-model/1 (@champion)" in out
+    rc = main(["submit", "--address", submit_cluster, "--working-dir", str(REPO),
+               "--env", f"RAY_API_SERVER_ADDRESS={submit_cluster}", "--",
+               "python", "jobs/recommend.py", "--model", "models:/submit-model@champion", "--tracking-uri", uri,
+               "--output", str(tmp_path / "recs"), "--k", "5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-5000:]
+    summary = json.loads((tmp_path / "recs" / "_summary.json").read_text())
+    assert summary["users_scored"] > 100 and summary["k"] == 5
+    recs = pq.read_table(tmp_path / "recs")
+    assert recs.num_rows == summary["users_scored"] and all(len(v) == 5 for v in recs.column("item_ids").to_pylist())

@@ -55,16 +55,17 @@ def test_register_best_on_a_tracking_server(server):
     from ray_pinet.models.registry import build_model
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.tracking.registry import register_best
+    from ray_pinet.serving import load_program
     from ray_pinet.training.trainer import log_served_model
+    from tests.bad_input.test_loading_and_registry import write_tiny_prepared
 
     uri, tmp = server
     cfg = TrainConfig.from_dict({"model": {"dim": 8, "num_blocks": 1, "max_len": 5}})
     torch.manual_seed(0)
     model = build_model(cfg.model, num_items=20, num_strata=2, plugins=cfg.stage2.plugin).eval()
     run_id, _ = mu.start_or_resume_run(uri, "reg-test", "trial-a", cfg.to_dict())
-    log_served_model(cfg, 2, model, uri, run_id)
-    data = tmp / "prepared"
-    data.mkdir()
+    data = write_tiny_prepared(tmp / "prepared", num_items=20)
+    log_served_model(cfg, model, uri, run_id, data)
     (data / "strata.json").write_text(json.dumps({
         "mode": "top_fraction", "num_strata": 2, "thresholds": {"q": 0.3},
         "strata": [{"stratum": 0, "name": "tail", "users": 7, "interactions": 30},
@@ -83,7 +84,7 @@ def test_register_best_on_a_tracking_server(server):
     assert json.loads(mv.tags["strata.head"])["users"] == 3 and mv.tags["objective"] == "0.12"
 
     mlflow.set_tracking_uri(uri)
-    served = mlflow.pytorch.load_model("models:/served/1")
+    served = load_program("models:/served/1")  # the exported graph, fetched from the server
     x = np.array([[0, 0, 1, 2, 3, 4], [1, 0, 0, 0, 5, 6], [-1, 0, 0, 0, 0, 7]], dtype=np.int64)
     scores = served(torch.as_tensor(x))
     assert scores.shape == (3, 21) and torch.isfinite(scores[:, 1:]).all()

@@ -76,11 +76,12 @@ def test_mlflow_run_holds_config_metrics_plots_and_model(trained):
     assert cfg["run"]["num_workers"] == 2
 
     import mlflow.pyfunc
-    import mlflow.pytorch
+
+    from ray_pinet.serving import load_program
 
     model_uri = f"runs:/{run.info.run_id}/model"
     mlflow.set_tracking_uri(uri)
-    module = mlflow.pytorch.load_model(model_uri)
+    module = load_program(model_uri)  # the exported scoring graph on item indices
     x = np.zeros((3, 51), dtype=np.int64)
     x[:, 0] = [0, 1, -1]  # tail, head, unseen user (-> tail plugin)
     x[:, -2:] = [[5, 6], [7, 8], [5, 6]]
@@ -90,8 +91,16 @@ def test_mlflow_run_holds_config_metrics_plots_and_model(trained):
     num_items = pq.read_metadata(tmp / "prepared" / "items.parquet").num_rows
     assert scores.shape == (3, num_items + 1)  # one column per item plus padding
     assert torch.equal(scores[0], scores[2])  # unseen users are routed to the tail plugin
-    out = mlflow.pyfunc.load_model(model_uri).predict(x)
-    assert np.asarray(out).shape == (3, num_items + 1)
+    # the served model on raw ids: a known user by id, an unknown one by recent items
+    import pandas as pd
+
+    users = pq.read_table(tmp / "prepared" / "users.parquet").column("user_id").to_pylist()
+    items = pq.read_table(tmp / "prepared" / "items.parquet").column("item_id").to_pylist()
+    out = mlflow.pyfunc.load_model(model_uri).predict(
+        pd.DataFrame({"user_id": [users[0], "nobody"], "items": [None, [items[4], items[5]]]}))
+    assert out["known_user"].tolist() == [True, False]
+    assert all(len(ids) == 10 and set(ids) <= set(items) for ids in out["item_ids"])
+    assert not {items[4], items[5]} & set(out["item_ids"][1])  # the request's items are excluded
 
 
 def test_rerun_with_same_name_resumes(trained, capsys):

@@ -71,7 +71,9 @@ def test_mlflow_parent_children_and_registered_model(sweep):
         assert tag in mv.tags, tag
     assert json.loads(mv.tags["strata.thresholds"])["q"] == summary["best"]["values"]["prepare.strata.q"]
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model("models:/smoke-model/1")
+    from ray_pinet.serving import load_program
+
+    model = load_program("models:/smoke-model/1")
     x = np.zeros((3, 51), dtype=np.int64)
     x[:, 0] = [0, 1, 0]
     x[:, -4:] = [[5, 6, 7, 8], [1, 2, 3, 4], [9, 10, 11, 12]]
