@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ray_pinet.config import METHODS
 from ray_pinet.config_base import ConfigError
+from ray_pinet.smoke import smoke_overrides
 from ray_pinet.storage_uri import local_or_uri
 from ray_pinet.twotower_config import TWOTOWER_METHODS
 
@@ -51,18 +52,12 @@ def check_output_file(path: Optional[str], flag: str) -> None:
         raise ConfigError(f"{flag} {path}: is a directory")
 
 
-SMOKE_OVERRIDES = [
-    "optim.max_epochs=2", "stage2.max_epochs=1", "model.dim=16", "model.num_blocks=1",
-    "tracking.log_model=true",
-]
-
-
 def run_train(args: argparse.Namespace) -> int:
     from ray_pinet.config import TrainConfig
 
     overrides = list(args.set)
     if args.smoke_test:
-        overrides = SMOKE_OVERRIDES + overrides
+        overrides = smoke_overrides("sequence", args.config, overrides)
     cfg = TrainConfig.from_yaml(args.config, overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -180,7 +175,6 @@ def run_compare(args: argparse.Namespace) -> int:
         TWOTOWER_CHANGE_METRICS,
         TWOTOWER_METRICS,
     )
-    from ray_pinet.twotower_cli import SMOKE_OVERRIDES as TWOTOWER_SMOKE
     from ray_pinet.twotower_config import TwoTowerConfig
 
     twotower = args.kind == "twotower"
@@ -194,8 +188,8 @@ def run_compare(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     seeds = args.seeds
     if args.smoke_test:
-        overrides = (TWOTOWER_SMOKE if twotower else
-                     SMOKE_OVERRIDES + ["finetune.max_epochs=1", "transfer.inner_steps=2"]) + overrides
+        extra = [] if twotower else ["finetune.max_epochs=1", "transfer.inner_steps=2"]
+        overrides = smoke_overrides("twotower" if twotower else "sequence", args.config, extra + overrides)
         seeds = seeds[:2]
     base = config_cls.from_yaml(args.config, overrides)  # validates the shared settings early
     cells = build_cells(methods, args.variant, reference)
@@ -298,10 +292,8 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
 def run_tune(args: argparse.Namespace) -> int:
     from ray_pinet.tuning.sweep import run_sweep
 
-    overrides = list(args.set)
-    if args.smoke_test:
-        overrides = SMOKE_OVERRIDES + overrides
-    summary = run_sweep(args.space, args.config, overrides, name=args.name, storage=args.storage,
+    # the sweep applies the smoke settings of its space's kind (ray_pinet/smoke.py)
+    summary = run_sweep(args.space, args.config, list(args.set), name=args.name, storage=args.storage,
                         register_as=args.register_as, reference_checkpoint=args.reference_checkpoint,
                         include_defaults=not args.no_defaults_trial, num_samples=args.num_samples,
                         smoke=args.smoke_test)
@@ -335,7 +327,7 @@ def _add_retrain_args(p: argparse.ArgumentParser) -> None:
 def run_retrain(args: argparse.Namespace) -> int:
     from ray_pinet.retrain.run import REJECTED, RetrainOptions, retrain
 
-    overrides = (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.set)
+    overrides = smoke_overrides("sequence", args.config, list(args.set)) if args.smoke_test else list(args.set)
     opts = RetrainOptions(logs=args.logs, model_name=args.model, through=args.through, checkpoint=args.checkpoint,
                           tolerance=args.tolerance, metric=args.metric, force=args.force,
                           prepare_overrides=list(args.prepare_set))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ray_pinet.smoke import smoke_overrides
 from ray_pinet.twotower_config import TWOTOWER_METHODS
-
-SMOKE_OVERRIDES = ["optim.epochs=2", "data.max_users=60", "model.dim=8", "eval.every=1"]
 
 
 def add_twotower_args(p: argparse.ArgumentParser) -> None:
@@ -33,8 +32,7 @@ def run_twotower(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     base = TwoTowerConfig.from_yaml(args.config, overrides)
     if args.smoke_test:
-        overrides = SMOKE_OVERRIDES + [f"data.output={base.data.output}-smoke",
-                                       f"run.name={base.run.name}-smoke"] + overrides
+        overrides = smoke_overrides("twotower", args.config, overrides)
         base = TwoTowerConfig.from_yaml(args.config, overrides)
     if args.print_config:
         print(json.dumps(base.to_dict(), indent=2))

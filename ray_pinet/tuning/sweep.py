@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ray_pinet.config_base import to_dict
+from ray_pinet.smoke import smoke_overrides
 from ray_pinet.storage_uri import local_or_uri
 from ray_pinet.tuning.space import TuneSpace, decode_values, encode_value, resolve_trial
+from ray_pinet.twotower_config import TWOTOWER_METHODS
 
 
 @dataclass
@@ -338,12 +340,13 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
     from ray_pinet.tuning.report import write_report
     from ray_pinet.tuning.space import load_space, param_space
 
+    twotower = load_space(space_path, config, overrides).method in TWOTOWER_METHODS
+    if smoke:  # the settings of the space's own kind (ray_pinet/smoke.py)
+        overrides = smoke_overrides("twotower" if twotower else "sequence", config, overrides)
     space = load_space(space_path, config, overrides)
     if num_samples:
         space.search.num_samples = int(num_samples)
-    from ray_pinet.twotower_config import TWOTOWER_METHODS
-
-    if space.method in TWOTOWER_METHODS:
+    if twotower:
         from ray_pinet.tuning.twotower_sweep import run_twotower_sweep
 
         if smoke:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -197,7 +198,7 @@ def fresh_env(tmp_path_factory):
     env = tmp_path_factory.mktemp("fresh-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     pins = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"pandas=={pd.__version__}", f"pyarrow=={pq.pa.__version__}", f"numpy=={np.__version__}"]
+            f"pandas=={pd.__version__}", f"pyarrow=={pa.__version__}", f"numpy=={np.__version__}"]
     subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", *pins], check=True,
                    capture_output=True, text=True, timeout=1200)
     return env
