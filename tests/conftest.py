@@ -83,3 +83,33 @@ def run_cli_in_repo(args: list[str]) -> int:
         return main(args)
     finally:
         os.chdir(cwd)
+
+
+def wait_for_http(url: str, proc, log: Path, seconds: float, what: str) -> None:
+    """Poll ``url`` until it answers; fail with the tail of ``log`` when ``proc`` exits first or
+    ``seconds`` pass (``proc`` is killed then)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
+def stop_process(proc, timeout: float = 30) -> None:
+    """terminate(), then kill() when it has not exited within ``timeout`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

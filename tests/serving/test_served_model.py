@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ray_pinet.models.ensemble import StratumEnsemble
 from ray_pinet.models.registry import build_model
 from ray_pinet.serving import ScoringModule, export_scoring, serving_users, static_routing
 from ray_pinet.training.batches import EvalRows
-from tests.conftest import DEV_PREPARE, REPO
+from tests.conftest import DEV_PREPARE, REPO, stop_process, wait_for_http
 
 L = 50
 
@@ -218,15 +217,7 @@ def test_mlflow_models_serve_in_a_fresh_env_answers_raw_id_requests(prepared, re
          "local", "--host", "127.0.0.1", "--port", str(port)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", 180, "mlflow models serve")
         requests = _requests(prepared)
         body = {"dataframe_records": [{"user_id": u, "items": i} for u, i in zip(requests["user_id"], requests["items"])],
                 "params": {"k": 5}}
@@ -235,11 +226,7 @@ def test_mlflow_models_serve_in_a_fresh_env_answers_raw_id_requests(prepared, re
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
         _same(answer, _expected(prepared, module, requests, 5))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         log.close()
     shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
 

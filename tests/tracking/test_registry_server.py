@@ -8,12 +8,12 @@ import json
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import wait_for_http
 
 
 def _free_port() -> int:
@@ -32,16 +32,7 @@ def server(tmp_path_factory):
          "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
         stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    wait_for_http(f"{uri}/health", proc, tmp / "server.log", 90, "mlflow server")
     yield uri, tmp
     proc.terminate()
     proc.wait(timeout=30)
