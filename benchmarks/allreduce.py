@@ -98,7 +98,8 @@ class PositionLosses(torch.nn.Module):
 
 def sized_model(params: int, dim: int, blocks: int, max_len: int):
     """A SASRec backbone with (as near as the embedding width allows) ``params`` parameters."""
-    from ray_pinet.models import ModelConfig, build_model
+    from ray_pinet.models.config import ModelConfig
+    from ray_pinet.models.registry import build_model
 
     cfg = ModelConfig(backbone="sasrec", dim=dim, num_blocks=blocks, dropout=0.0, max_len=max_len)
     base = sum(p.numel() for p in build_model(cfg, 1).parameters())  # 1 item: 2 embedding rows
@@ -122,7 +123,7 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ray_pinet.methods.ga import batch_unit_counts
+    from ray_pinet.methods.ga import Prior, batch_unit_counts
     from ray_pinet.training.ga_step import GradReducer
 
     model, num_items = sized_model(target, args.dim, args.blocks, args.max_len)
@@ -141,7 +142,7 @@ def _one_size(rank: int, args: argparse.Namespace, target: int) -> dict:
         reducer.start_counts(batch_unit_counts(inputs, targets, strata, "position", 2))
         loss_vec = losses(inputs, targets, negs)
         t1 = time.perf_counter()
-        info = reducer.backward(loss_vec, strata[row_of_position], "interaction_share", [0.8, 0.2])
+        info = reducer.backward(loss_vec, strata[row_of_position], Prior("interaction_share"))
         t2 = time.perf_counter()
         return t2 - t0, (t2 - t1) - info.backward_s
 

@@ -71,7 +71,7 @@ def load_data(args):
         meta = RunMeta(num_items=prob.num_items, num_strata=2, num_train_samples=prob.num_rows,
                        user_share=[0.8, 0.2], interaction_share=[0.5, 0.5])
         return train, eval_table(prob, 1), eval_table(prob, 2), meta, prob.max_len
-    from ray_pinet.training.trainer import load_run_meta
+    from ray_pinet.training.run_inputs import load_run_meta
 
     meta = load_run_meta(args.data)
     tables = [pa.concat_tables([pq.read_table(f) for f in sorted((args.data / s).glob("*.parquet"))])

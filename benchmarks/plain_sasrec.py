@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from ray_pinet.evaluation.metrics import StratumStats, target_rank  # noqa: E402
 from ray_pinet.methods.losses import per_position_losses  # noqa: E402
-from ray_pinet.models import ModelConfig, RecModel, build_model  # noqa: E402
+from ray_pinet.models.config import ModelConfig  # noqa: E402
+from ray_pinet.models.recmodel import RecModel  # noqa: E402
+from ray_pinet.models.registry import build_model  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-iclrec" / "Beauty.txt"
 

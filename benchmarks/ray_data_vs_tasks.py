@@ -10,7 +10,7 @@ One local Ray instance (``--cpus``), started and warmed before any clock runs, t
   tasks     ``prepare`` itself; its ``report.json`` timings give the ingest phase (one task per
             input file: validate every row, write the canonical copy, split the rows into the
             buckets' scratch files) and the other phases.
-  ray_data  ``read_parquet`` -> ``map_batches`` (the same ``pipeline.bucket_of`` column) ->
+  ray_data  ``read_parquet`` -> ``map_batches`` (the same ``prepare_tasks.bucket_of`` column) ->
             ``write_parquet(partition_cols=["bucket"])``. It does less than the ingest phase (no
             validation, no canonical copy), so it is the best case for Ray Data. Run with Ray
             2.60's default DataSourceV2 reader and again with the V1 reader
@@ -55,7 +55,7 @@ def run_ray_data(log: str, out: Path, buckets: int, v2: bool) -> dict:
     import pyarrow as pa
     import ray.data
 
-    from ray_pinet.data.pipeline import bucket_of
+    from ray_pinet.data.prepare_tasks import bucket_of
 
     shutil.rmtree(out, ignore_errors=True)
     files = sorted(str(p) for p in Path(log).glob("part-*.parquet"))

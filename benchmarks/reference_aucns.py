@@ -20,7 +20,7 @@ the four rates at the best-P@k epoch), ``last`` (the final epoch; note the code 
 running best every epoch, so what it prints at the end is in fact the last epoch) and, when
 ``--valid-share > 0``, ``valid`` (all test metrics at the epoch of best validation NDCG@10).
 
-    python benchmarks/reference_aucns.py --sampler auc_ns --epochs 100 --json out.json
+    python benchmarks/reference_aucns.py --sampler auc_ns --max-epochs 100 --json out.json
     python benchmarks/reference_aucns.py --smoke
 """
 
@@ -72,10 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("rns", "auc_ns"), default="auc_ns")
     p.add_argument("--seed", type=int, default=2022)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves the other core free)")
-    p.add_argument("--epochs", type=int, default=500)
+    # the two-tower config's names (optim.max_epochs, optim.weight_decay); the old flags still work
+    p.add_argument("--max-epochs", "--epochs", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--l2", type=float, default=1e-4, help="Adam weight_decay")
+    p.add_argument("--weight-decay", "--l2", type=float, default=1e-4, help="Adam weight_decay (the paper's l2)")
     p.add_argument("--lr-milestones", type=int, nargs="*", default=[20, 60, 80])
     p.add_argument("--lr-gamma", type=float, default=0.1)
     p.add_argument("--dim", type=int, default=32)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        args.epochs = 2
+        args.max_epochs = 2
     split = load_split(args.data, args.test_share, args.valid_share, args.seed, 60 if args.smoke else None)
     U, I = split.num_users, split.num_items
     train_u, train_i = split.parts["train"]
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                               prior_beta=prior, cfg=cfg)
     torch.manual_seed(args.seed)
     model = MF(U, I, args.dim)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.l2)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.lr_milestones, gamma=args.lr_gamma)
     n_train = len(train_u)
     print(f"users {U} items {I} hot {int(hot.sum())} | rows train {n_train} valid {len(split.parts['valid'][0])} "
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     history: list[dict] = []
     train_s = eval_s = 0.0
-    for epoch in range(args.epochs):
+    for epoch in range(args.max_epochs):
         t0 = time.perf_counter()
         total, lr = 0.0, opt.param_groups[0]["lr"]
         for ids in epoch_batches(n_train, args.batch_size, args.seed, epoch):
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     selections = select(history, has_valid)
     published = PUBLISHED[args.sampler]
-    print(f"\n{args.sampler} after {args.epochs} epochs (published: methods.md §7, ML-100K MF)")
+    print(f"\n{args.sampler} after {args.max_epochs} epochs (published: methods.md §7, ML-100K MF)")
     print(table(selections, published))
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": {"users": U, "items": I, "hot_items": int(hot.sum()),
                  "rows": {k: len(v[0]) for k, v in split.parts.items()},
                  "users_with_test_items": int(masks["test"].any(1).sum())},
-        "seconds_per_epoch": {"train": train_s / args.epochs, "eval": eval_s / args.epochs},
+        "seconds_per_epoch": {"train": train_s / args.max_epochs, "eval": eval_s / args.max_epochs},
         "loadavg": os.getloadavg(),
         "published": published,
         "selections": selections,

@@ -45,11 +45,12 @@ sys.path.insert(1, str(REPO))  # run from a checkout without installing
 from report import machine_info, parse_count, write_results  # noqa: E402
 
 from ray_pinet.config import TrainConfig  # noqa: E402
+from ray_pinet.methods.ga import Prior  # noqa: E402
 from ray_pinet.methods.sampled_softmax import NegativeSampler  # noqa: E402
 from ray_pinet.models.registry import build_model  # noqa: E402
 from ray_pinet.training.batches import RowSubset, TrainRows  # noqa: E402
 from ray_pinet.training.shards import shard_range  # noqa: E402
-from ray_pinet.training.loop import item_optimizers, run_epoch  # noqa: E402
+from ray_pinet.training.loop import EpochSetup, item_optimizers, run_epoch  # noqa: E402
 
 COLUMNS = ["loss", "items", "negatives", "in_batch", "exchange", "workers", "steps", "positions", "seconds",
            "positions_per_s", "vs_ce", "forward_ms", "backward_ms", "allreduce_ms", "optimizer_ms", "step_ms"]
@@ -94,9 +95,9 @@ def run_one(loss: str, negatives: int, in_batch: bool, exchange: str, items: int
     def epoch(e: int, first: int):
         """An epoch over the windows 0..first-1 (a warm-up) or all of them (first = n)."""
         local = np.arange(min(lo, first), min(hi, first), dtype=np.int64)
-        return run_epoch(model, params, opts, rows, n, cfg, e, 2, [0.8, 0.2], "interaction_share", 0.0,
-                         use_plugins=False, ids=None if first == n else RowSubset(local, min(lo, first), first),
-                         sampler=sampler)
+        ids = None if first == n else RowSubset(local, min(lo, first), first)
+        return run_epoch(EpochSetup(model, params, opts, rows, n, cfg, 2, Prior("interaction_share"), ids=ids,
+                                    sampler=sampler), e)
 
     epoch(0, min(args.warmup, args.steps) * args.batch_size)
     if device.type == "cuda":

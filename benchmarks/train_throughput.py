@@ -113,7 +113,7 @@ def plain_loop(cfg, threads: int, packed: bool = False) -> list[dict]:
     from ray_pinet.methods.losses import per_position_losses
     from ray_pinet.models.registry import build_model
     from ray_pinet.training.batches import TrainRows, epoch_batches
-    from ray_pinet.training.trainer import load_run_meta
+    from ray_pinet.training.run_inputs import load_run_meta
 
     torch.set_num_threads(threads)
     meta = load_run_meta(Path(cfg.data.path))
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start_local_ray()  # prepare needs Ray; the plain loop then shares the box with idle workers
         data_path = smoke_data(args)
     from ray_pinet.training.batches import num_steps
-    from ray_pinet.training.trainer import ensure_prepared, fit, load_run_meta
+    from ray_pinet.training.run_inputs import ensure_prepared, load_run_meta
+    from ray_pinet.training.trainer import fit
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = train_config(args, args.methods[0], 1, data_path, "unused")

@@ -26,7 +26,7 @@ sys.path.insert(1, str(REPO))  # run from a checkout without installing
 from report import machine_info, write_results  # noqa: E402
 
 from ray_pinet.training.twotower_loop import TwoTowerRun  # noqa: E402
-from ray_pinet.training.twotower_trainer import ensure_pairs  # noqa: E402
+from ray_pinet.kinds.twotower import ensure_pairs
 from ray_pinet.twotower_config import TwoTowerConfig  # noqa: E402
 
 

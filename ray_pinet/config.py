@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from ray_pinet.config_base import ConfigError, FileConfig, require
 from ray_pinet.models.config import ModelConfig, PluginConfig
@@ -18,8 +18,10 @@ from ray_pinet.models.config import ModelConfig, PluginConfig
 # joint / pinet: one backbone. reweight: joint with static per-stratum sample weights (to the
 # user-share prior). transfer: Yin et al. (methods.md §2). separate / finetune: one backbone per
 # stratum (K runs of the trainer on one stratum's rows each, `training/per_stratum.py`).
-METHODS = ("joint", "pinet", "separate", "finetune", "reweight", "transfer")
-PER_STRATUM_METHODS = ("separate", "finetune")
+PerStratumMethod = Literal["separate", "finetune"]
+Method = Literal["joint", "pinet", PerStratumMethod, "reweight", "transfer"]  # nested: flattened in order
+METHODS = get_args(Method)
+PER_STRATUM_METHODS = get_args(PerStratumMethod)
 RUN_NAME_BAD = re.compile(r"[/\\'\"`\x00-\x1f\x7f]")
 
 
@@ -321,7 +323,7 @@ class RunSection:
 
 @dataclass
 class TrainConfig(FileConfig):
-    method: Literal["joint", "pinet", "separate", "finetune", "reweight", "transfer"] = "pinet"
+    method: Method = "pinet"
     loss: Literal["ce", "bce", "sampled_softmax"] = "ce"
     data: DataSection = field(default_factory=DataSection)
     model: ModelConfig = field(default_factory=ModelConfig)

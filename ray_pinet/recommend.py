@@ -23,7 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_pinet.config import TrainConfig
 from ray_pinet.config_base import ConfigError
+from ray_pinet.data.config import PrepareConfig
+from ray_pinet.data.pipeline import prepare
+from ray_pinet.evaluation.protocol import mask_seen_
+from ray_pinet.local_ray import start_ray
+from ray_pinet.models.registry import build_model
+from ray_pinet.serving import ScoringModule, log_served_pyfunc, serving_users
+from ray_pinet.training.batches import _left_pad, _list_column
 
 
 @dataclass
@@ -88,8 +96,6 @@ def users_of(data: str, model_items: Path, max_len: int, num_strata: int) -> tup
     histories and seen lists and counted (returned). Its strata must be the model's count."""
     import pyarrow.compute as pc
 
-    from ray_pinet.serving import serving_users
-
     root = Path(data)
     strata = json.loads((root / "strata.json").read_text())["num_strata"]
     if strata != num_strata:
@@ -122,9 +128,6 @@ def score_users(program, users: pa.Table, item_ids: np.ndarray, max_len: int, k:
     """Top-k of each row of a serving user table (user_id, stratum, history, seen)."""
     import torch
 
-    from ray_pinet.evaluation.protocol import mask_seen_
-    from ray_pinet.training.batches import _left_pad, _list_column
-
     device = device or torch.device("cpu")
     n = users.num_rows
     vals, offs = _list_column(users, "history")
@@ -155,8 +158,6 @@ def recommend(opts: RecommendOptions, progress: bool = True) -> dict:
     to ``<output>/_summary.json``."""
     import ray
     import ray.data
-
-    from ray_pinet.local_ray import start_ray
 
     files = model_files(opts.model_uri, opts.tracking_uri)
     users = pq.read_table(files["users"])
@@ -194,41 +195,16 @@ def recommend(opts: RecommendOptions, progress: bool = True) -> dict:
     return summary
 
 
-def add_recommend_args(p) -> None:
-    p.add_argument("--model", help="served model URI: models:/NAME@champion, models:/NAME/3 or runs:/ID/model")
-    p.add_argument("--output", help="new folder for the Parquet files (+ _summary.json)")
-    p.add_argument("--data", default=None, help="a prepared folder whose users to score (default: the users the "
-                                                "model was trained on, with their latest histories)")
-    p.add_argument("--k", type=int, default=10, help="items per user (default 10)")
-    p.add_argument("--batch-size", type=int, default=1024, help="users per scoring batch (default 1024)")
-    p.add_argument("--actors", type=int, default=1, help="scoring actors (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 scores on CPUs")
-    p.add_argument("--rows-per-file", type=int, default=1_000_000,
-                   help="users per output file, at least (default 10^6; the last file holds the rest)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--smoke-test", action="store_true",
-                   help="no --model needed: prepare the bundled ml-latest-small, log a tiny untrained model "
-                        "to a temporary MLflow store and recommend for every user")
-
-
 def _smoke_model(tmp: Path) -> tuple[str, str]:
     """(tracking uri, model uri) of a tiny untrained served model on the bundled data."""
     import mlflow
     import torch
 
-    from ray_pinet.config import TrainConfig
-    from ray_pinet.config_base import apply_overrides, from_dict, load_yaml
-    from ray_pinet.data.config import PrepareConfig
-    from ray_pinet.data.pipeline import prepare
-    from ray_pinet.models.registry import build_model
-    from ray_pinet.serving import ScoringModule, log_served_pyfunc
-
     repo = Path(__file__).resolve().parents[1]
     data = tmp / "prepared"
-    cfg = load_yaml(repo / "configs/prepare/ml-latest-small-dev.yaml")
-    prepare(from_dict(PrepareConfig, apply_overrides(cfg, [f"source.path={repo / 'data/ml-latest-small/ratings.csv'}",
-                                                           f"output={data}"])), progress=False)
+    prepare(PrepareConfig.from_yaml(repo / "configs/prepare/ml-latest-small-dev.yaml",
+                                    [f"source.path={repo / 'data/ml-latest-small/ratings.csv'}", f"output={data}"]),
+            progress=False)
     train = TrainConfig.from_dict({"model": {"dim": 16, "num_blocks": 1, "max_len": 50}})
     torch.manual_seed(0)
     num_items = pq.read_metadata(data / "items.parquet").num_rows

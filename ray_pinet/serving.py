@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ray_pinet.data.prepared import by_user_idx, read_split
+
 
 class ScoringModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, unseen_stratum: int = 0):
@@ -70,8 +72,6 @@ def serving_users(path, max_len: int):
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from ray_pinet.data.prepared import by_user_idx, read_split
 
     root = Path(path)
     users = pq.read_table(root / "users.parquet", columns=["user_idx", "user_id", "stratum"])

@@ -13,7 +13,7 @@ values written into it, so the filesystem object that Ray ships to its tasks and
 What each key does with a URI (docs/design.md "Object storage"):
 
 * ``source.path``: listed and read through the filesystem (``data/sources.py``).
-* ``output``: ``prepare_output`` prepares into a local staging folder
+* ``output``: ``data.pipeline.prepare_output`` prepares into a local staging folder
   (``<scratch>/staging/<key>``, so a stopped run resumes there) and uploads the finished folder,
   the JSON files last (``prepare_config.json`` the very last: a folder whose upload stopped lacks it,
   and ``train`` refuses it as partial).
@@ -227,42 +227,39 @@ def _swap(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_output(cfg, progress: bool = True):
-    """``data.pipeline.prepare(cfg)`` for any ``cfg.output``: a local path or ``file://`` URI is
-    prepared in place; a remote URI is prepared into ``<scratch>/staging/<key>`` and uploaded
-    (module docstring). Returns the PrepareResult (``output``: the local folder prepared)."""
-    import dataclasses
-
-    from ray_pinet.data.pipeline import _DROPPED, _OUTPUTS, prepare
-
-    if not is_remote(cfg.output):
-        return prepare(dataclasses.replace(cfg, output=local_path(cfg.output)), progress=progress)
-    uri = local_or_uri(cfg.output)
+def staging_for(uri: str, allowed: tuple[str, ...], sources: list[str]) -> Path:
+    """The local folder a ``prepare`` into the remote folder ``uri`` writes first (then
+    ``publish_staged``): refused when ``uri`` is a file, holds entries other than ``allowed``
+    (replacing the folder would delete them), or contains one of the ``sources``."""
     fs, root = filesystem_for(uri)
     if _info(uri, "output").type == pafs.FileType.File:
         raise ConfigError(f"output={uri!r} is a file, not a folder", key="output")
-    foreign = sorted({rel.split("/", 1)[0] for rel, _, _ in _listing(fs, root)} - {*_OUTPUTS, *_DROPPED})
+    foreign = sorted({rel.split("/", 1)[0] for rel, _, _ in _listing(fs, root)} - set(allowed))
     if foreign:  # as refuse_foreign: replacing the folder would delete them
         raise ConfigError(f"output={uri!r} holds entries prepare does not write ({', '.join(foreign[:5])}): "
                           "choose an empty or new folder", key="output")
-    sources = cfg.source.path if isinstance(cfg.source.path, (list, tuple)) else [cfg.source.path]
     for s in sources:
         if is_remote(s) and (local_or_uri(s) == uri or local_or_uri(s).startswith(uri + "/")):
             raise ConfigError(f"input {s} lies inside the output {uri}, which prepare replaces: "
                               "copy the input elsewhere or choose another output", key="output")
     stage = scratch_dir("staging", uri)
     stage.parent.mkdir(parents=True, exist_ok=True)
-    result = prepare(dataclasses.replace(cfg, output=str(stage)), progress=progress)
+    return stage
+
+
+def publish_staged(stage: Path, uri: str) -> Path:
+    """Upload a prepared ``stage`` folder to ``uri`` (its prepare_config.json naming ``uri`` as
+    the output); the staged folder becomes the local copy ``local_copy`` would download."""
     conf = stage / "prepare_config.json"
     conf.write_text(json.dumps({**json.loads(conf.read_text()), "output": uri}, indent=2))
     upload_dir(stage, uri, last=("report.json", "strata.json", "prepare_config.json"))
-    # The staged folder becomes the local copy that ``local_copy`` would download.
     cache = scratch_dir("cache", uri)
     cache.parent.mkdir(parents=True, exist_ok=True)
     _swap(stage, cache)
+    fs, root = filesystem_for(uri)
     cache.with_name(cache.name + _MANIFEST).write_text(json.dumps(_listing(fs, root)))
     print(f"ray-pinet prepare: uploaded to {uri}", flush=True)
-    return dataclasses.replace(result, output=cache)
+    return cache
 
 
 def upload_dir(local: Path, uri: str, last: tuple[str, ...] = ()) -> None:

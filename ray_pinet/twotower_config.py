@@ -10,21 +10,27 @@ Methods (``model.method``):
   sampled item, §5.2), ``tce`` / ``rce`` (DenoisingRec's truncated / reweighted BCE, §5.5), or
   ``ig`` (the Inverse Gradient meta-step, §5.3, ``training/inverse_gradient.py``).
 
-Defaults are the ML-100K rows of the papers' READMEs (OneBP: batch 1024, lr 5e-4, l2 1e-5, d 32,
-β 0.99, T 1, N 5) except the number of epochs (2000 there; see docs/results.md for what we ran).
+Defaults are the ML-100K rows of the papers' READMEs (OneBP: batch 1024, lr 5e-4, weight decay
+1e-5, d 32, β 0.99, T 1, N 5) except the number of epochs (2000 there; see docs/results.md for what
+we ran). Key names are the sequence kind's (``optim.max_epochs``, ``optim.weight_decay``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union, get_args
 
 from ray_pinet.config import RunSection, TrackingConfig
 from ray_pinet.config_base import ConfigError, FileConfig, require
 from ray_pinet.data.config import SourceConfig, StrataConfig
+from ray_pinet.methods.auc_ns_config import AucNsConfig
 
-TWOTOWER_METHODS = ("onebp", "twobp", "bpr", "ncf")
+# Each name's loss, data and tower rules: methods/twotower_methods.py (its registry has these keys).
+TwoTowerMethodName = Literal["onebp", "twobp", "bpr", "ncf"]
+TWOTOWER_METHODS = get_args(TwoTowerMethodName)
+# Keys that took the sequence kind's names: a file that still says the old one is told the new.
+RENAMED = {"optim.epochs": "optim.max_epochs", "optim.l2": "optim.weight_decay"}
 
 
 @dataclass
@@ -71,37 +77,13 @@ class PairDataSection:
 
 
 @dataclass
-class AucNsSection:
-    """AUC-NS sampler (methods.md §4.2); defaults: the ML-100K MF row."""
-
-    num_extra: int = 10
-    num_candidates: int = 5
-    alpha: float = 0.60
-    beta: float = 0.025
-    gamma: float = 0.006
-    cdf_mode: Literal["exact", "sampled"] = "exact"
-    cdf_samples: int = 1000
-
-    def validate(self) -> None:
-        from ray_pinet.methods.negative_sampling import AucNsConfig
-
-        # The sampler's own rules, checked at load rather than in the worker that builds it.
-        try:
-            AucNsConfig(self.num_extra, self.num_candidates, self.alpha, self.beta, self.gamma,
-                        self.cdf_mode, self.cdf_samples).validate()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        require(self.cdf_samples >= 1, "cdf_samples", ">= 1", self.cdf_samples)
-
-
-@dataclass
 class TwoTowerModel:
-    method: Literal["onebp", "twobp", "bpr", "ncf"] = "onebp"
+    method: TwoTowerMethodName = "onebp"
     dim: int = 32
     temperature: float = 1.0  # InfoNCE: s = <u, v> / T
     num_negatives: int = 5  # N per positive (uniform, without replacement, from I_u⁻)
     sampler: Literal["uniform", "auc_ns"] = "uniform"
-    auc_ns: AucNsSection = field(default_factory=AucNsSection)
+    auc_ns: AucNsConfig = field(default_factory=AucNsConfig)
     # ncf only
     backbone: Literal["gmf", "neumf"] = "gmf"
     num_layers: int = 3  # NeuMF's MLP tower
@@ -141,16 +123,18 @@ class TwoTowerModel:
 @dataclass
 class TwoTowerOptim:
     lr: float = 5e-4
-    l2: float = 1e-5  # Adam weight_decay (as coded)
+    weight_decay: float = 1e-5  # Adam's (the papers' "l2", as coded)
     batch_size: int = 1024  # global batch of training pairs, split across workers by user
-    epochs: int = 200
+    max_epochs: int = 200
     lr_milestones: list[int] = field(default_factory=list)  # MultiStepLR epochs (AUC-NS: 20, 60, 80)
     lr_gamma: float = 0.1
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1 or self.epochs < 1:
-            raise ConfigError("optim: lr > 0, l2 >= 0, batch_size >= 1 and epochs >= 1 are required")
-        m = self.lr_milestones  # one beyond optim.epochs is never reached (short runs keep them)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.max_epochs >= 1, "max_epochs", ">= 1", self.max_epochs)
+        m = self.lr_milestones  # one beyond optim.max_epochs is never reached (short runs keep them)
         require(all(a >= 1 for a in m) and all(a < b for a, b in zip(m, m[1:])), "lr_milestones",
                 "strictly increasing epochs >= 1", m)
         require(self.lr_gamma > 0, "lr_gamma", "> 0", self.lr_gamma)
@@ -158,6 +142,9 @@ class TwoTowerOptim:
 
 @dataclass
 class TwoTowerEval:
+    # Cut-offs of every reported metric (the papers' P/R/F1/NDCG@5/10/20 tables); select_metric
+    # names its own. Not the sequence kind's one `eval.k`: that is both its only reported cut-off
+    # and its selection metric's, so the two keys hold different things.
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     every: int = 1  # evaluate every n epochs (and after the last)
     batch_size: int = 512  # users scored at once
@@ -167,7 +154,7 @@ class TwoTowerEval:
     select_on: Literal["test_best_epoch", "validation"] = "test_best_epoch"
     select_metric: str = "ndcg@10"
     # Early stop after this many evaluations without a better validation `select_metric`
-    # (0 = train all optim.epochs; needs data.valid_share > 0).
+    # (0 = train all optim.max_epochs; needs data.valid_share > 0).
     patience: int = 0
 
     def validate(self) -> None:
@@ -197,6 +184,17 @@ class TwoTowerConfig(FileConfig):
     eval: TwoTowerEval = field(default_factory=TwoTowerEval)
     run: TwoTowerRun = field(default_factory=TwoTowerRun)
     tracking: TwoTowerTracking = field(default_factory=TwoTowerTracking)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "TwoTowerConfig":
+        """``FileConfig.from_dict``, after refusing a ``RENAMED`` key with its new name (the
+        generic check would only call it unknown)."""
+        for old, new in RENAMED.items():
+            section, key = old.split(".")
+            if isinstance((data or {}).get(section), Mapping) and key in data[section]:
+                raise ConfigError(f"{old} was renamed to {new}: rename the key (config file, --set, "
+                                  "Tune space)", key=old)
+        return super().from_dict(data)
 
     def validate(self) -> None:
         if self.eval.select_on == "validation" and self.data.valid_share == 0:

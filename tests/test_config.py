@@ -91,7 +91,7 @@ def test_init_from_is_for_pinet_only_and_stage1_equivalence():
 def test_checkpoint_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     """Ray Train workers do not run in the driver's working directory: a relative run.init_from
     (checked by the driver) once failed on the workers with FileNotFoundError."""
-    from ray_pinet.training.trainer import absolute_checkpoint_paths
+    from ray_pinet.training.run_inputs import absolute_checkpoint_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig.from_dict({"method": "pinet", "run": {"init_from": "runs/x/checkpoint_1"}})

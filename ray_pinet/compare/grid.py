@@ -12,38 +12,20 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from ray_pinet.config import METHODS, TrainConfig
-from ray_pinet.config_base import ConfigError
+from ray_pinet.compare.cells import Cell, CellResult, load_done
+from ray_pinet.config import METHODS
+from ray_pinet.config_base import ConfigError, format_diff
+from ray_pinet.training.kind import Kind
+from ray_pinet.training.resume import config_changes
+from ray_pinet.training.run_inputs import absolute_checkpoint_paths
+from ray_pinet.training.trainer import fit
 from ray_pinet.twotower_config import TWOTOWER_METHODS
 
-
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-
-
-@dataclass
-class Cell:
-    label: str  # row name in the report: a method, or a variant "pinet-uniform"
-    method: str
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CellResult:
-    label: str
-    backbone: str
-    seed: int
-    method: str
-    final: dict
-    run_id: Optional[str]
-    checkpoint: Optional[str]
-    overrides: list[str]
-    # The cell's resolved config: a rerun skips the cell only when it would build the same one
-    # (None: recorded by a ray-pinet that did not keep it; then not checked, and said so).
-    config: Optional[dict] = None
 
 
 def parse_variant(text: str) -> Cell:
@@ -80,17 +62,8 @@ def build_cells(methods: list[str], variants: list[str], reference: str = "joint
     return sorted(cells, key=lambda c: c.label != reference)
 
 
-def load_done(path: Path) -> dict[tuple, CellResult]:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = CellResult(**json.loads(line))
-                done[(r.label, r.backbone, r.seed)] = r
-    return done
-
-
 def run_grid(
+    kind: Kind,
     config: Optional[str],
     overrides: list[str],
     cells: list[Cell],
@@ -99,18 +72,14 @@ def run_grid(
     name: str,
     output: Path,
     parent_run_id: Optional[str] = None,
-    kind: str = "sequence",
     fresh: bool = False,
 ) -> list[CellResult]:
-    """``kind``: ``sequence`` (``ray-pinet train`` methods) or ``twotower`` (``ray-pinet twotower``
-    methods, backbone "mf"; their selected test metrics are reported as ``test/*``). A finished
-    cell (``cells.jsonl``) is skipped only when the command builds the config it was made with;
-    ``fresh``: every cell's run starts anew (its earlier run folder kept aside, ``fit``)."""
-    from ray_pinet.training.trainer import absolute_checkpoint_paths, fit, reuse_joint
-    from ray_pinet.twotower_config import TwoTowerConfig
-
+    """Every cell x backbone x seed of ``kind`` (``backbones``: values of ``kind.backbone_key``;
+    ["mf"] for a kind without one). A finished cell (``cells.jsonl``) is skipped only when the
+    command builds the config it was made with; ``fresh``: every cell's run starts anew (its
+    earlier run folder kept aside, ``fit``)."""
     output.mkdir(parents=True, exist_ok=True)
-    base_data = None if kind == "twotower" else TrainConfig.from_yaml(config, overrides).data.path
+    base = kind.config_class.from_yaml(config, overrides)
     log = output / "cells.jsonl"
     done = load_done(log)
     results = []
@@ -118,39 +87,32 @@ def run_grid(
     n = 0
     for backbone in backbones:
         for seed in seeds:
-            joint_ckpt = None
+            ref_ckpt = None  # the reference cell's checkpoint, for the methods that start from it
             for cell in cells:
                 n += 1
                 key = (cell.label, backbone, seed)
-                run_name = f"run.name={name}-{backbone}-s{seed}-{cell.label}"
-                base = None
-                if kind == "twotower":
-                    cfg = TwoTowerConfig.from_yaml(config, overrides + [
-                        f"model.method={cell.method}", f"run.seed={seed}", run_name] + cell.overrides)
-                else:
-                    cfg = TrainConfig.from_yaml(config, overrides + [
-                        f"method={cell.method}", f"model.backbone={backbone}", f"run.seed={seed}", run_name,
-                    ] + cell.overrides)
-                    base = reuse_joint(cfg, joint_ckpt, base_data)
-                    cfg = absolute_checkpoint_paths(cfg)
+                cfg = kind.config_class.from_yaml(config, overrides + [
+                    f"{kind.method_key}={cell.method}", f"run.seed={seed}",
+                    f"run.name={name}-{backbone}-s{seed}-{cell.label}",
+                ] + ([f"{kind.backbone_key}={backbone}"] if kind.backbone_key else []) + cell.overrides)
+                fit_args = kind.chain(cfg, ref_ckpt, base)
+                cfg = absolute_checkpoint_paths(cfg)
                 if key in done:
                     _check_same_config(done[key], cfg, output)
                     print(f"[compare {n}/{total}] {cell.label} {backbone} seed {seed}: done earlier, skipped")
                     results.append(done[key])
-                    if cell.label == "joint":
-                        joint_ckpt = done[key].checkpoint
+                    if cell.label == kind.reference:
+                        ref_ckpt = done[key].checkpoint
                     continue
                 tags = {"compare": name, "cell": cell.label, "seed": str(seed)}
                 print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
-                if kind == "twotower":
-                    res = _fit_twotower_cell(cfg, parent_run_id, tags, fresh)
-                else:
-                    res = fit(cfg, parent_run_id=parent_run_id, base_checkpoint=base, tags=tags, fresh=fresh)
+                res = fit(cfg, parent_run_id=parent_run_id, tags=tags, fresh=fresh, **fit_args)
+                final = kind.compare_metrics(res.final)
                 r = CellResult(cell.label, backbone, seed, cell.method,
-                               {k: v for k, v in res.final.items() if isinstance(v, (int, float))},
+                               {k: v for k, v in final.items() if isinstance(v, (int, float))},
                                res.run_id, res.checkpoint_path, cell.overrides, cfg.to_dict())
-                if cell.label == "joint":
-                    joint_ckpt = res.checkpoint_path
+                if cell.label == kind.reference:
+                    ref_ckpt = res.checkpoint_path
                 with log.open("a") as f:
                     f.write(json.dumps(asdict(r)) + "\n")
                 results.append(r)
@@ -160,9 +122,6 @@ def run_grid(
 def _check_same_config(done: CellResult, cfg, output: Path) -> None:
     """A finished cell is reused only for the config that made it: a grid rerun with, say, another
     learning rate would otherwise report the old cells under the new command."""
-    from ray_pinet.config_base import format_diff
-    from ray_pinet.training.resume import config_changes
-
     where = f"cell {done.label} {done.backbone} seed {done.seed} of {output / 'cells.jsonl'}"
     if done.config is None:
         print(f"[compare] {where} was recorded without its config (older ray-pinet): not checked")
@@ -175,12 +134,3 @@ def _check_same_config(done: CellResult, cfg, output: Path) -> None:
         raise ConfigError(f"{where} was finished with another config; reusing it would report it under "
                           f"this command: {format_diff(diffs)}. Rerun with the old settings, with --fresh "
                           "to start the grid anew (the report folder is kept aside), or with another --name")
-
-
-def _fit_twotower_cell(cfg, parent_run_id: Optional[str], tags: dict, fresh: bool = False):
-    """One two-tower cell; its selected test metrics (``final/*``) renamed ``test/*`` for the report."""
-    from ray_pinet.training.twotower_trainer import fit_twotower
-
-    res = fit_twotower(cfg, parent_run_id=parent_run_id, tags=tags, fresh=fresh)
-    res.final.update({"test/" + k[len("final/"):]: v for k, v in list(res.final.items()) if k.startswith("final/")})
-    return res

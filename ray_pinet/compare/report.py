@@ -17,17 +17,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ray_pinet.compare.grid import CellResult
+from ray_pinet.compare.cells import CellResult
 from ray_pinet.outputs import write_file
-
-METRICS = ("ndcg@10", "hr@10", "auc", "gauc")
-CHANGE_METRICS = ("ndcg@10", "auc")
-# two-tower grids (multi-item test sets): accuracy and AUC-NS's over-recommended-hot rate
-TWOTOWER_METRICS = ("ndcg@10", "p@10", "r@10", "ohr@10")
-TWOTOWER_CHANGE_METRICS = ("ndcg@10", "ohr@10")
-# labeled rows (ncf: Inverse Learning and its baselines)
-NCF_METRICS = ("auc", "wauc", "ndcg@10", "ndcg@20")
-NCF_CHANGE_METRICS = ("auc", "ndcg@10")
 
 
 def slices_of(results: Sequence[CellResult]) -> list[str]:
@@ -40,7 +31,7 @@ def slices_of(results: Sequence[CellResult]) -> list[str]:
     return order
 
 
-def long_table(results: Sequence[CellResult], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+def long_table(results: Sequence[CellResult], metrics: Sequence[str]) -> pd.DataFrame:
     """One row per (label, backbone, seed, slice, metric) with the test value."""
     rows = []
     for r in results:
@@ -106,8 +97,8 @@ def _fmt_change(change: float, p: float) -> str:
     return f"{100 * change:+.1f}%{star}" + ("" if math.isnan(p) else f" (p={p:.3f})")
 
 
-def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], metrics: Sequence[str] = METRICS,
-           change_metrics: Sequence[str] = CHANGE_METRICS) -> dict[str, pd.DataFrame]:
+def tables(summ: pd.DataFrame, slices: Sequence[str], labels: Sequence[str], metrics: Sequence[str],
+           change_metrics: Sequence[str]) -> dict[str, pd.DataFrame]:
     """``absolute``: mean ± std per slice/metric; ``change``: relative change vs the reference and p."""
     absolute, change = [], []
     for backbone in summ.backbone.unique():
@@ -178,8 +169,8 @@ def with_stage1_rows(results: Sequence[CellResult]) -> list[CellResult]:
     return out
 
 
-def write_report(results: Sequence[CellResult], output: Path, title: str, command: str, reference: str = "joint",
-                 metrics: Sequence[str] = METRICS, change_metrics: Sequence[str] = CHANGE_METRICS) -> dict[str, Path]:
+def write_report(results: Sequence[CellResult], output: Path, title: str, command: str, *,
+                 metrics: Sequence[str], change_metrics: Sequence[str], reference: str = "joint") -> dict[str, Path]:
     """report.md, report.html, results.csv (every seed), summary.csv and ndcg.png in ``output``;
     changes are measured against the ``reference`` cell (joint; twobp in two-tower grids).
 

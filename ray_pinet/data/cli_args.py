@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
-from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml, set_dotted
+from ray_pinet.config_base import ConfigError, apply_overrides, load_yaml, set_dotted
 from ray_pinet.data.config import SOURCES, PrepareConfig
+from ray_pinet.data.pipeline import prepare_output
+from ray_pinet.data.synthetic import generate
 from ray_pinet.errors import DataError
 
 
@@ -30,13 +32,11 @@ def prepare_config_from_args(args: argparse.Namespace) -> PrepareConfig:
     for key, value in (("source.format", args.source), ("source.path", args.path), ("output", args.output)):
         if value is not None:  # plain strings: not YAML-parsed, so a path like "1e3" stays text
             set_dotted(data, key, value)
-    return from_dict(PrepareConfig, apply_overrides(data, args.set))
+    return PrepareConfig.from_dict(apply_overrides(data, args.set))
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """0 on success; 2 with a one-line error on stderr for a config or data error."""
-    from ray_pinet.storage_uri import prepare_output
-
     try:
         cfg = prepare_config_from_args(args)
         prepare_output(cfg, progress=not args.no_progress)  # output may be an s3:// / gs:// URI
@@ -63,8 +63,6 @@ def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from ray_pinet.data.synthetic import generate
-
     try:
         summary = generate(
             args.output, args.rows, args.items, zipf_user=args.zipf_user, zipf_item=args.zipf_item,

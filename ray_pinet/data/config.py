@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ray_pinet.config_base import ConfigError, require
+from ray_pinet.config_base import ConfigError, FileConfig, require
 
 SOURCES = ("movielens_100k", "movielens_csv", "amazon_seq", "amazon2018_csv", "taobao_csv", "csv", "parquet")
 
@@ -115,7 +115,7 @@ class SamplesConfig:
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(FileConfig):
     source: SourceConfig = field(default_factory=SourceConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     strata: StrataConfig = field(default_factory=StrataConfig)
@@ -127,5 +127,5 @@ class PrepareConfig:
     def validate(self) -> None:
         require(bool(self.output.strip()), "output", "a directory", self.output)
         require(self.seed >= 0, "seed", ">= 0", self.seed)
-        require(1 <= self.num_buckets <= 1 << 16, "num_buckets", "in 1..65536 (pipeline.HASH_SLOTS)",
+        require(1 <= self.num_buckets <= 1 << 16, "num_buckets", "in 1..65536 (prepare_tasks.HASH_SLOTS)",
                 self.num_buckets)

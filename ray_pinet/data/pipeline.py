@@ -49,8 +49,6 @@ import json
 import shutil
 import sys
 import time
-import zlib
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,32 +57,40 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from ray_pinet import storage_uri
 from ray_pinet.config_base import ConfigError, to_dict
-from ray_pinet.data.clean import STAT_KEYS, MixedScale, clean_bucket, per_user
+from ray_pinet.data.clean import STAT_KEYS
 from ray_pinet.data.config import PrepareConfig
+from ray_pinet.data.prepare_tasks import (
+    HASH_SLOTS,
+    SPLITS,
+    WORK_DIRS,
+    CleanedSummary,
+    ItemCounts,
+    Plan,
+    clean_one_bucket,
+    concat_parquet,
+    count_unseen,
+    ingest_file,
+    plan_buckets,
+    sample_bucket,
+    write_parquet,
+)
 from ray_pinet.data.prepared import PREPARED_FORMAT
 from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
-from ray_pinet.data.samples import SampleMaps, build_samples, num_windows
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
-from ray_pinet.data.sources import (FileStats, display_name, first_row, output_columns, read_file,
-                                    resolve_inputs)
-from ray_pinet.data.strata import (first_ranks, format_strata_table, ranks_in_bucket, stats_from_histograms,
-                                   stratum_histograms, stratum_of)
+from ray_pinet.data.sources import (
+    display_name,
+    output_columns,
+    resolve_inputs,
+)
+from ray_pinet.data.strata import (
+    format_strata_table,
+)
 from ray_pinet.errors import DataError
-from ray_pinet.outputs import atomic_path, refuse_foreign, refuse_input_inside, resumable_dir
+from ray_pinet.outputs import refuse_foreign, refuse_input_inside, resumable_dir
 
-SPLITS = ("train", "valid", "test")
-CANONICAL_PART_ROWS = 4 << 20
-# Scratch files under _work/ are written once, read once and deleted: plain (no compression, no
-# dictionary) is 2.7x faster to write and 2x faster to read than pyarrow's default (snappy +
-# dictionary) on the synthetic benchmark log, for 2.7x the bytes (BENCHMARKS.md).
-SCRATCH_PARQUET = {"compression": "none", "use_dictionary": False}
-_WORK_DIRS = ("buckets", "clean", "users", "users_out", "done")
-# Users are hashed into this many slots, and bucket b holds a contiguous run of slots: numbering
-# users by (slot, id) bucket after bucket gives the same user_idx for any num_buckets <= this.
-HASH_SLOTS = 1 << 16
 _OUTPUTS = ("canonical", *SPLITS, "users.parquet", "items.parquet", "strata.json", "report.json",
             "prepare_config.json", "_work")
 _DROPPED = ("partitions.json",)  # written into a prepared folder by retrain; see prepare()
@@ -141,13 +147,13 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         # records the real one.
         tcfg = dataclasses.replace(cfg, output=str(tmp))
         work, done = tmp / "_work", tmp / "_work" / "done"
-        for d in ("canonical", *SPLITS, *(f"_work/{w}" for w in _WORK_DIRS)):
+        for d in ("canonical", *SPLITS, *(f"_work/{w}" for w in WORK_DIRS)):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
         bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
         ingest_args = [(i, fs, f, tcfg, bucket_cols) for i, f in enumerate(files)]
-        ingested = run_tasks(_ingest_file, ingest_args, "ingest", progress, tasks, done)
+        ingested = run_tasks(ingest_file, ingest_args, "ingest", progress, tasks, done)
         rows_read = sum(r["rows_read"] for r in ingested)
         if rows_read == 0:
             where = files[0] if len(files) == 1 else cfg.source.path
@@ -155,16 +161,16 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
 
         buckets = range(cfg.num_buckets)
-        item_counts = _ItemCounts()
+        item_counts = ItemCounts()
 
-        def fold(b: int, summary: _CleanedSummary) -> _CleanedSummary:
+        def fold(b: int, summary: CleanedSummary) -> CleanedSummary:
             # A finished bucket's scratch input is deleted at once (a rerun loads its kept result
             # and never reads it): scratch disk stays about one copy of the log, not two.
             item_counts.add(summary.items)
             shutil.rmtree(work / "buckets" / f"{b:04d}", ignore_errors=True)
             return dataclasses.replace(summary, items=None)
 
-        cleaned = run_tasks(_clean_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
+        cleaned = run_tasks(clean_one_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
                             progress, tasks, done, keep=fold)
         timings["clean"], t = time.perf_counter() - t, time.perf_counter()
 
@@ -173,11 +179,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         unseen_counts = [(0, 0)] * cfg.num_buckets
         if len(unseen_ids):  # one small round over the users files; most logs skip it
             unseen_ref = ray.put(unseen_ids)
-            unseen_counts = run_tasks(_count_unseen, [(b, tcfg, unseen_ref) for b in buckets], "unseen",
+            unseen_counts = run_tasks(count_unseen, [(b, tcfg, unseen_ref) for b in buckets], "unseen",
                                       progress, tasks, done)
             del unseen_ref
-        plan = _plan(cfg, cleaned, items, unseen_counts)
-        _write_parquet(plan.items, tmp / "items.parquet")
+        plan = plan_buckets(cfg, cleaned, items, unseen_counts)
+        write_parquet(plan.items, tmp / "items.parquet")
         timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
 
         items_ref = ray.put(plan.item_ids)
@@ -189,8 +195,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
             return written
 
         sample_args = [(b, tcfg, plan.buckets[b], items_ref, drop_ref) for b in buckets]
-        written = run_tasks(_sample_bucket, sample_args, "samples", progress, tasks, done, keep=drop_scratch)
-        _concat_parquet([work / "users_out" / f"{b:04d}.parquet" for b in buckets], tmp / "users.parquet")
+        written = run_tasks(sample_bucket, sample_args, "samples", progress, tasks, done, keep=drop_scratch)
+        concat_parquet([work / "users_out" / f"{b:04d}.parquet" for b in buckets], tmp / "users.parquet")
         timings["samples"] = time.perf_counter() - t
         del items_ref, drop_ref, sample_args
         shutil.rmtree(work)  # only now: a run that stops keeps it for the next to resume from
@@ -223,13 +229,6 @@ def _validate(cfg: PrepareConfig) -> None:
             raise ConfigError(f"{key} is set but source format {cfg.source.format!r} has no {col} column")
 
 
-def _write_parquet(table: pa.Table, path: Path, **kwargs) -> None:
-    """``pq.write_table`` under a temporary name, renamed into place when complete: a task killed
-    while writing (and then retried, or resumed by a rerun) leaves no half file for a reader."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **kwargs)
-
-
 # What a task runs: a change to any of these makes the kept results of an unfinished run stale.
 _CODE = sorted([*Path(__file__).parent.glob("*.py"), Path(__file__).parents[1] / "keyed_random.py"])
 
@@ -250,299 +249,11 @@ def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase 1: ingest one file
-# ----------------------------------------------------------------------------------------------
-
-
-def user_slot(user_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Stable hash slot of each user id: ``crc32(utf-8 id) % HASH_SLOTS`` (same in every process)."""
-    return per_user(user_ids, lambda uid: zlib.crc32(uid.encode()) % HASH_SLOTS, np.int64)
-
-
-def bucket_of(user_ids: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
-    """Bucket of each user id: bucket b holds a contiguous run of hash slots, so numbering users
-    bucket by bucket, by (slot, id) inside each, gives one order whatever ``num_buckets`` is."""
-    return user_slot(user_ids) * num_buckets // HASH_SLOTS
-
-
-def _ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[str]) -> dict:
-    out, work = Path(cfg.output), Path(cfg.output) / "_work" / "buckets"
-    stats = FileStats(display_name(fs, path))
-    canon, part, part_rows = None, 0, 0
-    buckets: dict[int, pq.ParquetWriter] = {}
-    with ExitStack() as files:
-        def writer(target: Path, schema: pa.Schema, **kwargs) -> pq.ParquetWriter:
-            w = pq.ParquetWriter(files.enter_context(atomic_path(target)), schema, **kwargs)
-            files.callback(w.close)  # runs before atomic_path's rename (last in, first out)
-            return w
-
-        for table in read_file(fs, path, cfg.source, stats):
-            if canon is None or part_rows >= CANONICAL_PART_ROWS:
-                if canon is not None:
-                    canon.close()
-                    part += 1
-                canon = writer(out / "canonical" / f"part-{i:05d}-{part:04d}.parquet", table.schema)
-                part_rows = 0
-            canon.write_table(table)
-            part_rows += table.num_rows
-            b = bucket_of(table[USER], cfg.num_buckets)
-            order = np.argsort(b, kind="stable")  # stable: source order inside each bucket
-            rows = table.select(bucket_cols).take(pa.array(order))
-            bounds = np.r_[0, np.cumsum(np.bincount(b, minlength=cfg.num_buckets))]
-            for k in np.flatnonzero(np.diff(bounds)):
-                if k not in buckets:
-                    (work / f"{k:04d}").mkdir(exist_ok=True)
-                    buckets[k] = writer(work / f"{k:04d}" / f"part-{i:05d}.parquet", rows.schema,
-                                        **SCRATCH_PARQUET)
-                buckets[k].write_table(rows.slice(bounds[k], bounds[k + 1] - bounds[k]))
-    return stats.to_dict()
-
-
-# ----------------------------------------------------------------------------------------------
-# Phase 2: clean one bucket
-# ----------------------------------------------------------------------------------------------
-
-
-def _clean_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: list[str],
-                  fs=None) -> "_CleanedSummary":
-    """Clean bucket ``b``; writes its rows (``_work/clean``) and its users in user_idx order
-    (``_work/users``: by hash slot, then id) and returns only what the driver needs to number
-    and stratify them: counts, the activeness histogram and the per-item training counts."""
-    work = Path(cfg.output) / "_work"
-    paths = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
-    schema = pa.schema([(c, {RATING: pa.float64(), TS: pa.int64()}.get(c, pa.string())) for c in bucket_cols])
-    parts = [pq.read_table(f) for f in paths]
-    table = pa.concat_tables(parts) if parts else schema.empty_table()
-    try:
-        res = clean_bucket(table, cfg.clean, cfg.source.behaviors)
-    except MixedScale as exc:
-        # The bucket keeps no line numbers (they would cost every row a column); on this error
-        # path the one input file holding the row is read again to name its line.
-        ends = np.cumsum([t.num_rows for t in parts])
-        k = int(np.searchsorted(ends, exc.position, side="right"))
-        source = int(paths[k].stem.split("-")[1])  # part-<input file index>.parquet
-        user = table[USER][exc.position].as_py()
-        raise _locate(exc, fs, files[source], cfg, user) from None
-    del table, parts
-    users = res.users.append_column("slot", pa.array(user_slot(res.users[USER]), pa.int64()))
-    users = users.sort_by([("slot", "ascending"), (USER, "ascending")]).drop_columns(["slot"])
-    activeness = users["n"].to_numpy() - 2
-    values, counts = np.unique(activeness, return_counts=True)
-    windows = num_windows(activeness, cfg.samples.max_len, cfg.samples.window)
-    targets = np.minimum(activeness - 1, cfg.samples.max_len if cfg.samples.window == "last" else activeness)
-    _write_parquet(res.rows, work / "clean" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
-    _write_parquet(users, work / "users" / f"{b:04d}.parquet", **SCRATCH_PARQUET)
-    return _CleanedSummary(
-        users=users.num_rows, activeness_values=values, activeness_counts=counts,
-        train_rows=int(windows.sum()), train_targets=int(np.maximum(targets, 0).sum()),
-        no_target_users=int((activeness < 2).sum()), items=res.items, stats=res.stats,
-    )
-
-
-@dataclass
-class _CleanedSummary:
-    """A cleaned bucket as the driver sees it: O(distinct activeness values + items), no per-user table."""
-
-    users: int
-    activeness_values: np.ndarray  # ascending, distinct
-    activeness_counts: np.ndarray
-    train_rows: int  # training windows
-    train_targets: int
-    no_target_users: int
-    items: pa.Table | None  # item_id, count (training events); None once folded into _ItemCounts
-    stats: dict
-
-
-class _ItemCounts:
-    """Per-item training counts summed over buckets as their results arrive: the driver holds
-    O(items x a few buckets), not one table per bucket."""
-
-    FOLD = 16
-
-    def __init__(self) -> None:
-        self.parts: list[pa.Table] = []
-
-    def add(self, items: pa.Table) -> None:
-        self.parts.append(items)
-        if len(self.parts) >= self.FOLD:
-            self.parts = [self._sum()]
-
-    def _sum(self) -> pa.Table:
-        t = pa.concat_tables(self.parts).group_by(ITEM).aggregate([("count", "sum")])
-        return t.rename_columns([ITEM, "count"])
-
-    def table(self) -> pa.Table:
-        return self._sum().sort_by(ITEM)
-
-
-def _locate(exc: MixedScale, fs, path: str, cfg: PrepareConfig, user: str) -> DataError:
-    """``exc`` with the file and line of the first row of ``user`` with timestamp ``exc.value``."""
-    name = display_name(fs, path)
-    row = 0
-    for t in read_file(fs, path, cfg.source, FileStats(name)):
-        hit = np.flatnonzero(pc.and_(pc.equal(t[USER], user), pc.equal(t[TS], exc.value)).to_numpy(
-            zero_copy_only=False))
-        if len(hit):
-            line = first_row(cfg.source) + row + int(hit[0]) if cfg.source.format != "amazon_seq" else None
-            return DataError(exc.reason, file=name, column=TS, row=line, value=exc.value)
-        row += t.num_rows
-    return DataError(exc.reason, file=name, column=TS, value=exc.value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver: indices, strata, sample ids
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _BucketPlan:
-    """What samples task b gets from the driver: where its users' numbers start, and the global
-    rank of the first of its users of each activeness value (for the strata). No per-user data."""
-
-    num_users: int  # all users, for the strata rule
-    user_first: int  # user_idx of the bucket's first user
-    train_first: int  # first training sample_id
-    valid_first: int
-    test_first: int
-    activeness_values: np.ndarray
-    first_rank: np.ndarray
-
-
-@dataclass
-class _Plan:
-    items: pa.Table
-    item_ids: pa.Array  # sorted; position + 1 = item_idx
-    buckets: list[_BucketPlan]
-    strata: dict
-    unseen: dict
-    users: int
-    train_rows: int
-    valid_rows: int
-    test_rows: int
-    train_targets: int
-    no_target_users: int
-
-
-def _plan(cfg: PrepareConfig, cleaned: list[_CleanedSummary], items: pa.Table,
-          unseen_counts: list[tuple[int, int]]) -> _Plan:
-    """Numbers, strata and sample-id offsets from per-bucket summaries: O(buckets x distinct
-    activeness values + items) on the driver, nothing per user.
-
-    Users are numbered bucket by bucket (bucket-major, each bucket by hash slot then id, see
-    ``bucket_of``), items by id; sample ids are contiguous per split in user_idx order."""
-    n_users = np.array([c.users for c in cleaned], dtype=np.int64)
-    if n_users.sum() == 0:
-        raise ConfigError(
-            f"no user is left after cleaning (min_history={cfg.clean.min_history}, "
-            f"duplicates={cfg.clean.duplicates}, min_rating={cfg.clean.min_rating}, "
-            f"behaviors={cfg.source.behaviors}, sample_users={cfg.clean.sample_users})"
-        )
-    values = [c.activeness_values for c in cleaned]
-    allv, total, firsts = first_ranks(values, [c.activeness_counts for c in cleaned])
-    stats = stats_from_histograms(stratum_histograms(allv, total, cfg.strata), cfg.strata)
-
-    drop = cfg.clean.unseen_items == "drop"
-    unseen_v = np.array([u[0] for u in unseen_counts], dtype=np.int64)
-    unseen_t = np.array([u[1] for u in unseen_counts], dtype=np.int64)
-    unseen = {"setting": cfg.clean.unseen_items,
-              "valid_rows_unseen": int(unseen_v.sum()), "test_rows_unseen": int(unseen_t.sum()),
-              "removed_valid_rows": int(unseen_v.sum()) if drop else 0,
-              "removed_test_rows": int(unseen_t.sum()) if drop else 0}
-    kept_v, kept_t = (n_users - unseen_v, n_users - unseen_t) if drop else (n_users, n_users)
-    train = np.array([c.train_rows for c in cleaned], dtype=np.int64)
-
-    def first(x: np.ndarray) -> np.ndarray:
-        return np.cumsum(x) - x
-
-    u0, t0, v0, s0 = first(n_users), first(train), first(kept_v), first(kept_t)
-    num = int(n_users.sum())
-    plans = [_BucketPlan(num, int(u0[b]), int(t0[b]), int(v0[b]), int(s0[b]), values[b], firsts[b])
-             for b in range(len(cleaned))]
-    items_out = pa.table(
-        {
-            "item_idx": pa.array(np.arange(1, items.num_rows + 1), pa.int32()),
-            ITEM: items[ITEM],
-            "count": items["count"],
-        }
-    )
-    return _Plan(
-        items=items_out,
-        item_ids=items[ITEM].combine_chunks(),
-        buckets=plans,
-        strata=stats,
-        unseen=unseen,
-        users=num,
-        train_rows=int(train.sum()),
-        valid_rows=int(kept_v.sum()),
-        test_rows=int(kept_t.sum()),
-        train_targets=sum(c.train_targets for c in cleaned),
-        no_target_users=sum(c.no_target_users for c in cleaned),
-    )
-
-
-def _count_unseen(b: int, cfg: PrepareConfig, unseen_ids: pa.Array) -> tuple[int, int]:
-    """Bucket b's users whose validation / test item was never trained on."""
-    users = pq.read_table(Path(cfg.output) / "_work" / "users" / f"{b:04d}.parquet",
-                          columns=["valid_item", "test_item"])
-    return tuple(int(pc.sum(pc.is_in(users[c], value_set=unseen_ids)).as_py() or 0)
-                 for c in ("valid_item", "test_item"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Phase 3: samples of one bucket
-# ----------------------------------------------------------------------------------------------
-
-
-def _sample_bucket(b: int, cfg: PrepareConfig, plan: _BucketPlan, item_ids: pa.Array,
-                   drop_ids: pa.Array | None) -> dict[str, int]:
-    """Bucket b's samples (train/valid/test parts) and its rows of users.parquet (``_work/users_out``).
-    ``drop_ids``: items never trained on, whose evaluation rows are dropped (unseen_items=drop)."""
-    out, work = Path(cfg.output), Path(cfg.output) / "_work"
-    rows = pq.read_table(work / "clean" / f"{b:04d}.parquet")
-    users = pq.read_table(work / "users" / f"{b:04d}.parquet")
-    a = users["n"].to_numpy() - 2
-    strata = stratum_of(a, ranks_in_bucket(a, plan.activeness_values, plan.first_rank), plan.num_users,
-                        cfg.strata)
-    windows = num_windows(a, cfg.samples.max_len, cfg.samples.window)
-    ids = {}
-    for split, col, first in (("valid", "valid_item", plan.valid_first),
-                              ("test", "test_item", plan.test_first)):
-        keep = (np.ones(len(a), dtype=bool) if drop_ids is None
-                else ~pc.is_in(users[col], value_set=drop_ids).to_numpy(zero_copy_only=False))
-        ids[split] = np.where(keep, first + np.cumsum(keep) - 1, -1)
-    user_idx = plan.user_first + np.arange(len(a), dtype=np.int64)
-    maps = SampleMaps(user_ids=users[USER].combine_chunks(), user_idx=user_idx, stratum=strata,
-                      train_first=plan.train_first + np.cumsum(windows) - windows,
-                      valid_id=ids["valid"], test_id=ids["test"])
-    tables = build_samples(rows, maps, item_ids, cfg.samples, cfg.seed)
-    for split, table in tables.items():
-        _write_parquet(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
-    _write_parquet(pa.table({"user_idx": pa.array(user_idx, pa.int64()), USER: users[USER],
-                             "activeness": pa.array(a, pa.int64()), "stratum": pa.array(strata, pa.int8())}),
-                   work / "users_out" / f"{b:04d}.parquet")
-    return {split: t.num_rows for split, t in tables.items()}
-
-
-def _concat_parquet(parts: list[Path], path: Path) -> None:
-    """One Parquet file of ``parts`` in order, read one at a time (the driver never holds more)."""
-    with atomic_path(path) as tmp:
-        writer = None
-        try:
-            for part in parts:
-                table = pq.read_table(part)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-        finally:
-            if writer is not None:
-                writer.close()
-
-
-# ----------------------------------------------------------------------------------------------
 # Report and summary
 # ----------------------------------------------------------------------------------------------
 
 
-def _report(cfg, ingested, cleaned, plan: _Plan, counts, timings) -> dict[str, Any]:
+def _report(cfg, ingested, cleaned, plan: Plan, counts, timings) -> dict[str, Any]:
     s = {k: sum(c.stats[k] for c in cleaned) for k in STAT_KEYS}
     removed = (
         s["removed_sample_users_rows"] + s["removed_behaviors_rows"] + s["removed_min_rating_rows"]
@@ -637,3 +348,16 @@ def format_summary(result: PrepareResult) -> str:
         lines.append(f"  retried  {', '.join(retried)} task attempt(s) after their worker died")
     lines.append("  timings " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings_s"].items()))
     return "\n".join(lines)
+
+
+def prepare_output(cfg: PrepareConfig, progress: bool = True):
+    """``prepare(cfg)`` for any ``cfg.output``: a local path or ``file://`` URI is prepared in
+    place; a remote URI is prepared into a local staging folder and uploaded (storage_uri's
+    module docstring). Returns the PrepareResult (``output``: the local folder prepared)."""
+    if not storage_uri.is_remote(cfg.output):
+        return prepare(dataclasses.replace(cfg, output=storage_uri.local_path(cfg.output)), progress=progress)
+    uri = storage_uri.local_or_uri(cfg.output)
+    sources = cfg.source.path if isinstance(cfg.source.path, (list, tuple)) else [cfg.source.path]
+    stage = storage_uri.staging_for(uri, (*_OUTPUTS, *_DROPPED), list(sources))
+    result = prepare(dataclasses.replace(cfg, output=str(stage)), progress=progress)
+    return dataclasses.replace(result, output=storage_uri.publish_staged(stage, uri))

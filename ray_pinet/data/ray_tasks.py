@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from ray_pinet.config_base import ConfigError
 from ray_pinet.errors import DataError
+from ray_pinet.local_ray import start_ray
+from ray_pinet.outputs import write_file
 
 # A task whose worker process died (killed, out of memory, node lost) runs again, up to this many
 # times; an exception the task raises itself is never retried (retry_exceptions=False): bad input
@@ -26,8 +28,6 @@ def ensure_ray() -> None:
 
     A Train run that follows in the same process keeps this instance, so prepare must not start
     a smaller one of its own (issue 18: no dashboard, only the real cores, and the run hung)."""
-    from ray_pinet.local_ray import start_ray
-
     start_ray()
 
 
@@ -35,8 +35,6 @@ def _run_one(fn: Callable, done: Path | None, key: str, *args) -> tuple[Any, flo
     """``fn(*args)`` with its wall and CPU time. With ``done``: the attempt is recorded first
     (``done/attempts/<key>.<pid>-<hex>``, counted as retries) and the result is kept once it is
     complete (``done/<key>.pkl``, renamed into place), for a rerun to load instead of running."""
-    from ray_pinet.outputs import write_file
-
     if done is not None:
         (done / "attempts" / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}").touch()
     wall, cpu = time.perf_counter(), time.process_time()

@@ -26,6 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ray_pinet.config_base import ConfigError
+from ray_pinet.data.ray_tasks import run_tasks
 
 _PURPOSE = 7
 _T0 = 1_500_000_000
@@ -69,8 +70,6 @@ def generate(
         for c in range(n_chunks)
     ]
     if parallel:
-        from ray_pinet.data.ray_tasks import run_tasks
-
         users = run_tasks(_write_chunk, args, "synth", progress)
     else:
         from tqdm import tqdm

@@ -9,14 +9,17 @@ training row, whose loss is the mean of its positions' losses (``ga_unit=user``)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
 
+from ray_pinet.config import TrainConfig
 from ray_pinet.methods.losses import valid_positions
 
-PRIORS = ("user_share", "uniform", "interaction_share", "power")
+PRIORS = ("user_share", "uniform", "interaction_share", "power")  # ga.prior
+KINDS = PRIORS + ("reweight", "stratum_mean")
 UNITS = ("position", "user")
 
 
@@ -25,42 +28,107 @@ def stratum_counts(strata_of_units: torch.Tensor, num_strata: int) -> torch.Tens
     return torch.bincount(strata_of_units.long(), minlength=num_strata).to(torch.float64)
 
 
-def stratum_prior(
-    kind: Literal["user_share", "uniform", "interaction_share", "power"],
-    num_strata: int,
-    user_share: Sequence[float],
-    batch_counts: torch.Tensor,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    """π Float64[K] for one global batch: zero where N_s = 0, renormalised over the other strata.
+@dataclass(frozen=True)
+class Prior:
+    """How π is formed from each global batch's unit counts N_s (``stratum_prior``).
+
+    ``kind``: a GA prior (``PRIORS``; ``user_share`` holds n_s for ``user_share``/``power``,
+    ``alpha`` is power's α), ``reweight`` (π_s ∝ N_s·r_s with the static per-stratum
+    ``stratum_weights`` r_s: every unit of stratum s weighs r_s in a weighted mean over the global
+    batch) or ``stratum_mean`` (π_s = 1 for every present stratum: each stratum's units averaged
+    on their own, what per-stratum plugins train on).
+    """
+
+    kind: str
+    alpha: float = 0.0
+    user_share: Sequence[float] = ()
+    stratum_weights: Sequence[float] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown prior {self.kind!r}; one of {list(KINDS)}")
+
+
+def method_prior(cfg: TrainConfig, user_share: Sequence[float], interaction_share: Sequence[float]) -> Prior:
+    """The prior of ``cfg.method``'s stage-1 loss.
+
+    ``joint`` (and the per-stratum baselines, which are joint runs on one stratum's rows) is GA
+    with the interaction_share prior: the pooled mean over units. ``reweight`` is the pooled
+    mean with static per-stratum weights r_s = (n_s / C_s)^power: π_s ∝ N_s · r_s.
+    """
+    if cfg.method == "reweight":
+        r = [(n / c) ** cfg.reweight.power if c > 0 else 0.0 for n, c in zip(user_share, interaction_share)]
+        return Prior("reweight", stratum_weights=tuple(r))
+    if cfg.method == "pinet":
+        return Prior(cfg.ga.prior, cfg.ga.alpha, tuple(user_share))
+    return Prior("interaction_share", user_share=tuple(user_share))
+
+
+def stratum_prior(prior: Prior, batch_counts: torch.Tensor) -> torch.Tensor:
+    """π Float64[K] on the host for one global batch: zero where N_s = 0, renormalised over the
+    other strata.
 
     user_share: π_s ∝ n_s (training-user share); uniform: 1/#present; interaction_share: N_s/ΣN
     (= pooled mean, joint training); power: π_s ∝ c_s^(1−α) · n_s^α with c_s = N_s/ΣN
-    (α = 0: interaction_share, α = 1: user_share, α < 0: more weight on head data).
+    (α = 0: interaction_share, α = 1: user_share, α < 0: more weight on head data); reweight and
+    stratum_mean: see ``Prior``.
     """
     counts = batch_counts.detach().to(torch.float64).cpu()
-    if counts.shape != (num_strata,):
-        raise ValueError(f"batch_counts must have shape [{num_strata}], got {tuple(counts.shape)}")
+    if counts.dim() != 1:
+        raise ValueError(f"batch_counts must have shape [K], got {tuple(counts.shape)}")
     present = counts > 0
-    out = torch.zeros(num_strata, dtype=torch.float64)
+    if prior.kind == "stratum_mean":
+        return present.to(torch.float64)
+    if prior.kind == "reweight":
+        out = counts * torch.as_tensor(list(prior.stratum_weights), dtype=torch.float64)
+        return out / out.sum() if float(out.sum()) > 0 else out
+    out = torch.zeros_like(counts)
     if not bool(present.any()):
         return out
-    if kind == "uniform":
+    if prior.kind == "uniform":
         out[present] = 1.0
         return out / out.sum()
     c = counts / counts.sum()
-    if kind == "interaction_share":
+    if prior.kind == "interaction_share":
         return c
-    if kind not in ("user_share", "power"):
-        raise ValueError(f"unknown prior {kind!r}; one of {list(PRIORS)}")
-    n = torch.as_tensor(list(user_share), dtype=torch.float64)
-    if n.shape != (num_strata,) or bool((n < 0).any()):
-        raise ValueError(f"user_share must be {num_strata} non-negative numbers, got {list(user_share)}")
+    n = torch.as_tensor(list(prior.user_share), dtype=torch.float64)
+    if n.shape != counts.shape or bool((n < 0).any()):
+        raise ValueError(f"user_share must be {counts.shape[0]} non-negative numbers, "
+                         f"got {list(prior.user_share)}")
     if bool((n[present] == 0).any()):
-        raise ValueError(f"a stratum present in the batch has user_share 0: {list(user_share)}")
-    a = 1.0 if kind == "user_share" else float(alpha)
+        raise ValueError(f"a stratum present in the batch has user_share 0: {list(prior.user_share)}")
+    a = 1.0 if prior.kind == "user_share" else float(prior.alpha)
     out[present] = c[present] ** (1.0 - a) * n[present] ** a
     return out / out.sum()
+
+
+def stratum_prior_on_device(prior: Prior, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stratum_prior`` without leaving ``counts``' device: (π float64[K], bad), ``bad`` a 0-dim
+    bool that is true where the host version would raise (a present stratum with user share 0).
+    Branches become masks so no value is read back per step; the arithmetic is the host
+    version's, element for element (tests compare them bit for bit)."""
+    counts = counts.to(torch.float64)
+    present = counts > 0
+    bad = torch.zeros((), dtype=torch.bool, device=counts.device)
+    zero = torch.zeros((), dtype=torch.float64, device=counts.device)
+    if prior.kind == "stratum_mean":
+        return present.to(torch.float64), bad
+    if prior.kind == "reweight":
+        out = counts * torch.as_tensor(list(prior.stratum_weights), dtype=torch.float64, device=counts.device)
+        total = out.sum()
+        return torch.where(total > 0, out / total, out), bad
+    if prior.kind == "uniform":
+        out = present.to(torch.float64)
+        return torch.where(out.sum() > 0, out / out.sum(), out), bad
+    c = counts / counts.sum()
+    if prior.kind == "interaction_share":
+        return torch.where(present, c, zero), bad
+    share = torch.as_tensor(list(prior.user_share), dtype=torch.float64, device=counts.device)
+    a = 1.0 if prior.kind == "user_share" else float(prior.alpha)
+    bad = (present & (share == 0)).any()
+    out = torch.where(present, c ** (1.0 - a) * share ** a, zero)
+    total = out.sum()
+    return torch.where(total > 0, out / total, out), bad
 
 
 def ga_weights(

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_pinet.keyed_random import stream_key, uniform_matrix
+from ray_pinet.methods.auc_ns_config import AucNsConfig
 
 # Purpose tags separate the random streams drawn from one (seed, epoch, example) key.
 PURPOSE_UNIFORM = 31
@@ -189,31 +190,6 @@ class TwoTower(Protocol):
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor: ...
 
     def full_scores(self, users: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class AucNsConfig:
-    """Defaults: the ML-100K MF row of methods.md §4.2."""
-
-    num_extra: int = 10  # N = |P_u| = |Q_u|
-    num_candidates: int = 5  # M = |C_u|
-    alpha: float = 0.60  # model AUC (model-dependent bias)
-    beta: float = 0.025  # popularity-prior flattening (model-independent bias)
-    gamma: float = 0.006  # FPR range of the partial AUC
-    cdf_mode: Literal["exact", "sampled"] = "exact"
-    cdf_samples: int = 1000  # items that estimate F(j) in cdf_mode=sampled
-
-    def validate(self) -> None:
-        if self.num_extra < 1 or self.num_candidates < 1:
-            raise ValueError("num_extra and num_candidates must be >= 1")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.beta < 0 or self.gamma < 0:
-            raise ValueError("beta and gamma must be >= 0")
-        if self.cdf_mode not in ("exact", "sampled"):
-            raise ValueError(f"cdf_mode must be 'exact' or 'sampled', got {self.cdf_mode!r}")
-        if self.cdf_mode == "sampled" and self.cdf_samples < 1000:
-            raise ValueError(f"cdf_samples must be >= 1000 (methods.md §4.2), got {self.cdf_samples}")
 
 
 def popularity_prior(item_counts: torch.Tensor, beta: float) -> torch.Tensor:

@@ -1,10 +1,6 @@
 """Plain nn.Module recommenders (SASRec, GRU4Rec, DIN) with optional per-stratum plugins.
 
-Nothing here knows about Ray or torch.distributed; ``build_model`` is the entry point.
+Nothing here knows about Ray or torch.distributed; ``registry.build_model`` is the entry point.
+This file imports nothing: the configs (``models/config.py``) load without torch, so the CLI's
+``--help`` and config validation stay fast.
 """
-
-from ray_pinet.models.config import ModelConfig, PluginConfig
-from ray_pinet.models.recmodel import RecModel
-from ray_pinet.models.registry import BACKBONES, build_model
-
-__all__ = ["BACKBONES", "ModelConfig", "PluginConfig", "RecModel", "build_model"]

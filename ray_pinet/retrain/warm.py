@@ -20,6 +20,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ray_pinet.checkpoint_io import RefusedCheckpoint, load_weights, save_weights
+from ray_pinet.outputs import replaced_dir
+from ray_pinet.tracking.mlflow_utils import MODEL_STATE_ARTIFACT
+from ray_pinet.tracking.registry import RegistryError, champion, model_versions, registry_failure
+from ray_pinet.training.checkpoint import STATE_FILE, load_state
+from ray_pinet.training.sequence_outputs import rebuild_model
+
 VOCAB_ARTIFACT = "vocab/items.parquet"
 
 
@@ -132,9 +139,6 @@ def on_vocabulary(inc: Incumbent, new_ids: np.ndarray,
 # -- where incumbents come from ----------------------------------------------------------------
 def from_checkpoint(checkpoint_dir: str) -> Incumbent:
     """A finished run's checkpoint directory (state.pt); the vocabulary is its data's items.parquet."""
-    from ray_pinet.training.trainer import rebuild_model
-    from ray_pinet.training.worker import load_state
-
     snap = load_state(checkpoint_dir)
     model, cfg, meta = rebuild_model(snap)
     data = Path(cfg.data.path)
@@ -156,11 +160,6 @@ def from_registry(uri: str, model_name: str) -> Optional[Incumbent]:
     runs nothing (``RefusedCheckpoint``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from ray_pinet.checkpoint_io import RefusedCheckpoint, load_weights
-    from ray_pinet.tracking.mlflow_utils import MODEL_STATE_ARTIFACT
-    from ray_pinet.tracking.registry import RegistryError, champion, model_versions, registry_failure
-    from ray_pinet.training.trainer import rebuild_model
 
     versions = model_versions(uri, model_name)
     if not versions:
@@ -201,11 +200,6 @@ def _through_of(data: Path) -> Optional[str]:
 def write_warm_checkpoint(state: dict, cfg_dict: dict, meta: dict, where: str | Path) -> str:
     """A checkpoint directory that ``run.warm_start`` accepts: the remapped weights with the
     candidate's own config and data (warm_start reads the backbone part)."""
-    from ray_pinet.training.worker import STATE_FILE
-
-    from ray_pinet.checkpoint_io import save_weights
-    from ray_pinet.outputs import replaced_dir
-
     with replaced_dir(where) as new:  # a failed write leaves the previous warm start whole
         save_weights({"config": cfg_dict, "meta": meta, "model": state, "engine": {"stage": 3}},
                      os.path.join(new, STATE_FILE))

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from ray_pinet.config_base import flatten
+from ray_pinet import storage_uri
+from ray_pinet.checkpoint_io import save_weights
+from ray_pinet.config_base import ConfigError, flatten
 
 RUN_NAME_TAG = "ray_pinet.run_name"
 # The served model's weights as plain data, beside the pickled served model: what `retrain` warm
@@ -29,8 +32,6 @@ def filter_literal(value: str) -> str:
     strips the enclosing quotes and compares the rest verbatim, so a value is enclosed in the
     quote character it does not contain (pasting it unquoted, a single quote in a model name
     broke the filter, and the error read as "no such model")."""
-    from ray_pinet.config_base import ConfigError
-
     if "'" not in value:
         return f"'{value}'"
     if '"' not in value:
@@ -45,7 +46,6 @@ def resolve_tracking_uri(explicit: Optional[str], storage_path: str) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    from ray_pinet import storage_uri
 
     # SQLite cannot live in object storage: with a URI storage_path the default store is the
     # default storage_path's own, runs/mlflow.db under the working directory (README "Object storage").
@@ -130,6 +130,17 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: Optiona
     _client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
+@contextmanager
+def failed_on_error(uri: Optional[str], run_id: Optional[str]):
+    """The run is marked FAILED when the body raises (the exception goes on); nothing without a run."""
+    try:
+        yield
+    except BaseException:
+        if uri and run_id:
+            finish_run(uri, run_id, status="FAILED")
+        raise
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
@@ -138,8 +149,6 @@ def log_model_state(uri: str, run_id: str, config: dict, meta: dict, model_state
                     use_plugins: bool) -> None:
     """Log a model's weights as plain data to ``MODEL_STATE_ARTIFACT`` of ``run_id``."""
     import tempfile
-
-    from ray_pinet.checkpoint_io import save_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / Path(MODEL_STATE_ARTIFACT).name

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import matplotlib
 
+from ray_pinet.evaluation.protocol import slice_names
+
 matplotlib.use("Agg")  # headless: runs on workers and CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -106,8 +108,6 @@ def plot_retrain(gate: dict, drift: dict, path: str | Path) -> Path:
 
 def plot_twotower_curves(history: list[dict], num_strata: int, path: str | Path, k: int = 10) -> Path:
     """Two-tower runs: training loss and test (and validation) NDCG@k per stratum over epochs."""
-    from ray_pinet.evaluation.protocol import slice_names
-
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot([h["epoch"] for h in history], [h["train/loss"] for h in history])

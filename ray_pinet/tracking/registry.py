@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ray_pinet.config_base import ConfigError
-
+from ray_pinet.tracking.mlflow_utils import filter_literal
 
 CHAMPION = "champion"
 
@@ -33,8 +33,6 @@ def model_versions(uri: str, model_name: str) -> Optional[list]:
     of that name or it has no version. Any other registry error is a ``RegistryError``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from ray_pinet.tracking.mlflow_utils import filter_literal
 
     literal = filter_literal(model_name)  # a name no filter can express fails before any request
     client = MlflowClient(tracking_uri=uri)

@@ -20,17 +20,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ray_pinet.config import TrainConfig
+from ray_pinet.evaluation.bootstrap import paired_intervals
 from ray_pinet.evaluation.protocol import evaluate, metric_key, slice_names, stratum_name, user_outcomes
+from ray_pinet.methods.ga import Prior, method_prior
 from ray_pinet.methods.sampled_softmax import NegativeSampler
 from ray_pinet.methods.transfer import Discriminator
 from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import EvalRows, TrainRows
-from ray_pinet.training.shards import shard_range
 from ray_pinet.training.collectives import all_gather_rows, all_reduce_max_, broadcast_module_, rank_and_world
-from ray_pinet.training.loop import item_optimizers, prior_settings, run_epoch
+from ray_pinet.training.early_stopping import EarlyStopping
+from ray_pinet.training.loop import EpochSetup, item_optimizers, run_epoch
+from ray_pinet.training.shards import shard_range
 from ray_pinet.training.transfer_epoch import transfer_epoch
 
 ReportFn = Callable[[dict, Optional[dict]], None]
@@ -65,6 +69,8 @@ class RunMeta:
 class EngineState:
     stage: int = 1
     epoch: int = 0  # next epoch to run in the current stage
+    # The EarlyStopping state (best, bad) of the model selection and of each plugin (stage 2,
+    # frozen backbone), kept as plain numbers: checkpoints hold plain data only.
     best_value: float = float("-inf")
     bad_evals: int = 0
     best_model: Optional[dict] = None
@@ -212,6 +218,28 @@ class Engine:
             candidates=self.cfg.eval.candidates > 0,
         )
 
+    def _val_metric(self, val: dict[str, float], slice_name: str) -> float:
+        return val.get(metric_key(slice_name, self.cfg.eval.select_metric, self.cfg.eval.k), float("-inf"))
+
+    def _method_prior(self) -> Prior:
+        return method_prior(self.cfg, self.meta.user_share, self.meta.interaction_share)
+
+    def _epoch_setup(self, params: list, optimizers: list, prior: Prior, use_plugins: bool) -> EpochSetup:
+        return EpochSetup(self.model, params, optimizers, self.train_rows, self.meta.num_train_samples,
+                          self.cfg, self.K, prior, use_plugins, self.train_ids, self.sampler)
+
+    def _selection(self, patience: int) -> EarlyStopping:
+        """Early stopping of the run's model selection, over ``best_value``/``bad_evals``."""
+        return EarlyStopping(patience, self.state.best_value, self.state.bad_evals)
+
+    def _select_model(self, selection: EarlyStopping, value: float) -> bool:
+        """One evaluation of the selection metric; a new best keeps the model (``best_model``)."""
+        improved = selection.update(value)
+        self.state.best_value, self.state.bad_evals = selection.best, selection.bad
+        if improved:
+            self.state.best_model = copy.deepcopy(self.model.state_dict())
+        return improved
+
     def _agree_stop(self, local_flag: bool) -> bool:
         # on the collective device (nccl reduces CUDA tensors only); read once per epoch
         t = torch.tensor([1.0 if local_flag else 0.0], dtype=torch.float64, device=self.device)
@@ -238,6 +266,16 @@ class Engine:
 
         return update
 
+    def _close_epoch(self, metrics: dict, optimizers: dict, t_start: float) -> float:
+        """Add the epoch's time to the run's and the stage's, then report the epoch; returns the
+        next epoch's start time."""
+        dt = time.perf_counter() - t_start
+        self.state.elapsed_s += dt
+        self.state.stage_elapsed_s += dt
+        t_next = time.perf_counter()
+        self._emit(metrics, optimizers, step=len(self.state.history))
+        return t_next
+
     def _emit(self, metrics: dict, optimizers: dict, step: int) -> None:
         self.state.history.append({"step": step, **metrics})
         self.log(metrics, step)
@@ -262,9 +300,8 @@ class Engine:
         for key, opt in opts.items():
             if key in self.opt_state:
                 opt.load_state_dict(self.opt_state[key])
-        prior_kind, alpha, shares = prior_settings(cfg, cfg.method, self.meta.user_share,
-                                                   self.meta.interaction_share)
-        sel = metric_key(cfg.eval.select_slice, cfg.eval.select_metric, cfg.eval.k)
+        setup = self._epoch_setup(params, list(opts.values()), self._method_prior(), use_plugins=False)
+        selection = self._selection(cfg.optim.patience)
         t_start = time.perf_counter()
         while self.state.epoch < cfg.optim.max_epochs and not self.state.stage1_done:
             epoch = self.state.epoch
@@ -272,37 +309,24 @@ class Engine:
                 stats = transfer_epoch(self.model, self.disc, self.train_rows, self.meta.num_train_samples,
                                        cfg, epoch, progress=self._progress(1, epoch))
             else:
-                stats = run_epoch(
-                    self.model, params, list(opts.values()), self.train_rows, self.meta.num_train_samples, cfg,
-                    epoch, self.K, shares, prior_kind, alpha, use_plugins=False,
-                    progress=self._progress(1, epoch), ids=self.train_ids, sampler=self.sampler,
-                )
+                stats = run_epoch(setup, epoch, progress=self._progress(1, epoch))
             metrics = {"stage": 1.0, "epoch": float(epoch), **stats.as_metrics("train")}
             improved = False
             if (epoch + 1) % cfg.eval.every == 0:
                 val = self._evaluate(self.valid_rows)
                 metrics.update({f"val/{k}": v for k, v in val.items()})
-                value = val.get(sel, float("-inf"))
-                if value > self.state.best_value:
-                    self.state.best_value, self.state.bad_evals, improved = value, 0, True
-                    self.state.best_model = copy.deepcopy(self.model.state_dict())
-                else:
-                    self.state.bad_evals += 1
+                improved = self._select_model(selection, self._val_metric(val, cfg.eval.select_slice))
             self.state.epoch += 1
-            stop = self.state.bad_evals >= cfg.optim.patience
-            if self._out_of_time(t_start, cfg.optim.max_minutes):
-                stop = True
+            out_of_time = self._out_of_time(t_start, cfg.optim.max_minutes)
+            if out_of_time:
                 self.say(f"stage 1: time limit of {cfg.optim.max_minutes} min reached")
             self.say(
                 f"stage 1 epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  "
                 f"{metrics['train/positions_per_s']:.0f} pos/s  {self._fmt(metrics, 'val')}"
                 + ("  *" if improved else "")
             )
-            if stop:
-                self.state.stage1_done = True
-            self._account(t_start)
-            t_start = time.perf_counter()
-            self._emit(metrics, opts, step=len(self.state.history))
+            self.state.stage1_done = selection.stopped or out_of_time
+            t_start = self._close_epoch(metrics, opts, t_start)
         self.state.stage1_done = True
         if self.state.best_model is not None:
             self.model.load_state_dict(self.state.best_model)
@@ -318,95 +342,100 @@ class Engine:
         plugins can be combined. Unfrozen: backbone and plugins follow the GA-weighted loss,
         the backbone at ``backbone_lr_scale`` × lr, selection on the "all" metric.
         """
-        cfg, K = self.cfg, self.K
-        s2 = cfg.stage2
+        s2 = self.cfg.stage2
         if self.state.stage == 1:  # entering stage 2 (not resuming inside it)
-            self.state.stage, self.state.epoch = 2, 0
-            self.state.plugin_best = [float("-inf")] * K
-            self.state.plugin_bad = [0] * K
-            self.state.best_value, self.state.bad_evals = float("-inf"), 0
-            self.opt_state = {}
-            self.state.stage_elapsed_s = 0.0
-            self.model.reset_plugins()  # identity on the trained backbone (DIN: copy its head)
-            self.model.use_plugins = True
-            # The identity plugins (= the stage-1 model) are the first candidate of every
-            # stratum: a plugin is kept only if it beats the backbone on its stratum's validation.
-            val0 = self._evaluate(self.valid_rows)
-            for s in range(K):
-                self.state.plugin_best[s] = val0.get(
-                    metric_key(stratum_name(s, K), cfg.eval.select_metric, cfg.eval.k), float("-inf"))
-                self.state.plugin_best_state[s] = copy.deepcopy(self.model.plugins.state_dict())
-            self.state.plugin_base = list(self.state.plugin_best)  # what each plugin must beat
-            self.state.best_value = val0.get(metric_key("all", cfg.eval.select_metric, cfg.eval.k),
-                                             float("-inf"))
-            self.state.best_model = copy.deepcopy(self.model.state_dict())
+            self._enter_stage2()
         self.model.use_plugins = True
+        setup, opt = self._stage2_setup()
+        stoppers = self._stage2_stoppers()
+        t_start = time.perf_counter()
+        while self.state.epoch < s2.max_epochs:
+            epoch = self.state.epoch
+            stats = run_epoch(setup, 10_000 + epoch, progress=self._progress(2, epoch))
+            val = self._evaluate(self.valid_rows)
+            metrics = {"stage": 2.0, "epoch": float(epoch), **stats.as_metrics("train"),
+                       **{f"val/{k}": v for k, v in val.items()}}
+            done = self._stage2_select(stoppers, val)
+            self.state.epoch += 1
+            done = self._out_of_time(t_start, s2.max_minutes) or done
+            self.say(f"stage 2 epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  "
+                     f"{self._fmt(metrics, 'val')}")
+            t_start = self._close_epoch(metrics, {"stage2": opt}, t_start)
+            if done:
+                break
+        self._finish_stage2()
+
+    def _enter_stage2(self) -> None:
+        """Start stage 2 on the stage-1 model: fresh selection and optimizer, and the identity
+        plugins (= the stage-1 model) as the first candidate of every stratum, so a plugin is
+        kept only if it beats the backbone on its stratum's validation (``plugin_base``)."""
+        K = self.K
+        self.state.stage, self.state.epoch, self.state.stage_elapsed_s = 2, 0, 0.0
+        self.opt_state = {}
+        self.model.reset_plugins()  # identity on the trained backbone (DIN: copy its head)
+        self.model.use_plugins = True
+        val0 = self._evaluate(self.valid_rows)
+        self.state.plugin_best = [self._val_metric(val0, stratum_name(s, K)) for s in range(K)]
+        self.state.plugin_bad = [0] * K
+        self.state.plugin_best_state = {s: copy.deepcopy(self.model.plugins.state_dict()) for s in range(K)}
+        self.state.plugin_base = list(self.state.plugin_best)  # what each plugin must beat
+        self.state.best_value, self.state.bad_evals = self._val_metric(val0, "all"), 0
+        self.state.best_model = copy.deepcopy(self.model.state_dict())
+
+    def _stage2_setup(self) -> tuple[EpochSetup, torch.optim.Optimizer]:
+        """Stage 2's epochs and Adam (its state restored on resume): the plugins alone under the
+        ``stratum_mean`` prior (frozen backbone), else the plugins and the backbone (at
+        ``backbone_lr_scale`` × lr) under the method's prior."""
+        cfg, s2 = self.cfg, self.cfg.stage2
         plugin_params = list(self.model.plugin_parameters())
         backbone = list(self.model.backbone_parameters())
         groups = [{"params": plugin_params, "lr": s2.lr}]
         if s2.freeze_backbone:
             for p in backbone:
                 p.requires_grad_(False)
-            params = plugin_params
-            prior_kind, alpha, shares = "stratum_mean", 0.0, self.meta.user_share
+            params, prior = plugin_params, Prior("stratum_mean")
         else:
             groups.append({"params": backbone, "lr": cfg.optim.lr * s2.backbone_lr_scale,
                            "weight_decay": cfg.optim.weight_decay})
-            params = plugin_params + backbone
-            prior_kind, alpha, shares = prior_settings(cfg, cfg.method, self.meta.user_share,
-                                                       self.meta.interaction_share)
+            params, prior = plugin_params + backbone, self._method_prior()
         opt = torch.optim.Adam(groups)
         if "stage2" in self.opt_state:
             opt.load_state_dict(self.opt_state["stage2"])
-        sel_metric = cfg.eval.select_metric
-        t_start = time.perf_counter()
-        while self.state.epoch < s2.max_epochs:
-            epoch = self.state.epoch
-            stats = run_epoch(
-                self.model, params, [opt], self.train_rows, self.meta.num_train_samples, cfg,
-                10_000 + epoch, K, shares, prior_kind, alpha, use_plugins=True,
-                ids=self.train_ids, sampler=self.sampler,
-                progress=self._progress(2, epoch),
-            )
-            val = self._evaluate(self.valid_rows)
-            metrics = {"stage": 2.0, "epoch": float(epoch), **stats.as_metrics("train"),
-                       **{f"val/{k}": v for k, v in val.items()}}
-            if s2.freeze_backbone:
-                for s in range(K):
-                    if self._plugin_stopped(s):
-                        continue
-                    v = val.get(metric_key(stratum_name(s, K), sel_metric, cfg.eval.k), float("-inf"))
-                    if v > self.state.plugin_best[s]:
-                        self.state.plugin_best[s], self.state.plugin_bad[s] = v, 0
-                        self.state.plugin_best_state[s] = copy.deepcopy(self.model.plugins.state_dict())
-                    else:
-                        self.state.plugin_bad[s] += 1
-                done = all(self._plugin_stopped(s) for s in range(K))
-            else:
-                v = val.get(metric_key("all", sel_metric, cfg.eval.k), float("-inf"))
-                if v > self.state.best_value:
-                    self.state.best_value, self.state.bad_evals = v, 0
-                    self.state.best_model = copy.deepcopy(self.model.state_dict())
-                else:
-                    self.state.bad_evals += 1
-                done = self.state.bad_evals >= s2.patience
-            self.state.epoch += 1
-            done = self._out_of_time(t_start, s2.max_minutes) or done
-            self.say(f"stage 2 epoch {epoch:3d}  loss {metrics['train/loss']:.4f}  {self._fmt(metrics, 'val')}")
-            self._account(t_start)
-            t_start = time.perf_counter()
-            self._emit(metrics, {"stage2": opt}, step=len(self.state.history))
-            if done:
-                break
-        if s2.freeze_backbone:
+        return self._epoch_setup(params, [opt], prior, use_plugins=True), opt
+
+    def _stage2_stoppers(self) -> list[EarlyStopping]:
+        """Frozen backbone: plugin s's early stopping on its own stratum; else the run's selection."""
+        s2 = self.cfg.stage2
+        if not s2.freeze_backbone:
+            return [self._selection(s2.patience)]
+        return [EarlyStopping(s2.patience, best, bad)
+                for best, bad in zip(self.state.plugin_best, self.state.plugin_bad)]
+
+    def _stage2_select(self, stoppers: list[EarlyStopping], val: dict[str, float]) -> bool:
+        """Update stage 2's selection with one validation; True when stage 2 is done. Frozen
+        backbone: every plugin still training keeps its state at its stratum's new best."""
+        if not self.cfg.stage2.freeze_backbone:
+            self._select_model(stoppers[0], self._val_metric(val, "all"))
+            return stoppers[0].stopped
+        for s, stopper in enumerate(stoppers):
+            if not stopper.stopped and stopper.update(self._val_metric(val, stratum_name(s, self.K))):
+                self.state.plugin_best_state[s] = copy.deepcopy(self.model.plugins.state_dict())
+        self.state.plugin_best = [st.best for st in stoppers]
+        self.state.plugin_bad = [st.bad for st in stoppers]
+        return all(st.stopped for st in stoppers)
+
+    def _finish_stage2(self) -> None:
+        """Serve each stratum's best plugin (frozen backbone: composed, then ``_decide_plugins``)
+        or the run's best model, and make the backbone trainable again."""
+        if self.cfg.stage2.freeze_backbone:
             if self.state.plugin_best_state:
                 self.model.plugins.load_state_dict(
-                    compose_plugin_states(self.model.plugins, self.state.plugin_best_state, K)
+                    compose_plugin_states(self.model.plugins, self.state.plugin_best_state, self.K)
                 )
             self._decide_plugins()
         elif self.state.best_model is not None:
             self.model.load_state_dict(self.state.best_model)
-        for p in backbone:
+        for p in self.model.backbone_parameters():
             p.requires_grad_(True)
 
     def _decide_plugins(self) -> None:
@@ -425,10 +454,6 @@ class Engine:
         self.state.plugin_kept = [float(w) for w in won]
         if s2.keep != "significant" or not any(won):
             return
-        import numpy as np
-
-        from ray_pinet.evaluation.bootstrap import paired_intervals
-
         def per_user(use_plugins: bool) -> dict:
             self.model.use_plugins = use_plugins
             return user_outcomes(self.model, self.valid_rows, cfg.eval.k, cfg.eval.batch_size,
@@ -460,14 +485,6 @@ class Engine:
             for s in drop:
                 self.state.plugin_kept[s] = 0.0
         self.model.use_plugins = True
-
-    def _account(self, t_start: float) -> None:
-        dt = time.perf_counter() - t_start
-        self.state.elapsed_s += dt
-        self.state.stage_elapsed_s += dt
-
-    def _plugin_stopped(self, s: int) -> bool:
-        return bool(self.state.plugin_bad) and self.state.plugin_bad[s] >= self.cfg.stage2.patience
 
     # -- whole run -------------------------------------------------------------------------
     def run(self) -> dict[str, float]:

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ray_pinet.checkpoint_io import load_weights, save_weights
 from ray_pinet.config import TrainConfig
-from ray_pinet.methods.ga import unit_losses
+from ray_pinet.methods.ga import Prior, unit_losses
 from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.methods.sampled_softmax import NegativeSampler
 from ray_pinet.methods.transfer import Discriminator
@@ -30,7 +31,7 @@ from ray_pinet.models.registry import build_model
 from ray_pinet.training.batches import TrainRows
 from ray_pinet.training.collectives import all_reduce_sum_, flatten_grads, rank_and_world
 from ray_pinet.training.ga_step import ga_backward
-from ray_pinet.training.loop import run_epoch
+from ray_pinet.training.loop import EpochSetup, run_epoch
 from ray_pinet.training.shards import read_shard, shard_range
 from ray_pinet.training.transfer_epoch import transfer_epoch
 
@@ -148,6 +149,18 @@ def _user_share(p: Problem) -> list[float]:
     return [1.0 / p.num_strata] * p.num_strata if p.num_strata != 2 else [0.8, 0.2]
 
 
+def variant_prior(p: Problem, kind: str, alpha: float) -> Prior:
+    """A VARIANTS prior; ``reweight`` takes the user shares as its static stratum weights."""
+    share = tuple(_user_share(p))
+    return Prior(kind, alpha, share, share if kind == "reweight" else ())
+
+
+def epoch_setup(p: Problem, model, params, optimizers, rows: TrainRows, cfg: TrainConfig, prior: Prior,
+                **kwargs) -> EpochSetup:
+    """A stage-1 ``run_epoch`` setup over every row of ``p``."""
+    return EpochSetup(model, params, optimizers, rows, p.num_rows, cfg, p.num_strata, prior, **kwargs)
+
+
 def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
     """Every checked quantity for this rank (or for one process when there is no group), the
     training rows read from ``root`` (``write_train_split``) as production reads them."""
@@ -169,7 +182,7 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
             loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, p.loss,
                                                       segments=batch.segments)
             ul, ur = unit_losses(loss_vec, row_index, len(batch), unit)
-            ga_backward(params, ul, batch.stratum[ur], p.num_strata, prior, _user_share(p), alpha, reduce)
+            ga_backward(params, ul, batch.stratum[ur], p.num_strata, variant_prior(p, prior, alpha), reduce)
             out[f"{key}/{prior}/{alpha}/{reduce}/{unit}"] = flatten_grads(params).clone()
     # One full epoch (several global batches) from the same init, GA power prior, with SGD and
     # with Adam; with optim.batching auto (packed for sasrec) and, for sasrec, padded as well.
@@ -180,11 +193,12 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
               ("adam", cfg, lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr))]
     if p.backbone == "sasrec":
         epochs.append(("adam_padded", padded, lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr)))
+    power = Prior("power", 0.5, tuple(_user_share(p)))
+    pooled = Prior("interaction_share")
     for name, cfg, make_opt in epochs:
         model = _model(p, cfg)
         params = list(model.backbone_parameters())
-        run_epoch(model, params, [make_opt(params)], rows, p.num_rows, cfg, 0, p.num_strata,
-                  _user_share(p), "power", 0.5, use_plugins=False)
+        run_epoch(epoch_setup(p, model, params, [make_opt(params)], rows, cfg, power), 0)
         out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
     # loss sampled_softmax: keyed shared negatives (the proposal's counts all-reduced) and, with
     # in_batch, the global batch's targets gathered from every rank; packed rows (auto) and padded.
@@ -197,9 +211,8 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
                            "ga.alpha": 0.5, **extra})
             model = _model(p, cfg)
             params = list(model.backbone_parameters())
-            run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, p.num_rows, cfg, 0, p.num_strata,
-                      _user_share(p), "power", 0.5, use_plugins=False,
-                      sampler=NegativeSampler.from_config(rows, p.num_items, cfg))
+            run_epoch(epoch_setup(p, model, params, [torch.optim.SGD(params, lr=0.5)], rows, cfg, power,
+                                  sampler=NegativeSampler.from_config(rows, p.num_items, cfg)), 0)
             out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
         # optim.item_exchange=rows: the item table crosses ranks by touched rows (sparse_rows.py)
         # and lazy Adam steps those rows; SGD for the rest, as above.
@@ -210,9 +223,8 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
         table = model.backbone.item_emb.weight
         opts = [torch.optim.SGD([q for q in params if q is not table], lr=0.5),
                 torch.optim.SparseAdam([table], lr=cfg.optim.lr)]
-        run_epoch(model, params, opts, rows, p.num_rows, cfg, 0, p.num_strata, _user_share(p),
-                  "interaction_share", 0.0, use_plugins=False,
-                  sampler=NegativeSampler.from_config(rows, p.num_items, cfg))
+        run_epoch(epoch_setup(p, model, params, opts, rows, cfg, pooled,
+                              sampler=NegativeSampler.from_config(rows, p.num_items, cfg)), 0)
         out["epoch_params/sampled_softmax_rows"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
     # `separate` / `finetune`: an epoch over one stratum's rows only (ids shared by all-reduce).
     cfg = _cfg(p)
@@ -224,8 +236,7 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
     gathered[torch.from_numpy(ids.local_ids)] = 1
     out["stratum_ids"] = all_reduce_sum_(gathered).nonzero().squeeze(1)
     out["stratum_offset_total"] = torch.tensor([ids.total], dtype=torch.int64)
-    run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, p.num_rows, cfg, 0, p.num_strata,
-              _user_share(p), "interaction_share", 0.0, use_plugins=False, ids=ids)
+    run_epoch(epoch_setup(p, model, params, [torch.optim.SGD(params, lr=0.5)], rows, cfg, pooled, ids=ids), 0)
     out["epoch_params/one_stratum"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
     # `transfer`: one epoch of Reptile + adversarial discriminator (inner Adam per trajectory).
     cfg = _cfg(p, {"method": "transfer", "transfer.trajectories": 2, "transfer.inner_steps": 3,
@@ -241,8 +252,6 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
 
 def _worker(config: dict) -> None:
     import ray.train
-
-    from ray_pinet.checkpoint_io import save_weights
 
     torch.set_num_threads(1)
     p = Problem(**config["problem"])
@@ -276,7 +285,6 @@ def run_distributed(p: Problem, num_workers: int, storage_path: str, name: str =
         scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name=name, storage_path=storage_path),
     )
-    from ray_pinet.checkpoint_io import load_weights
 
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ray_pinet.methods.ga import ga_weights, stratum_counts, stratum_prior as _ga_prior
+from ray_pinet.methods.ga import Prior, ga_weights, stratum_counts, stratum_prior, stratum_prior_on_device
 from ray_pinet.training.collectives import all_reduce_sum_, assign_flat_grads_, flatten_grads, is_distributed
 
 
@@ -42,49 +42,6 @@ class GAStepInfo:
     # parameters' device from GradReducer (read once per epoch, not per step), a float otherwise
     loss: "torch.Tensor | float"
     backward_s: float = 0.0  # of ga_backward's time, the local autograd pass(es); the rest is the collectives
-
-
-def stratum_prior(kind: str, num_strata: int, user_share, counts: torch.Tensor, alpha: float) -> torch.Tensor:
-    """GA priors plus ``reweight`` (π_s ∝ N_s r_s: every unit of stratum s weighs r_s in a
-    weighted mean over the global batch) and ``stratum_mean`` (π_s = 1 for every present stratum): with it each
-    stratum's units are averaged on their own, which is what per-stratum plugins train on."""
-    if kind == "stratum_mean":
-        return (counts > 0).to(torch.float64)
-    if kind == "reweight":  # ``user_share`` holds the static weights r_s here (loop.prior_settings)
-        out = counts.to(torch.float64) * torch.as_tensor(list(user_share), dtype=torch.float64)
-        return out / out.sum() if float(out.sum()) > 0 else out
-    return _ga_prior(kind, num_strata, user_share, counts, alpha)
-
-
-def stratum_prior_on_device(kind: str, num_strata: int, share: torch.Tensor, counts: torch.Tensor,
-                            alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stratum_prior`` without leaving ``counts``' device: (π float64[K], bad), ``bad`` a 0-dim
-    bool that is true where the host version would raise (a present stratum with user share 0).
-    Branches become masks so no value is read back per step; the arithmetic is the host
-    version's, element for element (tests compare them bit for bit)."""
-    counts = counts.to(torch.float64)
-    present = counts > 0
-    bad = torch.zeros((), dtype=torch.bool, device=counts.device)
-    zero = torch.zeros((), dtype=torch.float64, device=counts.device)
-    if kind == "stratum_mean":
-        return present.to(torch.float64), bad
-    if kind == "reweight":
-        out = counts * share
-        total = out.sum()
-        return torch.where(total > 0, out / total, out), bad
-    if kind == "uniform":
-        out = present.to(torch.float64)
-        return torch.where(out.sum() > 0, out / out.sum(), out), bad
-    c = counts / counts.sum()
-    if kind == "interaction_share":
-        return torch.where(present, c, zero), bad
-    if kind not in ("user_share", "power"):
-        raise ValueError(f"unknown prior {kind!r}")
-    a = 1.0 if kind == "user_share" else float(alpha)
-    bad = (present & (share == 0)).any()
-    out = torch.where(present, c ** (1.0 - a) * share ** a, zero)
-    total = out.sum()
-    return torch.where(total > 0, out / total, out), bad
 
 
 class GradReducer:
@@ -175,8 +132,8 @@ class GradReducer:
                              if is_distributed() else None)
 
     def backward(
-        self, unit_loss: torch.Tensor, unit_strata: torch.Tensor, prior_kind: str, user_share: Sequence[float],
-        alpha: float = 0.0, extra_inputs: Sequence[torch.Tensor] = (),
+        self, unit_loss: torch.Tensor, unit_strata: torch.Tensor, prior: Prior,
+        extra_inputs: Sequence[torch.Tensor] = (),
     ) -> GAStepInfo:
         """Set every param's ``.grad`` to the global GA gradient. Collective: call on every rank.
         ``extra_inputs``: leaf tensors that also get this rank's GA-weighted gradient in ``.grad``,
@@ -194,14 +151,13 @@ class GradReducer:
         # The loss and its GA weights stay fp32 under bf16 autocast (fp32 losses are a no-op here).
         unit_loss = unit_loss.float()
         if self.on_host:
-            prior = stratum_prior(prior_kind, self.num_strata, user_share, counts, alpha).to(torch.float64)
-            w = ga_weights(unit_strata, counts, prior).to(unit_loss.dtype)
+            pi = stratum_prior(prior, counts)
+            w = ga_weights(unit_strata, counts, pi).to(unit_loss.dtype)
         else:
-            share = torch.as_tensor(list(user_share), dtype=torch.float64, device=self.device)
-            prior, bad = stratum_prior_on_device(prior_kind, self.num_strata, share, counts, alpha)
+            pi, bad = stratum_prior_on_device(prior, counts)
             n_unit = counts[unit_strata.long()]
             self._bad_prior |= bad | (n_unit <= 0).any()
-            w = (prior[unit_strata.long()] / n_unit).to(unit_loss.dtype)
+            w = (pi[unit_strata.long()] / n_unit).to(unit_loss.dtype)
         local = (w * unit_loss).sum()
         self.flat.zero_()
         for p, v, cast in zip(self.params, self.views, self._cast):
@@ -226,7 +182,7 @@ class GradReducer:
         for p, v, cast in zip(self.params, self.views, self._cast):
             if cast:
                 p.grad = v.to(p.dtype)
-        return GAStepInfo(counts, prior, self.flat[0].clone(), backward_s)
+        return GAStepInfo(counts, pi, self.flat[0].clone(), backward_s)
 
     @staticmethod
     def _counts_message(loss_counts, batch_counts) -> str:
@@ -261,9 +217,7 @@ def ga_backward(
     unit_loss: torch.Tensor,
     unit_strata: torch.Tensor,
     num_strata: int,
-    prior_kind: str,
-    user_share: Sequence[float],
-    alpha: float = 0.0,
+    prior: Prior,
     reduce: str = "loss_weighted",
 ) -> GAStepInfo:
     """Set ``p.grad`` of every param to the global GA gradient. Collective: call on every rank.
@@ -272,7 +226,7 @@ def ga_backward(
     if reduce == "loss_weighted":
         reducer = GradReducer(params, num_strata)
         try:
-            return reducer.backward(unit_loss, unit_strata, prior_kind, user_share, alpha)
+            return reducer.backward(unit_loss, unit_strata, prior)
         finally:
             reducer.close()
     local_counts = stratum_counts(unit_strata, num_strata)
@@ -293,12 +247,12 @@ def ga_backward(
         n_params = parts[0].numel()
         counts = buf[-num_strata:].to(torch.float64)
         sums = buf[num_strata * n_params : num_strata * n_params + num_strata].to(torch.float64)
-        prior = stratum_prior(prior_kind, num_strata, user_share, counts, alpha).to(torch.float64).to(counts.device)
-        coef = torch.where(counts > 0, prior / counts.clamp(min=1), torch.zeros_like(prior))
+        pi = stratum_prior(prior, counts).to(counts.device)
+        coef = torch.where(counts > 0, pi / counts.clamp(min=1), torch.zeros_like(pi))
         g = torch.zeros(n_params, dtype=torch.float64, device=buf.device)
         for s in range(num_strata):
             if coef[s] != 0:
                 g += coef[s] * buf[s * n_params : (s + 1) * n_params].to(torch.float64)
         assign_flat_grads_(params, g.to(torch.float32))
-        return GAStepInfo(counts, prior, float((coef * sums).sum()), backward_s)
+        return GAStepInfo(counts, pi, float((coef * sums).sum()), backward_s)
     raise ValueError(f"unknown GA reduce mode {reduce!r}")

@@ -121,7 +121,7 @@ def ig_epoch(run) -> dict[str, float]:
             assign_flat_grads_(params, g_bce)
             run.opt.step()
         if as_coded:  # θ's Adam is re-created after every Phase-B step
-            run.opt = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.l2)
+            run.opt = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         run.step += 1
         loss_sum += l0  # the batch's summed BCE at θ (all-reduced)
     seconds = time.perf_counter() - t0

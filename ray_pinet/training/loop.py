@@ -14,15 +14,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ray_pinet.config import TrainConfig
-from ray_pinet.methods.ga import batch_unit_counts, unit_losses
+from ray_pinet.methods.ga import Prior, batch_unit_counts, unit_losses
 from ray_pinet.methods.losses import per_position_losses, valid_positions
 from ray_pinet.methods.sampled_softmax import Candidates, NegativeSampler
 from ray_pinet.training.batches import RowSubset, TrainRows, num_steps
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
 from ray_pinet.training.device import autocast
-from ray_pinet.training.ga_step import GradReducer, ga_backward
+from ray_pinet.training.ga_step import GAStepInfo, GradReducer, ga_backward
 from ray_pinet.training.sparse_rows import ITEM_TABLE, RowSparseTable
-
 
 TIME_PARTS = ("data", "forward", "backward", "allreduce", "optimizer")
 
@@ -56,23 +55,6 @@ class EpochStats:
         }
 
 
-def prior_settings(
-    cfg: TrainConfig, method: str, user_share: Sequence[float], interaction_share: Sequence[float]
-) -> tuple[str, float, list[float]]:
-    """(prior kind, alpha, per-stratum shares) of ``ga_backward`` for a method's stage 1.
-
-    ``joint`` (and the per-stratum baselines, which are joint runs on one stratum's rows) is GA
-    with the interaction_share prior: the pooled mean over units. ``reweight`` is the pooled
-    mean with static per-stratum weights r_s = (n_s / C_s)^power: π_s ∝ N_s · r_s (ga_step).
-    """
-    if method == "reweight":
-        r = [(n / c) ** cfg.reweight.power if c > 0 else 0.0 for n, c in zip(user_share, interaction_share)]
-        return "reweight", 0.0, r
-    if method == "pinet":
-        return cfg.ga.prior, cfg.ga.alpha, list(user_share)
-    return "interaction_share", 0.0, list(user_share)
-
-
 def _item_table(model: torch.nn.Module) -> torch.nn.Parameter | None:
     return dict(model.named_parameters()).get(ITEM_TABLE)
 
@@ -89,38 +71,42 @@ def item_optimizers(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]
             torch.optim.SparseAdam([table], lr=lr)]
 
 
-def run_epoch(
-    model: torch.nn.Module,
-    params: Sequence[torch.nn.Parameter],
-    optimizers: Sequence[torch.optim.Optimizer],
-    rows: TrainRows,
-    num_samples: int,
-    cfg: TrainConfig,
-    epoch: int,
-    num_strata: int,
-    user_share: Sequence[float],
-    prior_kind: str,
-    alpha: float,
-    use_plugins: bool,
-    after_backward: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
-    ids: Optional[RowSubset] = None,
-    sampler: Optional[NegativeSampler] = None,
-) -> EpochStats:
-    """One pass over the global batches (of ``ids`` only, when given). ``after_backward(counts, prior)`` may rescale or
-    zero gradients (stage 2 per-plugin normalisation) before the optimizer steps. ``sampler``: the
-    shared candidates of each step (needed by ``loss: sampled_softmax``)."""
-    if (cfg.loss == "sampled_softmax") != (sampler is not None):
+@dataclass
+class EpochSetup:
+    """What stays the same across the epochs of one stage: ``run_epoch``'s inputs besides the
+    epoch number. ``ids``: train on these rows only (None = every row); ``sampler``: the shared
+    candidates of each step (exactly for ``loss: sampled_softmax``)."""
+
+    model: torch.nn.Module
+    params: Sequence[torch.nn.Parameter]
+    optimizers: Sequence[torch.optim.Optimizer]
+    rows: TrainRows
+    num_samples: int
+    cfg: TrainConfig
+    num_strata: int
+    prior: Prior
+    use_plugins: bool = False
+    ids: Optional[RowSubset] = None
+    sampler: Optional[NegativeSampler] = None
+
+
+def run_epoch(setup: EpochSetup, epoch: int,
+              progress: Optional[Callable[[int, int], None]] = None) -> EpochStats:
+    """One pass over the global batches (of ``setup.ids`` only, when given): per step the GA
+    gradient of ``setup.prior``, clipping, then every optimizer steps."""
+    cfg, params, optimizers = setup.cfg, setup.params, setup.optimizers
+    if (cfg.loss == "sampled_softmax") != (setup.sampler is not None):
         raise ValueError(f"loss {cfg.loss!r}: a NegativeSampler is passed exactly for sampled_softmax")
-    model.train()
+    setup.model.train()
     stats = EpochStats()
     t_epoch = time.perf_counter()
-    steps = num_steps(num_samples if ids is None else ids.total, cfg.optim.batch_size)
+    num_rows = setup.num_samples if setup.ids is None else setup.ids.total
+    steps = num_steps(num_rows, cfg.optim.batch_size)
     device = params[0].device if len(params) else torch.device("cpu")
     # Per-step statistics accumulate on the device and are read once, after the epoch: a read
     # per step (.item(), float()) would stall the GPU stream every step. float64 sums of the
     # same float32 terms in the same order give the numbers the host sums gave.
-    unit_totals = torch.zeros(num_strata, dtype=torch.float64, device=device)
+    unit_totals = torch.zeros(setup.num_strata, dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     # Dropout masks come from the rank's own generator, re-seeded per (seed, epoch, rank) so a
     # resumed run replays the same masks.
@@ -128,61 +114,25 @@ def run_epoch(
     torch.manual_seed((cfg.run.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
     # The item table, when a lazy optimizer steps it (item_optimizers, optim.item_exchange=rows),
     # leaves the dense reducer and crosses workers by touched rows (training/sparse_rows.py).
-    table = RowSparseTable(model) if any(isinstance(o, torch.optim.SparseAdam) for o in optimizers) else None
+    lazy = any(isinstance(o, torch.optim.SparseAdam) for o in optimizers)
+    table = RowSparseTable(setup.model) if lazy else None
     dense = table.dense_params(params) if table is not None else list(params)
     # One reducer per epoch: its hooks live only as long as this loop.
-    reducer = GradReducer(dense, num_strata, cfg.ga.bucket_cap_mb) if cfg.ga.reduce == "loss_weighted" else None
+    reducer = (GradReducer(dense, setup.num_strata, cfg.ga.bucket_cap_mb)
+               if cfg.ga.reduce == "loss_weighted" else None)
     try:
-        # (the loop variable must not be ``ids``: stats.rows below reads the argument)
-        batches = rows.prefetched(rows.epoch_batches(cfg.optim.batch_size, cfg.run.seed, epoch, ids),
-                                  packed=cfg.packed)
+        batches = setup.rows.prefetched(
+            setup.rows.epoch_batches(cfg.optim.batch_size, cfg.run.seed, epoch, setup.ids), packed=cfg.packed)
         for step in range(steps):
             t_data = time.perf_counter()
             batch = next(batches)
             t0 = time.perf_counter()
-            n_local = len(batch)
-            candidates = None
-            if sampler is not None:  # every rank, every step: in-batch negatives are a collective
-                mine = batch.targets[valid_positions(batch.inputs, batch.targets)] if sampler.in_batch else None
-                candidates = sampler.candidates(epoch, step, mine, device)
-            if reducer is not None:  # the count all-reduce runs while the model computes
-                reducer.start_counts(
-                    batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit, num_strata,
-                                      batch.segments))
-            items = (batch.inputs, batch.targets, batch.negs)
-            if table is not None:  # every rank, every step: the exchange below is a collective
-                override, renumbered = table.begin(list(items) + ([candidates.items] if candidates else []))
-                items = tuple(renumbered[:3])
-                if candidates is not None:
-                    candidates = Candidates(renumbered[3], candidates.log_count)
-            if n_local:
-                with autocast(device, cfg.run.precision):
-                    args = (*items, batch.stratum if use_plugins else None, cfg.loss)
-                    kwargs = {"segments": batch.segments, "candidates": candidates}
-                    if table is None:
-                        loss_vec, row_index = per_position_losses(model, *args, **kwargs)
-                    else:
-                        loss_vec, row_index = table.call(override, per_position_losses, *args, **kwargs)
-                loss_vec = loss_vec.float()  # the loss and its GA weights stay fp32 (no-op in fp32)
-            else:
-                loss_vec = torch.zeros(0, device=device)
-                row_index = torch.zeros(0, dtype=torch.int64, device=device)
-            unit_loss, unit_row = unit_losses(loss_vec, row_index, n_local, cfg.ga.unit)
-            unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64, device=device)
+            unit_loss, unit_strata, positions = _forward(setup, batch, epoch, step, device, table, reducer)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             t_fwd = time.perf_counter()
-            if reducer is not None:
-                info = reducer.backward(unit_loss, unit_strata, prior_kind, user_share, alpha,
-                                        extra_inputs=[table.sub] if table is not None else ())
-                if table is not None:
-                    table.exchange()
-            else:
-                info = ga_backward(params, unit_loss, unit_strata, num_strata, prior_kind, user_share, alpha,
-                                   cfg.ga.reduce)
+            info = _ga_gradient(setup, unit_loss, unit_strata, table, reducer)
             t1 = time.perf_counter()
-            if after_backward is not None:
-                after_backward(info.global_counts, info.prior)
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             for opt in optimizers:
@@ -191,7 +141,7 @@ def run_epoch(
             loss_sum += info.loss
             stats.steps += 1
             unit_totals += info.global_counts
-            stats.positions += int(loss_vec.numel())
+            stats.positions += positions
             stats.time_data += t0 - t_data
             stats.time_forward += t_fwd - t0
             stats.time_backward += info.backward_s
@@ -207,7 +157,56 @@ def run_epoch(
     totals = all_reduce_sum_(torch.tensor([float(stats.positions)], dtype=torch.float64, device=device))
     stats.positions = int(totals[0])
     stats.loss = float(loss_sum)  # the epoch's one read of the device-side sums
-    stats.rows = num_samples if ids is None else ids.total
+    stats.rows = num_rows
     stats.stratum_units = unit_totals.tolist()
     stats.seconds = time.perf_counter() - t_epoch
     return stats
+
+
+def _forward(setup: EpochSetup, batch, epoch: int, step: int, device: torch.device,
+             table: Optional[RowSparseTable], reducer: Optional[GradReducer]):
+    """The forward of one step: (unit losses, their strata, this rank's positions). Starts the
+    collectives that run alongside it on every rank: in-batch negatives, the reducer's count
+    all-reduce, the row exchange's renumbering."""
+    cfg, n_local = setup.cfg, len(batch)
+    candidates = None
+    if setup.sampler is not None:  # every rank, every step: in-batch negatives are a collective
+        mine = batch.targets[valid_positions(batch.inputs, batch.targets)] if setup.sampler.in_batch else None
+        candidates = setup.sampler.candidates(epoch, step, mine, device)
+    if reducer is not None:  # the count all-reduce runs while the model computes
+        reducer.start_counts(batch_unit_counts(batch.inputs, batch.targets, batch.stratum, cfg.ga.unit,
+                                               setup.num_strata, batch.segments))
+    items = (batch.inputs, batch.targets, batch.negs)
+    if table is not None:  # every rank, every step: the exchange below is a collective
+        override, renumbered = table.begin(list(items) + ([candidates.items] if candidates else []))
+        items = tuple(renumbered[:3])
+        if candidates is not None:
+            candidates = Candidates(renumbered[3], candidates.log_count)
+    if n_local:
+        with autocast(device, cfg.run.precision):
+            args = (*items, batch.stratum if setup.use_plugins else None, cfg.loss)
+            kwargs = {"segments": batch.segments, "candidates": candidates}
+            if table is None:
+                loss_vec, row_index = per_position_losses(setup.model, *args, **kwargs)
+            else:
+                loss_vec, row_index = table.call(override, per_position_losses, *args, **kwargs)
+        loss_vec = loss_vec.float()  # the loss and its GA weights stay fp32 (no-op in fp32)
+    else:
+        loss_vec = torch.zeros(0, device=device)
+        row_index = torch.zeros(0, dtype=torch.int64, device=device)
+    unit_loss, unit_row = unit_losses(loss_vec, row_index, n_local, cfg.ga.unit)
+    unit_strata = batch.stratum[unit_row] if n_local else torch.zeros(0, dtype=torch.int64, device=device)
+    return unit_loss, unit_strata, int(loss_vec.numel())
+
+
+def _ga_gradient(setup: EpochSetup, unit_loss: torch.Tensor, unit_strata: torch.Tensor,
+                 table: Optional[RowSparseTable], reducer: Optional[GradReducer]) -> GAStepInfo:
+    """Every parameter's ``.grad`` set to the global GA gradient (collective)."""
+    if reducer is None:
+        return ga_backward(setup.params, unit_loss, unit_strata, setup.num_strata, setup.prior,
+                           setup.cfg.ga.reduce)
+    info = reducer.backward(unit_loss, unit_strata, setup.prior,
+                            extra_inputs=[table.sub] if table is not None else ())
+    if table is not None:
+        table.exchange()
+    return info

@@ -20,14 +20,20 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.data.prepared import read_split
 from ray_pinet.evaluation.protocol import evaluate, slice_names
 from ray_pinet.models.ensemble import StratumEnsemble
 from ray_pinet.storage_uri import local_or_uri
+from ray_pinet.tracking import mlflow_utils as mu
 from ray_pinet.training.batches import EvalRows
+from ray_pinet.training.checkpoint import load_state
+from ray_pinet.training.kind import FitResult
+from ray_pinet.training.resume import RESUME_FREE
+from ray_pinet.training.run_inputs import ensure_prepared, load_run_meta
+from ray_pinet.training.sequence_outputs import log_served_model, rebuild_model
 
 
 def _sub_config(cfg: TrainConfig, stratum: int, name: str, base_checkpoint: Optional[str]) -> TrainConfig:
@@ -56,20 +62,16 @@ def base_joint_config(cfg: TrainConfig) -> TrainConfig:
 
 def fit_per_stratum(
     cfg: TrainConfig,
+    fit_one: Callable[..., FitResult],
     base_checkpoint: Optional[str] = None,
     progress: Optional[bool] = None,
     parent_run_id: Optional[str] = None,
     tags: Optional[dict[str, str]] = None,
     fresh: bool = False,
 ):
-    """``fresh``: every run of it (the base joint, the K stratum runs) starts anew, their run
-    folders moved aside, under a new parent MLflow run (``fit``)."""
-    from ray_pinet.tracking import mlflow_utils as mu
-    from ray_pinet.training.resume import RESUME_FREE
-    from ray_pinet.training.trainer import (
-        FitResult, ensure_prepared, fit, load_run_meta, load_state, log_served_model, rebuild_model,
-    )
-
+    """``fit_one(cfg, ...)``: the driver's one-run ``fit``, called for the base joint run and
+    each stratum's run. ``fresh``: every run of it starts anew, their run folders moved aside,
+    under a new parent MLflow run."""
     progress = cfg.run.progress if progress is None else progress
     path = ensure_prepared(cfg, progress=progress)
     meta = load_run_meta(path)
@@ -86,17 +88,17 @@ def fit_per_stratum(
         )
     t0 = time.perf_counter()
     extra: dict = {}
-    try:
+    with mu.failed_on_error(uri, run_id):
         if cfg.method == "finetune" and base_checkpoint is None:
             print(f"finetune: training its joint base first ({cfg.run.name}-base-joint)", flush=True)
-            base = fit(base_joint_config(cfg), progress=progress, parent_run_id=run_id, fresh=fresh)
+            base = fit_one(base_joint_config(cfg), progress=progress, parent_run_id=run_id, fresh=fresh)
             base_checkpoint = base.checkpoint_path
             extra["base_train_seconds"] = base.final.get("train_seconds", 0.0)
         subs = []
         for s, name in enumerate(names):
             sub_cfg = _sub_config(cfg, s, name, base_checkpoint)
             print(f"\n--- {cfg.method}: stratum {name} ({sub_cfg.run.name}) ---", flush=True)
-            subs.append(fit(sub_cfg, progress=progress, parent_run_id=run_id,
+            subs.append(fit_one(sub_cfg, progress=progress, parent_run_id=run_id,
                             tags={"parent_method": cfg.method, "stratum": name}, fresh=fresh))
         members = [rebuild_model(load_state(sub.checkpoint_path))[0] for sub in subs]
         model = StratumEnsemble(members).eval()
@@ -120,10 +122,6 @@ def fit_per_stratum(
             if cfg.tracking.log_model:
                 model_uri = log_served_model(cfg, model, uri, run_id, path)
             mu.finish_run(uri, run_id)
-    except BaseException:
-        if uri and run_id:
-            mu.finish_run(uri, run_id, status="FAILED")
-        raise
     extra["members"] = [sub.checkpoint_path for sub in subs]
     extra["member_finals"] = [sub.final for sub in subs]
     return FitResult(cfg, final, [], None, run_id, uri, model_uri=model_uri, meta=meta, extra=extra)

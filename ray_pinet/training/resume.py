@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ray_pinet import storage_uri
 from ray_pinet.config_base import ConfigError, config_diff, format_diff
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -108,8 +109,6 @@ def check_resume(config_cls, cfg, storage: str, load_checkpoint_config: Callable
     With ``fresh`` the run folder is moved aside first and None is returned. A remote
     ``storage`` (a URI): the same check on a local copy of what it reads (``storage_uri.mirror_run``),
     errors naming the remote run folder; the checkpoint's URI is returned."""
-    from ray_pinet import storage_uri
-
     if storage_uri.is_remote(storage):
         run_uri = storage_uri.join(storage, cfg.run.name)
         if fresh:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_pinet.data.prepared import sample_strata, with_user_strata
 from ray_pinet.errors import DataError
 
 
@@ -72,8 +73,6 @@ def read_shard(root: Path, split: str, rank: int, world: int) -> tuple[pa.Table,
     ``sample_id`` in ``shard_range(N, rank, world)``; their ``stratum`` is the folder's (from
     users.parquet for a restratified view). DataError, naming the split, when the ids are not
     0..N-1 (the block would silently lose or gain rows)."""
-    from ray_pinet.data.prepared import sample_strata, with_user_strata
-
     split_dir = Path(root) / split
     files = sorted(split_dir.glob("part-*.parquet"))
     if not files:

@@ -20,7 +20,13 @@ from torch.nn.utils import parameters_to_vector
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.methods.losses import per_position_losses
-from ray_pinet.methods.transfer import Discriminator, grad_reverse, num_iterations, rank_trajectories, trajectory_ids
+from ray_pinet.methods.transfer import (
+    Discriminator,
+    grad_reverse,
+    num_iterations,
+    rank_trajectories,
+    trajectory_ids,
+)
 from ray_pinet.training.batches import TrainRows
 from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
 from ray_pinet.training.device import autocast

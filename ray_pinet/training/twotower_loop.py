@@ -15,11 +15,13 @@ in batch order. Hence:
   with no user-table traffic; the user rows a rank does not own are never read there;
 * negatives are keyed draws of (seed, epoch, global sample id): the same for any W;
 * metrics are per-user sums (``TopKStats``) of each rank's own users, SUM all-reduced.
+
+What differs between methods (data, model, batch loss, user-tower update, state) is asked of the
+method's object in ``methods/twotower_methods.METHODS``; this loop compares no method names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -29,17 +31,13 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from ray_pinet.data.pairs import SPLITS, load_meta
+from ray_pinet.evaluation.pointwise import finalize, global_auc, user_sums
 from ray_pinet.evaluation.protocol import stratum_name
 from ray_pinet.evaluation.topk import TopKStats, hot_items
-from ray_pinet.methods.negative_sampling import AucNsConfig, NegativeSampler, UserItemSets, popularity_prior
-from ray_pinet.evaluation.pointwise import finalize, global_auc, user_sums
-from ray_pinet.methods.denoising import bce_rows, drop_rate_at, idl_rows, reweighted_rows, truncation_keep
-from ray_pinet.methods.onebp import ema_update_, infonce_losses
-from ray_pinet.models.mf import MF
-from ray_pinet.models.ncf import NCF
+from ray_pinet.methods.negative_sampling import NegativeSampler, UserItemSets, popularity_prior
+from ray_pinet.methods.twotower_methods import METHODS, Rows
 from ray_pinet.training.batches import epoch_batches
 from ray_pinet.training.collectives import (
     all_gather_rows,
@@ -49,6 +47,8 @@ from ray_pinet.training.collectives import (
     flatten_grads,
     is_distributed,
 )
+from ray_pinet.training.device import autocast
+from ray_pinet.training.early_stopping import EarlyStopping
 from ray_pinet.twotower_config import TwoTowerConfig
 
 
@@ -145,28 +145,21 @@ class TwoTowerRun:
                                             device=self.device))
         self.sets.min_neg_count = self.num_items - int(most[0])
         m = cfg.model
-        auc = AucNsConfig(m.auc_ns.num_extra, m.auc_ns.num_candidates, m.auc_ns.alpha, m.auc_ns.beta,
-                          m.auc_ns.gamma, m.auc_ns.cdf_mode, m.auc_ns.cdf_samples)
-        num = 1 if m.method in ("bpr", "ncf") else m.num_negatives
-        self.sampler = NegativeSampler(m.sampler, self.sets, cfg.run.seed, num=num,
-                                       prior_beta=popularity_prior(train_count, auc.beta), cfg=auc)
-        if (m.method == "ncf") != bool(meta.get("labeled")):
-            raise ValueError(f"model.method={m.method} needs {'labeled' if m.method == 'ncf' else 'unlabeled'} "
+        self.method = METHODS[m.method]
+        self.sampler = NegativeSampler(m.sampler, self.sets, cfg.run.seed,
+                                       self.method.negatives or m.num_negatives,
+                                       popularity_prior(train_count, m.auc_ns.beta), m.auc_ns)
+        if self.method.labeled != bool(meta.get("labeled")):
+            raise ValueError(f"model.method={m.method} needs {'' if self.method.labeled else 'un'}labeled "
                              f"pair data; {path} was prepared with data.label_threshold "
                              f"{'set' if meta.get('labeled') else 'unset'}")
         torch.manual_seed(cfg.run.seed)  # same initial tables on every rank
-        if m.method == "ncf":
-            self.model = NCF(self.num_users, self.num_items, m.dim, m.backbone, m.num_layers, m.dropout)
-        else:
-            self.model = MF(self.num_users, self.num_items, m.dim)
-        if m.method == "onebp":
-            self.model.user.weight.requires_grad_(False)  # a buffer that the aggregation writes
+        self.model = self.method.model(self.num_users, self.num_items, m)
         self._to_device()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.l2)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.optim.lr_milestones),
                                                           gamma=cfg.optim.lr_gamma)
-        self.owned = torch.arange(self.num_users, device=self.device) % world == rank
         self.epoch = 0
         self.step = 0  # optimizer steps so far (T-CE's drop-rate schedule)
 
@@ -187,78 +180,22 @@ class TwoTowerRun:
 
     def autocast(self):
         """The scoring context of ``run.precision`` (fp32: a disabled context)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        from ray_pinet.training.device import autocast
-
         return autocast(self.device, self.precision)
 
     # -- training ------------------------------------------------------------------------------
-    def _ncf_loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Σ over this rank's rows of the global batch ``ids`` (labeled rows and one sampled
-        unlabeled item per row) of the ``model.loss`` terms; the caller divides by 2·B."""
-        m = self.cfg.model
-        held, mine, users, items, labels = self.rows["train"].take_labeled(ids)
-        if m.loss != "tce" and len(users) == 0:
-            return sum(p.sum() * 0.0 for p in self.params)
-        unlabeled = self.sampler(self.model, users, mine, self.epoch)[:, 0] if len(users) else users
-        with self.autocast():
-            s_l, s_u = self.model(users, items), self.model(users, unlabeled)
-        s_l, s_u = s_l.float(), s_u.float()  # losses in fp32 under bf16
-        zeros = torch.zeros_like(labels)
-        if m.loss == "idl":
-            return bce_rows(s_l, labels).sum() + idl_rows(s_u).sum()
-        if m.loss == "rce":
-            return reweighted_rows(s_l, labels, m.rce_alpha).sum() + reweighted_rows(s_u, zeros, m.rce_alpha).sum()
-        rows_l, rows_u = bce_rows(s_l, labels), bce_rows(s_u, zeros)
-        if m.loss == "bce":
-            return rows_l.sum() + rows_u.sum()
-        # tce: one truncation over the 2B rows of the *global* batch (gathered loss·y); ties by the
-        # row's place in the batch (labeled rows first, then their sampled items)
-        place = torch.nonzero(held).squeeze(1)
-        keys = torch.cat([place, place + len(ids)]).to(torch.float64)
-        losses = torch.cat([rows_l, rows_u])
-        both = torch.cat([labels, zeros]).to(torch.float64)
-        gathered = all_gather_rows(torch.stack([keys, losses.detach().to(torch.float64) * both], 1))
-        gathered = gathered[gathered[:, 0].argsort()]
-        keep = truncation_keep(gathered[:, 1], torch.ones(len(gathered), device=gathered.device),
-                               drop_rate_at(self.step, m.tce_drop_rate, m.tce_num_gradual))
-        kept = losses[torch.isin(keys, gathered[keep, 0])]
-        # as coded, the mean over the kept rows: the caller's 1/(2B) times 2B / #kept
-        return kept.sum() * (len(gathered) / max(int(keep.sum()), 1)) + sum(p.sum() * 0.0 for p in self.params)
-
-    def _batch_loss(self, ids: torch.Tensor, users: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Σ of this rank's per-row losses of the batch (a 0-d tensor, possibly of no rows)."""
-        m = self.cfg.model
-        if len(users) == 0:
-            return sum(p.sum() * 0.0 for p in self.params)  # keeps every rank's backward alike
-        neg = self.sampler(self.model, users, ids, self.epoch)
-        with self.autocast():
-            u = self.model.user(users)
-            s_pos = (u * self.model.item(pos)).sum(-1)
-            s_neg = (u.unsqueeze(1) * self.model.item(neg)).sum(-1)
-        s_pos, s_neg = s_pos.float(), s_neg.float()
-        if m.method == "bpr":
-            return F.softplus(s_neg - s_pos.unsqueeze(1)).mean(1).sum()
-        return infonce_losses(s_pos, s_neg, m.temperature).sum()
-
     def train_epoch(self) -> dict[str, float]:
-        m = self.cfg.model
-        if m.method == "ncf" and m.loss == "ig":
-            from ray_pinet.training.inverse_gradient import ig_epoch
+        """One epoch of the method (``sgd_epoch``, or what replaces it: IG's meta-step)."""
+        return self.method.epoch(self)
 
-            return ig_epoch(self)
-        train = self.rows["train"]
+    def sgd_epoch(self) -> dict[str, float]:
+        """One optimizer step per global batch on the method's batch loss, the gradient SUM
+        all-reduced; the method's user-tower update after each step and after the epoch."""
         # Summed on the device: a float() per step would wait for the step to finish.
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        epoch_users, epoch_pos = [], []
+        seen: Rows = []
         t0 = time.perf_counter()
         for ids in epoch_batches(self.num_train, self.cfg.optim.batch_size, self.cfg.run.seed, self.epoch):
-            if m.method == "ncf":  # labeled rows + one sampled item each: 2·B rows
-                loss = self._ncf_loss(ids) / (2 * len(ids))
-            else:
-                mine, users, pos = train.take(ids)
-                loss = self._batch_loss(mine, users, pos) / len(ids)
+            loss, users, pos = self.method.batch_loss(self, ids)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if is_distributed():
@@ -267,16 +204,8 @@ class TwoTowerRun:
             self.opt.step()
             self.step += 1
             loss_sum += loss.detach().double() * len(ids)
-            if m.method == "onebp":
-                if m.ema_granularity == "batch":
-                    ema_update_(self.model.user.weight, users, self.model.item.weight[pos], m.beta, m.duplicate_rule)
-                else:
-                    epoch_users.append(users)
-                    epoch_pos.append(pos)
-        if m.method == "onebp" and m.ema_granularity == "epoch" and epoch_users:
-            # One step per user per epoch, from the end-of-epoch item table, rows in epoch order.
-            users, pos = torch.cat(epoch_users), torch.cat(epoch_pos)
-            ema_update_(self.model.user.weight, users, self.model.item.weight[pos], m.beta, m.duplicate_rule)
+            self.method.after_step(self, users, pos, seen)
+        self.method.after_epoch(self, seen)
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
         seconds = time.perf_counter() - t0
@@ -296,8 +225,9 @@ class TwoTowerRun:
 
     @torch.no_grad()
     def _evaluate_pointwise(self, split: str) -> dict[str, float]:
-        """Labeled rows (ncf): ``{split}/{slice}/{auc, wauc, ndcg@k, bce, users, rows}``; per-user
-        sums all-reduced (users are sharded), AUC on the gathered (score, label, stratum) rows."""
+        """Labeled rows (``method.labeled``): ``{split}/{slice}/{auc, wauc, ndcg@k, bce, users,
+        rows}``; per-user sums all-reduced (users are sharded), AUC on the gathered (score, label,
+        stratum) rows."""
         ks = list(self.cfg.eval.ks)
         rows = self.rows[split]
         self.model.eval()
@@ -328,7 +258,7 @@ class TwoTowerRun:
     def evaluate(self, split: str) -> dict[str, float]:
         """``{split}/{slice}/{metric}@{k}`` for every stratum and "all", over users with items in
         ``split`` (methods.md §3.2 protocol: full ranking, earlier items masked)."""
-        if self.cfg.model.method == "ncf":
+        if self.method.labeled:
             return self._evaluate_pointwise(split)
         ks = list(self.cfg.eval.ks)
         users = torch.unique(self.rows[split].user)
@@ -358,20 +288,9 @@ class TwoTowerRun:
         return out
 
     # -- state ---------------------------------------------------------------------------------
-    def full_user_table(self) -> torch.Tensor:
-        """The user table as one process would hold it. OneBP: each rank's rows are current only
-        for its own users, so the owned rows are summed across ranks; otherwise it is replicated."""
-        table = self.model.user.weight.detach().clone()
-        if self.cfg.model.method == "onebp" and is_distributed():
-            table[~self.owned] = 0.0
-            all_reduce_sum_(table)
-        return table
-
     def state(self) -> dict:
-        if self.cfg.model.method == "ncf":  # replicated: every parameter is all-reduce trained
-            tables = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-        else:
-            tables = {"user": self.full_user_table(), "item": self.model.item.weight.detach().clone()}
+        """The method's tables (as one process holds them; a collective), optimizer and counters."""
+        tables = self.method.tables(self)
         # Checkpoints hold CPU tensors: one written on a GPU loads on a CPU (and load_state moves
         # them back: load_state_dict copies, Adam's state follows its parameters' device).
         return _on_cpu({**tables, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
@@ -431,13 +350,6 @@ def select(history: list[dict], cfg: TwoTowerConfig) -> dict[str, float]:
     return out
 
 
-def _stalled(scores: list[float], patience: int) -> bool:
-    """True when the last ``patience`` evaluations did not beat the best before them."""
-    if not patience or len(scores) <= patience:
-        return False
-    return max(scores[-patience:]) <= max(scores[:-patience])
-
-
 def _num(v: Optional[float], lower_is_better: bool = False) -> float:
     """A sort key where larger is better (NaN and missing last)."""
     if v is None or math.isnan(v):
@@ -447,19 +359,22 @@ def _num(v: Optional[float], lower_is_better: bool = False) -> float:
 
 def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
                history: Optional[list[dict]] = None, say: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Train ``run`` to ``optim.epochs``, evaluating every ``eval.every`` epochs and after the last;
-    ``report(row, run)`` after each epoch (the Ray worker checkpoints there); ``say``: one line per
-    evaluated epoch on rank 0."""
+    """Train ``run`` to ``optim.max_epochs`` (or the ``eval.patience`` early stop), evaluating every
+    ``eval.every`` epochs and after the last; ``report(row, run)`` after each epoch (the Ray worker
+    checkpoints there); ``say``: one line per evaluated epoch on rank 0."""
     history = list(history or [])
     cfg = run.cfg
     local_valid = float(len(run.rows["valid"].sample_id) > 0)
     has_valid = bool(all_reduce_sum_(torch.tensor([local_valid], device=run.device))[0] > 0)
     sel = f"valid/all/{cfg.eval.select_metric}"
     lower = cfg.eval.select_metric == "bce"  # scores are kept larger-is-better
-    scores = [_num(h[sel], lower) for h in history if sel in h]
-    while run.epoch < cfg.optim.epochs and not _stalled(scores, cfg.eval.patience):
+    stop = EarlyStopping(cfg.eval.patience)
+    for h in history:  # a resumed run: the state from the evaluations so far
+        if sel in h:
+            stop.update(_num(h[sel], lower))
+    while run.epoch < cfg.optim.max_epochs and not stop.stopped:
         row = {"epoch": run.epoch, **run.train_epoch()}
-        if run.epoch % cfg.eval.every == 0 or run.epoch == cfg.optim.epochs:
+        if run.epoch % cfg.eval.every == 0 or run.epoch == cfg.optim.max_epochs:
             t0 = time.perf_counter()
             row.update(run.evaluate("test"))
             if has_valid:
@@ -467,9 +382,9 @@ def run_epochs(run: TwoTowerRun, report: Callable[[dict, TwoTowerRun], None],
             row["eval/seconds"] = time.perf_counter() - t0
         history.append(row)
         if sel in row:
-            scores.append(_num(row[sel], lower))  # all-reduced: every rank stops at the same epoch
+            stop.update(_num(row[sel], lower))  # all-reduced: every rank stops at the same epoch
         if say and run.rank == 0 and "test/all/ndcg@10" in row:
-            second = "auc" if cfg.model.method == "ncf" else "p@10"
+            second = run.method.second_metric
             say(f"epoch {row['epoch']:4d} loss {row['train/loss']:.4f} {row['train/seconds']:.2f}s | test "
                 f"NDCG@10 {row['test/all/ndcg@10']:.4f} {second.upper()} {row[f'test/all/{second}']:.4f}"
                 + (f" | valid {sel.split('/')[-1]} {row[sel]:.4f}" if sel in row else ""))

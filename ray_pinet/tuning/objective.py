@@ -20,7 +20,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from ray_pinet.evaluation.protocol import metric_key, outcome_metrics, slice_names, stratum_name, user_outcomes
+from ray_pinet.data.prepared import read_split
+from ray_pinet.evaluation.protocol import (
+    metric_key,
+    outcome_metrics,
+    slice_names,
+    stratum_name,
+    user_outcomes,
+)
+from ray_pinet.training.batches import EvalRows
+from ray_pinet.training.checkpoint import load_state
+from ray_pinet.training.sequence_outputs import rebuild_model
 from ray_pinet.tuning.space import ObjectiveSpec
 
 # Added to an infeasible trial's objective so that every feasible trial ranks above it (for ASHA
@@ -31,11 +41,6 @@ GUARD_PENALTY = 10.0
 def checkpoint_outcomes(checkpoint_dir: str, split: str = "valid") -> pd.DataFrame:
     """Per-user outcomes of a finished run's model on ``split`` of the data it was trained on:
     columns user_id, hit, ndcg, pos, neg (one process, on the caller)."""
-    from ray_pinet.data.prepared import read_split
-    from ray_pinet.training.batches import EvalRows
-    from ray_pinet.training.trainer import rebuild_model
-    from ray_pinet.training.worker import load_state
-
     model, cfg, _ = rebuild_model(load_state(checkpoint_dir))
     path = Path(cfg.data.path)
     table = read_split(path, split).sort_by("sample_id")

@@ -91,7 +91,7 @@ def write_report(summary: dict, space: TuneSpace, out: Path) -> list[Path]:
             r = summary["registered"]
             lines.append(f"\nRegistered as `{r['uri']}` (MLflow Model Registry).")
         rows = [("best", best)] + ([("defaults", defaults)] if defaults else [])
-        lines += ["", f"| run | " + " | ".join(f"val {s} {k_metric}" for s in slices) + " | "
+        lines += ["", "| run | " + " | ".join(f"val {s} {k_metric}" for s in slices) + " | "
                   + " | ".join(f"test {s} {k_metric}" for s in slices) + " | objective |",
                   "|---" * (2 * len(slices) + 2) + "|"]
         for label, t in rows:

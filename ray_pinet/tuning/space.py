@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ray_pinet.config_base import ConfigError, apply_overrides, from_dict, load_yaml
+from ray_pinet.config_base import ConfigError, from_dict, load_yaml
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 PREPARE_SECTIONS = ("strata", "samples")
@@ -211,63 +211,10 @@ def split_overrides(values: dict[str, Any]) -> tuple[list[str], list[str]]:
     return train, prep
 
 
-def _check_key(key: str) -> None:
-    if key.startswith("prepare."):
-        section = key.split(".")[1] if key.count(".") >= 2 else ""
-        if section not in PREPARE_SECTIONS:
-            raise ConfigError(
-                f"space/fixed key {key!r}: only prepare.strata.* and prepare.samples.* can vary "
-                "between trials (source and cleaning decide which users are evaluated)")
-    if key in ("method", "data.path", "data.prepare", "run.name", "run.storage_path", "run.seed"):
-        raise ConfigError(f"space/fixed key {key!r} is set by the sweep itself")
-
-
-def resolve_trial(base_config: Optional[str], base_overrides: list[str], values: dict[str, Any],
-                  method: str):
-    """(TrainConfig, PrepareConfig or None) of one trial: the base config + ``values``. The
-    prepare config is None when the base config names no ``data.prepare`` and no prepare key
-    varies."""
-    from ray_pinet.config import TrainConfig
-    from ray_pinet.data.config import PrepareConfig
-
-    train_o, prep_o = split_overrides(values)
-    cfg = TrainConfig.from_yaml(base_config, base_overrides + train_o + [f"method={method}"])
-    if not cfg.data.prepare:
-        if prep_o:
-            raise ConfigError("the space varies prepare.* keys (or model.max_len) but the base config "
-                              "has no data.prepare to re-prepare the data from")
-        return cfg, None
-    prep = from_dict(PrepareConfig, apply_overrides(load_yaml(cfg.data.prepare), prep_o))
-    if prep.samples.max_len != cfg.model.max_len:
-        raise ConfigError(f"model.max_len={cfg.model.max_len} but prepare samples.max_len="
-                          f"{prep.samples.max_len}: vary model.max_len (it sets both)")
-    return cfg, prep
-
-
-def load_space(path: str | Path, base_config: Optional[str], base_overrides: list[str]) -> TuneSpace:
-    """Parse and validate a space file against the base train config (every key and every end
-    value of every domain is resolved into a full trial config)."""
-    raw = load_yaml(path)
+def parse_space(path: str | Path) -> TuneSpace:
+    """A space file as a validated ``TuneSpace`` (its keys are checked against the base config
+    by the kind's sweep: ``sweep.load_space``)."""
     try:
-        space = from_dict(TuneSpace, raw)
+        return from_dict(TuneSpace, load_yaml(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    if space.method in ("onebp", "twobp", "bpr", "ncf"):
-        from ray_pinet.tuning.twotower_sweep import check_space
-
-        try:
-            check_space(space, base_config, base_overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        return space
-    try:
-        for key in list(space.fixed) + list(space.space):
-            _check_key(key)
-        fixed = dict(space.fixed)
-        for key, dom in space.space.items():
-            for v in extreme_values(dom):
-                resolve_trial(base_config, base_overrides, {**fixed, key: v}, space.method)
-        resolve_trial(base_config, base_overrides, fixed, space.method)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return space

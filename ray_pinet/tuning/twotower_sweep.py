@@ -1,8 +1,8 @@
-"""``ray-pinet tune`` for the two-tower methods (onebp, twobp, bpr, ncf): a Ray Tune sweep whose
-trials each fit ``fit_twotower`` (Ray Train), with ASHA on a validation metric.
+"""The two-tower kind's sweep (``ray-pinet tune`` on onebp, twobp, bpr, ncf): trials each ``fit``
+(Ray Train), with ASHA on a validation metric.
 
-Same space file format, search algorithms, ASHA, resume and MLflow layout as the PINet sweep
-(``sweep.py``), with two differences, both because pair data has no leave-one-out reference
+The same ``sweep.run_sweep`` as the sequence kind (space file format, search algorithms, ASHA,
+resume and MLflow layout), with two differences, both because pair data has no leave-one-out reference
 model to regroup: the objective is ``measure: absolute`` (the validation metric of
 ``objective.slice``: ``ndcg`` → NDCG@10, or ``auc`` for ``ncf``),
 and there is no guard and no model registry (two-tower runs log no served model). A finished
@@ -11,16 +11,18 @@ trial's objective is its best validation value (the epoch its test metrics are r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ray_pinet.config_base import ConfigError, flatten, to_dict
-from ray_pinet.tuning.space import TuneSpace, decode_values, encode_value, split_overrides
-from ray_pinet.tuning.sweep import SweepSetup, best_trial, collect, make_search, sweep_parent_run
+from ray_pinet.config_base import ConfigError
+from ray_pinet.training.trainer import fit
+from ray_pinet.tuning.placement import remove_trial_groups
+from ray_pinet.tuning.space import TuneSpace, decode_values, extreme_values, split_overrides
+from ray_pinet.tuning.trials import SweepKind, SweepSetup, report_callback
+from ray_pinet.twotower_config import TwoTowerConfig
 
 TWOTOWER_OBJECTIVES = ("ndcg", "auc")  # NDCG@10 (every method); AUC of labeled rows (ncf)
 
@@ -32,8 +34,6 @@ def objective_key(space: TuneSpace) -> str:
 
 def check_space(space: TuneSpace, config: Optional[str], overrides: list[str]) -> None:
     """Every key and end value resolves into a valid TwoTowerConfig; the objective fits pairs."""
-    from ray_pinet.tuning.space import extreme_values
-
     if space.objective.measure != "absolute":
         raise ConfigError("two-tower sweeps optimise objective.measure: absolute (no reference model)")
     if space.objective.metric not in TWOTOWER_OBJECTIVES:
@@ -50,33 +50,14 @@ def check_space(space: TuneSpace, config: Optional[str], overrides: list[str]) -
 
 
 def trial_config(config: Optional[str], overrides: list[str], values: dict[str, Any], method: str, extra: list[str]):
-    from ray_pinet.twotower_config import TwoTowerConfig
-
     train_o, prep_o = split_overrides(values)
     if prep_o:
         raise ConfigError("two-tower sweeps vary data.* keys, not prepare.* (pair data has no prepare config)")
     return TwoTowerConfig.from_yaml(config, overrides + train_o + [f"model.method={method}"] + extra)
 
 
-def _report_callback(key: str):
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class ObjectiveReport(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            m = dict(metrics[0])
-            if key not in m:
-                return
-            m.update(objective=m[key], objective_value=m[key], feasible=1.0, final=0.0)
-            super().after_report(run_context, [m], checkpoint)
-
-    return ObjectiveReport()
-
-
 def twotower_trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     from ray import tune
-
-    from ray_pinet.training.twotower_trainer import fit_twotower
-    from ray_pinet.tuning.placement import remove_trial_groups
 
     if Path(setup.cwd).is_dir():
         os.chdir(setup.cwd)
@@ -89,8 +70,11 @@ def twotower_trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     cfg = trial_config(setup.base_config, setup.base_overrides, values, space.method, extra)
     key = objective_key(space)
     tags = {"sweep": setup.name, "trial_id": trial_id, **{f"tune.{k}": json.dumps(v) for k, v in config.items()}}
+    # every evaluated epoch's validation value is an intermediate objective (ASHA stops on it)
+    scored = report_callback(lambda m: None if key not in m else
+                             {"objective": m[key], "objective_value": m[key], "feasible": 1.0, "final": 0.0})
     try:
-        res = fit_twotower(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[_report_callback(key)])
+        res = fit(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[scored])
     finally:
         remove_trial_groups(own=True, orphans=True)
     best = max(h[key] for h in res.history if key in h)
@@ -98,70 +82,17 @@ def twotower_trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
                  **{k: v for k, v in res.final.items() if k.startswith(("final/", "valid_best/"))}})
 
 
-def run_twotower_sweep(space: TuneSpace, config: Optional[str], overrides: list[str], name: Optional[str],
-                       storage: str, include_defaults: bool) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from ray_pinet.tracking import mlflow_utils as mu
-    from ray_pinet.local_ray import start_ray
-    from ray_pinet.training.twotower_trainer import ensure_pairs
-    from ray_pinet.tuning.space import param_space
-
-    check_space(space, config, overrides)
-    base = trial_config(config, overrides, dict(space.fixed), space.method, [])
-    name = name or f"tune-{space.method}-{Path(base.data.output).name}"
-    sweep_dir = Path(storage).expanduser().resolve() / name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    ensure_pairs(base, progress=base.run.progress)
-    if not ray.is_initialized():
-        start_ray()
-    uri, parent = sweep_parent_run(base, name, space)
-    setup = SweepSetup(name=name, base_config=config, base_overrides=list(overrides), space=to_dict(space),
-                       storage=str(sweep_dir), tracking_uri=uri, parent_run_id=parent, reference_outcomes="",
-                       cwd=os.getcwd(), seed=space.search.seed)
-    flat = flatten(base.to_dict())
-    point = {k: encode_value(dom, flat[k]) for k, dom in space.space.items()}
-    try:
-        trainable = tune.with_resources(tune.with_parameters(twotower_trial_fn, setup=setup), {"CPU": 0.01})
-        tune_dir = sweep_dir / "tune"
-        if tune.Tuner.can_restore(str(tune_dir / name)):
-            tuner = tune.Tuner.restore(str(tune_dir / name), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            evaluations = math.ceil(base.optim.epochs / base.eval.every)
-            scheduler = None if space.scheduler.kind != "asha" else ASHAScheduler(
-                time_attr="training_iteration", max_t=evaluations + 2,
-                grace_period=space.scheduler.grace_period, reduction_factor=space.scheduler.reduction_factor)
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(space),
-                tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=space.search.num_samples,
-                                            max_concurrent_trials=space.search.max_concurrent or None,
-                                            scheduler=scheduler,
-                                            search_alg=make_search(space, setup, include_defaults, point=point)),
-                run_config=tune.RunConfig(name=name, storage_path=str(tune_dir), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=1)))
-        rows = collect(tuner.fit())
-        for r in rows:
-            if uri:
-                r.run_id = mu.find_run(uri, base.tracking.experiment, f"{name}-{r.trial_id}")
-        best = best_trial(rows)
-        summary = {"name": name, "sweep_dir": str(sweep_dir), "objective": objective_key(space),
-                   "trials": [dataclasses.asdict(r) for r in rows],
-                   "best": dataclasses.asdict(best) if best else None, "registered": None}
-        (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-        report = write_report(summary, sweep_dir)
-        if uri and parent:
-            mu.log_artifact(uri, parent, report, "report")
-            mu.finish_run(uri, parent)
-        return summary
-    except BaseException:
-        if uri and parent:
-            mu.finish_run(uri, parent, status="FAILED")
-        raise
+def resolve(config: Optional[str], overrides: list[str], values: dict[str, Any], method: str):
+    return trial_config(config, overrides, values, method, []), None  # pair data: no prepare config
 
 
-def write_report(summary: dict, out: Path) -> Path:
+def max_t(setup: SweepSetup) -> int:
+    space = setup.tune_space
+    base = trial_config(setup.base_config, setup.base_overrides, dict(space.fixed), space.method, [])
+    return math.ceil(base.optim.max_epochs / base.eval.every) + 2  # evaluations, and the final report
+
+
+def write_report(summary: dict, space: TuneSpace, out: Path) -> list[Path]:
     """report.md: each trial's values, status, best validation objective and its test metrics."""
     key = summary["objective"]
     third = "auc" if any("final/all/auc" in t["metrics"] for t in summary["trials"]) else "p@10"
@@ -180,4 +111,12 @@ def write_report(summary: dict, out: Path) -> Path:
                      f"{m.get('objective_value', float('nan')):.4f} | " + " | ".join(cells) + " |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    return path
+    return [path]
+
+
+TWOTOWER_SWEEP = SweepKind(
+    check_space=check_space, resolve=resolve, trial_fn=twotower_trial_fn, max_t=max_t,
+    default_name=lambda space_path, space, base: f"tune-{space.method}-{Path(base.data.output).name}",
+    reference=lambda setup, checkpoint: None, register=lambda *args: None,
+    objective_name=objective_key, write_report=write_report,
+)

@@ -17,6 +17,7 @@ import pytest
 from ray_pinet.compare.grid import Cell, CellResult, run_grid
 from ray_pinet.config import TrainConfig
 from ray_pinet.config_base import ConfigError
+from ray_pinet.kinds.sequence import SEQUENCE
 from tests.conftest import REPO, run_cli_in_repo
 
 CONFIG = str(REPO / "configs/ml-latest-small.yaml")
@@ -46,7 +47,7 @@ def test_a_finished_cell_made_with_another_config_is_not_reused(tmp_path):
     out = _record(tmp_path, _sets(tmp_path) + ["optim.lr=0.001"])
     before = (out / "cells.jsonl").read_text()
     with pytest.raises(ConfigError) as err:
-        run_grid(CONFIG, _sets(tmp_path) + ["optim.lr=0.002"], [Cell("joint", "joint")], ["sasrec"], [0],
+        run_grid(SEQUENCE, CONFIG, _sets(tmp_path) + ["optim.lr=0.002"], [Cell("joint", "joint")], ["sasrec"], [0],
                  "g", out)
     msg = str(err.value)
     assert "cell joint sasrec seed 0" in msg and "optim.lr: 0.001 -> 0.002" in msg and "--fresh" in msg
@@ -56,14 +57,14 @@ def test_a_finished_cell_made_with_another_config_is_not_reused(tmp_path):
 def test_a_finished_cell_with_the_same_config_is_reused(tmp_path):
     # tracking.* and run.progress may differ (they do not change what is trained)
     out = _record(tmp_path, _sets(tmp_path))
-    got = run_grid(CONFIG, _sets(tmp_path) + ["run.progress=false"], [Cell("joint", "joint")], ["sasrec"], [0],
+    got = run_grid(SEQUENCE, CONFIG, _sets(tmp_path) + ["run.progress=false"], [Cell("joint", "joint")], ["sasrec"], [0],
                    "g", out)
     assert [(r.label, r.final) for r in got] == [("joint", {"test/all/ndcg@10": 0.05})]
 
 
 def test_a_cell_recorded_without_its_config_is_reused_with_a_note(tmp_path, capsys):
     out = _record(tmp_path, _sets(tmp_path), with_config=False)
-    got = run_grid(CONFIG, _sets(tmp_path) + ["optim.lr=0.002"], [Cell("joint", "joint")], ["sasrec"], [0],
+    got = run_grid(SEQUENCE, CONFIG, _sets(tmp_path) + ["optim.lr=0.002"], [Cell("joint", "joint")], ["sasrec"], [0],
                    "g", out)
     assert len(got) == 1 and "recorded without its config" in capsys.readouterr().out
 

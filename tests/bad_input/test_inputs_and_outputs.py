@@ -22,7 +22,10 @@ from ray_pinet.config_base import ConfigError, from_dict
 from ray_pinet.data.config import SourceConfig
 from ray_pinet.data.sources import FileStats, read_file, read_log, resolve_inputs
 from ray_pinet.errors import DataError
+from ray_pinet.kinds.sequence import CHANGE_METRICS, METRICS
 from tests.conftest import BUNDLED_DATA
+
+COLUMNS = {"metrics": METRICS, "change_metrics": CHANGE_METRICS}
 
 RATINGS = BUNDLED_DATA / "ml-latest-small" / "ratings.csv"
 T0 = 1_600_000_000  # 2020-09-13, unix seconds
@@ -129,12 +132,12 @@ def test_compare_report_is_kept_when_writing_a_new_one_fails(tmp_path):
     from ray_pinet.compare.report import write_report
     from tests.compare.test_report import RESULTS, cell
 
-    files = write_report(RESULTS, tmp_path, "demo", "ray-pinet compare --demo")
+    files = write_report(RESULTS, tmp_path, "demo", "ray-pinet compare --demo", **COLUMNS)
     before = _snapshot(tmp_path)
     # A variant label is drawn as matplotlib mathtext: "$\foo{$" cannot be parsed, so the plot
     # fails after the tables are made (the old code had written results.csv and summary.csv).
     with pytest.raises(ValueError, match="foo"):
-        write_report(RESULTS + [cell(r"x$\foo{$", 0, .05, .07)], tmp_path, "demo", "again")
+        write_report(RESULTS + [cell(r"x$\foo{$", 0, .05, .07)], tmp_path, "demo", "again", **COLUMNS)
     assert _snapshot(tmp_path) == before
     assert len(files["results.csv"].read_text().splitlines()) == 1 + 6 * 3 * 4
 

@@ -126,7 +126,7 @@ def test_engine_snapshot_loads_with_weights_only(tmp_path):
     """What a sequence run checkpoints (the Engine's snapshot, written by the worker's report)
     reads back under weights_only=True."""
     from ray_pinet.checkpoint_io import save_weights
-    from ray_pinet.training.worker import load_state
+    from ray_pinet.training.checkpoint import load_state
     from tests.training.test_engine import make_engine
 
     reports = []
@@ -141,7 +141,7 @@ def test_engine_snapshot_loads_with_weights_only(tmp_path):
 
 
 def test_load_state_refuses_a_tampered_checkpoint(tmp_path):
-    from ray_pinet.training.worker import load_state
+    from ray_pinet.training.checkpoint import load_state
 
     marker = tmp_path / "PWNED"
     ckpt = _tampered_checkpoint(tmp_path / "ckpt", marker)
@@ -176,7 +176,7 @@ def test_retrain_checkpoint_refuses_a_tampered_checkpoint(tmp_path, logs, capsys
 
 def test_warm_start_checkpoint_that_retrain_writes_loads_with_weights_only(tmp_path):
     from ray_pinet.retrain.warm import write_warm_checkpoint
-    from ray_pinet.training.worker import load_backbone_state
+    from ray_pinet.training.checkpoint import load_backbone_state
 
     cfg, meta, model = _tiny_model()
     meta.strata = {"num_strata": np.int64(2), "share": np.float64(0.2)}  # numpy values, as JSON never has
@@ -191,7 +191,7 @@ def test_model_state_artifact_round_trip(tmp_path):
     model in from_registry (weights_only, no project class unpickled)."""
     from ray_pinet.retrain.warm import from_registry
     from ray_pinet.tracking.registry import register_run
-    from ray_pinet.training.trainer import log_served_model
+    from ray_pinet.training.sequence_outputs import log_served_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, meta, model = _tiny_model()
@@ -257,7 +257,7 @@ def test_registered_version_without_weights_artifact_says_so(tmp_path):
     from ray_pinet.config_base import ConfigError
     from ray_pinet.retrain.warm import from_registry
     from ray_pinet.tracking.registry import register_run
-    from ray_pinet.training.trainer import log_served_model
+    from ray_pinet.training.sequence_outputs import log_served_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, meta, model = _tiny_model()
@@ -286,7 +286,7 @@ def test_retrain_fails_when_the_registry_is_unreachable(tmp_path, logs, capsys, 
 def test_model_names_with_quotes_find_their_versions(tmp_path):
     from ray_pinet.retrain.warm import from_registry
     from ray_pinet.tracking.registry import register_run
-    from ray_pinet.training.trainer import log_served_model
+    from ray_pinet.training.sequence_outputs import log_served_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, meta, model = _tiny_model()
@@ -368,7 +368,7 @@ def test_champion_alias_marks_the_serving_version_and_retrain_follows_it(tmp_pat
 
     from ray_pinet.retrain.warm import from_registry
     from ray_pinet.tracking.registry import champion, register_run
-    from ray_pinet.training.trainer import log_served_model
+    from ray_pinet.training.sequence_outputs import log_served_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg, meta, model = _tiny_model()

@@ -113,7 +113,7 @@ def test_relaunch_with_another_config_is_refused_naming_the_keys(finished, capsy
 @pytest.mark.slow  # the module's one Ray Train fit
 def test_keys_that_do_not_change_results_may_differ_on_resume(finished):
     from ray_pinet.training.resume import check_resume
-    from ray_pinet.training.worker import load_state
+    from ray_pinet.training.checkpoint import load_state
 
     tmp, _, argv, res = finished
     same = TrainConfig.from_yaml(argv[2], _sets(argv) + [
@@ -144,7 +144,7 @@ def test_twotower_relaunch_with_another_config_is_refused(finished, tmp_path, ca
         if real.is_dir():
             (run_dir / real.name).mkdir()
             torch.save({"run": {}, "history": [], "config": TwoTowerConfig.from_yaml(config, sets).to_dict()},
-                       run_dir / real.name / "twotower.pt")
+                       run_dir / real.name / "state.pt")
     assert (run_dir / Path(res.checkpoint_path).name).is_dir()
     argv = ["twotower", "--config", config] + [x for s in sets + ["optim.lr=0.01"] for x in ("--set", s)]
     code, err = _cli(argv, capsys)
@@ -275,7 +275,7 @@ ZERO_OK = {
     # two-tower
     "data.min_rating", "data.label_threshold", "data.valid_share", "data.split_seed", "model.beta",
     "model.tce_drop_rate", "model.tce_num_gradual", "model.rce_alpha", "model.auc_ns.alpha",
-    "model.auc_ns.beta", "model.auc_ns.gamma", "optim.l2", "eval.patience",
+    "model.auc_ns.beta", "model.auc_ns.gamma", "eval.patience",
     # prepare
     "clean.min_rating", "samples.train_negatives", "samples.eval_candidates", "seed",
 }
@@ -333,7 +333,9 @@ def test_train_cli_refuses_bad_values_at_load(capsys, sets, message):
 @pytest.mark.parametrize("sets, message", [
     (["optim.lr=.nan"], "optim.lr: must be a finite number"),
     (["model.dropout=1.0"], "model.dropout must be in [0, 1)"),
-    (["model.auc_ns.alpha=2"], "model.auc_ns: alpha must be in [0, 1]"),
+    (["model.auc_ns.alpha=2"], "model.auc_ns.alpha must be in [0, 1], got 2.0"),
+    (["optim.epochs=5"], "optim.epochs was renamed to optim.max_epochs"),
+    (["optim.l2=0"], "optim.l2 was renamed to optim.weight_decay"),
     (["optim.lr_milestones=[20, 10]"], "optim.lr_milestones must be strictly increasing"),
     (["tracking.log_model=true"], "two-tower runs log no served model"),
     (["data.split_seed=-1"], "data.split_seed must be >= 0"),
@@ -369,7 +371,7 @@ def test_twotower_pair_data_with_other_settings_or_half_written(tmp_path, capsys
     config = str(REPO / "configs/twotower/ml-100k-onebp.yaml")
     sets = [f"data.source.path={shared_file('ml-100k/u.data')}", f"data.output={tmp_path / 'pairs'}",
             "data.max_users=60", f"run.storage_path={tmp_path / 'runs'}"]
-    from ray_pinet.training.twotower_trainer import ensure_pairs
+    from ray_pinet.kinds.twotower import ensure_pairs
 
     ensure_pairs(TwoTowerConfig.from_yaml(config, sets), progress=False)
     before = _snapshot(tmp_path / "pairs")
@@ -398,7 +400,7 @@ def test_fresh_keeps_the_old_run_folder_and_opens_a_new_mlflow_run(finished, cap
     that follows is an ordinary first run (no second fit here: the suite's time)."""
     from ray_pinet.training.resume import check_resume, latest_checkpoint
     from ray_pinet.training.trainer import start_tracking
-    from ray_pinet.training.worker import load_state
+    from ray_pinet.training.checkpoint import load_state
 
     tmp, uri, argv, res = finished
     old_files = _snapshot(tmp / "runs" / NAME)

@@ -1,5 +1,5 @@
 """`ray-pinet compare --kind twotower --smoke-test` keeps its tiny pair data apart. Until
-ray_pinet/smoke.py it took the two-tower smoke settings but not the ``-smoke`` folder suffix, so
+each kind held its own smoke settings (``kinds/<kind>.py``) it took the two-tower smoke settings but not the ``-smoke`` folder suffix, so
 its 60-user pairs landed in the real output folder, which the next full run then refused."""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from scipy import stats
 
 from ray_pinet.compare.grid import CellResult, build_cells, parse_variant
 from ray_pinet.compare.report import paired_p, summary, long_table, write_report
+from ray_pinet.kinds.sequence import CHANGE_METRICS, METRICS
 from ray_pinet.config_base import ConfigError
 
 
@@ -25,7 +26,7 @@ RESULTS = [cell("joint", s, t, h) for s, t, h in ((0, .050, .070), (1, .052, .07
 
 
 def test_summary_means_changes_and_paired_t_test():
-    summ = summary(long_table(RESULTS)).set_index(["label", "slice", "metric"])
+    summ = summary(long_table(RESULTS, METRICS)).set_index(["label", "slice", "metric"])
     row = summ.loc[("pinet", "tail", "ndcg@10")]
     assert row["mean"] == pytest.approx((.055 + .058 + .054) / 3)
     assert row["std"] == pytest.approx(stats.tstd([.055, .058, .054]))
@@ -39,7 +40,8 @@ def test_summary_means_changes_and_paired_t_test():
 
 
 def test_write_report_files(tmp_path):
-    files = write_report(RESULTS, tmp_path, "demo", "ray-pinet compare --demo")
+    files = write_report(RESULTS, tmp_path, "demo", "ray-pinet compare --demo", metrics=METRICS,
+                         change_metrics=CHANGE_METRICS)
     md = files["report.md"].read_text()
     assert "| pinet | sasrec | 3 |" in md
     assert f"{100 * (.167 / .151 - 1):+.1f}%*" in md  # tail ndcg change of pinet, significant
@@ -75,7 +77,7 @@ def test_stage1_rows_only_where_stage1_is_not_joint():
 def test_change_uses_only_the_seeds_both_cells_have():
     """A grid still running has fewer seeds for later cells: the change must be paired."""
     partial = [r for r in RESULTS if not (r.label == "pinet" and r.seed == 2)]
-    summ = summary(long_table(partial)).set_index(["label", "slice", "metric"])
+    summ = summary(long_table(partial, METRICS)).set_index(["label", "slice", "metric"])
     row = summ.loc[("pinet", "tail", "ndcg@10")]
     assert row["change"] == pytest.approx(((.055 + .058) / 2) / ((.050 + .052) / 2) - 1)
     assert row["n"] == 2
@@ -84,7 +86,8 @@ def test_change_uses_only_the_seeds_both_cells_have():
 def test_a_grid_extended_by_a_second_command_reports_both(tmp_path):
     first = "ray-pinet compare --methods joint pinet --seeds 0 1 2"
     second = "ray-pinet compare --methods joint separate --seeds 0 1 2"
-    files = write_report(RESULTS, tmp_path, "grid", first + "\n" + second)
+    files = write_report(RESULTS, tmp_path, "grid", first + "\n" + second, metrics=METRICS,
+                         change_metrics=CHANGE_METRICS)
     md = files["report.md"].read_text()
     assert f"`{first}`" in md and f"`{second}`" in md
     assert files["report.html"].read_text().count("<code>") == 2
@@ -94,7 +97,7 @@ def test_twotower_report_is_measured_against_its_reference(tmp_path):
     rows = [CellResult(lab, "mf", s, lab, {"test/all/ndcg@10": v, "test/all/ohr@10": 0.6, "test/all/p@10": v,
                                            "test/all/r@10": v, "test/all/users": 9.0}, None, None, [])
             for lab, vals in (("twobp", (.40, .41)), ("onebp", (.42, .44))) for s, v in enumerate(vals)]
-    from ray_pinet.compare.report import TWOTOWER_CHANGE_METRICS, TWOTOWER_METRICS
+    from ray_pinet.kinds.twotower import CHANGE_METRICS as TWOTOWER_CHANGE_METRICS, METRICS as TWOTOWER_METRICS
 
     md = write_report(rows, tmp_path, "tt", "cmd", reference="twobp", metrics=TWOTOWER_METRICS,
                       change_metrics=TWOTOWER_CHANGE_METRICS)["report.md"].read_text()

@@ -19,7 +19,7 @@ from ray_pinet.data.restratify import restratify
 from ray_pinet.data.strata import assign_strata, strata_stats
 from ray_pinet.data.synthetic import generate
 from ray_pinet.errors import DataError
-from ray_pinet.training.trainer import load_run_meta
+from ray_pinet.training.run_inputs import load_run_meta
 
 
 def _prepare(log, out, buckets: int, strata: dict) -> object:

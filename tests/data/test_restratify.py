@@ -116,8 +116,9 @@ def test_sweep_trials_share_one_prepare(data, tmp_path):
     """``run_config`` (what each trial runs) over trials that differ only in the stratification:
     every one gets a view of the one base prepare whose strata equal a fresh prepare's; a second
     call reuses it; a trial with another history length still gets a real prepare."""
-    from ray_pinet.tuning.space import load_space
-    from ray_pinet.tuning.sweep import SweepSetup, run_config
+    from ray_pinet.tuning.sweep import load_space
+    from ray_pinet.tuning.trials import SweepSetup
+    from ray_pinet.tuning.sequence_sweep import run_config
 
     _, _, fresh = data
     base = tmp_path / "prepared"

@@ -203,7 +203,7 @@ def twotower_cfg(output: Path, extra: list[str], source: Path | None = None):
     from tests.conftest import REPO
 
     sets = [f"data.output={output}", "data.max_users=120", "data.valid_share=0.1", "model.dim=8",
-            "optim.batch_size=256", "optim.epochs=3", "eval.every=1", "run.progress=false",
+            "optim.batch_size=256", "optim.max_epochs=3", "eval.every=1", "run.progress=false",
             "tracking.enabled=false", "model.beta=0.9", *extra]
     if source is not None:
         sets.insert(0, f"data.source.path={source}")

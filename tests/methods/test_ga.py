@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_pinet.methods.ga import ga_weights, reference_ga_gradient, stratum_counts, stratum_prior, unit_losses
+from ray_pinet.methods.ga import Prior, ga_weights, reference_ga_gradient, stratum_counts, stratum_prior, unit_losses
 from ray_pinet.methods.losses import per_position_losses
-from ray_pinet.models import ModelConfig, build_model
+from ray_pinet.models.config import ModelConfig
+from ray_pinet.models.registry import build_model
 
 M, L = 25, 6
 
@@ -16,20 +17,21 @@ def test_priors_by_hand():
     counts = torch.tensor([6.0, 2.0, 0.0])  # N_s; stratum 2 absent from the batch
     share = [0.5, 0.25, 0.25]  # user shares n_s
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    torch.testing.assert_close(stratum_prior("interaction_share", 3, share, counts), t(0.75, 0.25, 0))
-    torch.testing.assert_close(stratum_prior("uniform", 3, share, counts), t(0.5, 0.5, 0))
+    pi = lambda kind, alpha=0.0: stratum_prior(Prior(kind, alpha, share), counts)  # noqa: E731
+    torch.testing.assert_close(pi("interaction_share"), t(0.75, 0.25, 0))
+    torch.testing.assert_close(pi("uniform"), t(0.5, 0.5, 0))
     # user_share renormalised over present strata: 0.5, 0.25 -> 2/3, 1/3
-    torch.testing.assert_close(stratum_prior("user_share", 3, share, counts), t(2 / 3, 1 / 3, 0))
+    torch.testing.assert_close(pi("user_share"), t(2 / 3, 1 / 3, 0))
     # power α=0.5: sqrt(.75*.5)=.6124, sqrt(.25*.25)=.25 -> .7101, .2899
     a, b = (0.75 * 0.5) ** 0.5, (0.25 * 0.25) ** 0.5
-    torch.testing.assert_close(stratum_prior("power", 3, share, counts, 0.5), t(a / (a + b), b / (a + b), 0))
-    torch.testing.assert_close(stratum_prior("power", 3, share, counts, 0.0), t(0.75, 0.25, 0))
-    torch.testing.assert_close(stratum_prior("power", 3, share, counts, 1.0), t(2 / 3, 1 / 3, 0))
+    torch.testing.assert_close(pi("power", 0.5), t(a / (a + b), b / (a + b), 0))
+    torch.testing.assert_close(pi("power", 0.0), t(0.75, 0.25, 0))
+    torch.testing.assert_close(pi("power", 1.0), t(2 / 3, 1 / 3, 0))
     # α = -1: c²/n = 1.125, 0.25 -> head data weighted above its share
-    torch.testing.assert_close(stratum_prior("power", 3, share, counts, -1.0), t(1.125 / 1.375, 0.25 / 1.375, 0))
-    assert stratum_prior("user_share", 3, share, torch.zeros(3)).sum() == 0
+    torch.testing.assert_close(pi("power", -1.0), t(1.125 / 1.375, 0.25 / 1.375, 0))
+    assert stratum_prior(Prior("user_share", user_share=share), torch.zeros(3)).sum() == 0
     with pytest.raises(ValueError, match="unknown prior"):
-        stratum_prior("nope", 3, share, counts)
+        Prior("nope")
 
 
 def test_weights_and_units():
@@ -75,7 +77,7 @@ def ga_loss(model, inputs, targets, strata, unit, kind, global_counts=None, prio
     loss, s = units_of(model, inputs, targets, strata, unit)
     counts = stratum_counts(s, 2) if global_counts is None else global_counts
     if prior is None:
-        prior = stratum_prior(kind, 2, [0.8, 0.2], counts, alpha=0.5)
+        prior = stratum_prior(Prior(kind, 0.5, [0.8, 0.2]), counts)
     return (ga_weights(s, counts, prior, dtype=loss.dtype) * loss).sum()
 
 
@@ -118,7 +120,7 @@ def test_weighted_loss_equals_literal_per_stratum_means(kind, unit):
             return per_position_losses(m, inputs[b : b + 1], targets[b : b + 1], None, None, "ce")[0].mean()
 
     s = [int(strata[b]) for b, _ in samples]
-    prior = stratum_prior(kind, 2, [0.8, 0.2], stratum_counts(torch.tensor(s), 2), alpha=0.5)
+    prior = stratum_prior(Prior(kind, 0.5, [0.8, 0.2]), stratum_counts(torch.tensor(s), 2))
     ref = reference_ga_gradient(model, loss_fn, samples, s, prior)
     assert rel_err(weighted, [ref[n] for n, _ in model.named_parameters()]) < 1e-6
 
@@ -131,7 +133,7 @@ def test_two_shards_sum_to_full_batch_gradient(unit):
     full = grads(model, ga_loss(model, inputs, targets, strata, unit, "power"))
     shards = [slice(0, 3), slice(3, 8)]  # unequal sizes and stratum mixes
     counts = sum(stratum_counts(units_of(model, inputs[sh], targets[sh], strata[sh], unit)[1], 2) for sh in shards)
-    prior = stratum_prior("power", 2, [0.8, 0.2], counts, alpha=0.5)
+    prior = stratum_prior(Prior("power", 0.5, [0.8, 0.2]), counts)
     parts = [grads(model, ga_loss(model, inputs[sh], targets[sh], strata[sh], unit, "", counts, prior)) for sh in shards]
     summed = [a + b for a, b in zip(*parts)]
     assert rel_err(summed, full) < 1e-12

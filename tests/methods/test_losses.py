@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ray_pinet.methods.losses import per_position_losses
-from ray_pinet.models import ModelConfig, PluginConfig, build_model
+from ray_pinet.models.config import ModelConfig, PluginConfig
+from ray_pinet.models.registry import build_model
 
 M = 20
 

@@ -4,12 +4,15 @@ against hand-computed values, and independence of the draws from batch compositi
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
 
+from ray_pinet.config_base import ConfigError
 from ray_pinet.methods import negative_sampling as ns
 from ray_pinet.models.mf import MF
+from ray_pinet.twotower_config import TwoTowerConfig, TwoTowerModel
 
 U, I = 30, 25
 
@@ -120,6 +123,21 @@ def test_rank_cdf_exact_and_sampled():
     assert (sampled - exact).abs().max() < 0.02
     with pytest.raises(ValueError, match="cdf_samples"):
         ns.AucNsConfig(cdf_mode="sampled", cdf_samples=10).validate()
+
+
+@pytest.mark.parametrize("alpha", [7, -0.1, 1.01])
+def test_auc_ns_settings_are_the_samplers_and_refuse_alpha_outside_0_1_naming_the_key(alpha):
+    """``model.auc_ns`` is the sampler's own ``AucNsConfig`` (one definition, one validation):
+    alpha, a model AUC, outside [0, 1] is a ConfigError naming the dotted key, at config load and
+    for a config built in code."""
+    assert typing.get_type_hints(TwoTowerModel)["auc_ns"] is ns.AucNsConfig
+    with pytest.raises(ConfigError) as exc:
+        TwoTowerConfig.from_dict({"model": {"method": "bpr", "sampler": "auc_ns",
+                                            "auc_ns": {"alpha": alpha}}})
+    assert exc.value.key == "model.auc_ns.alpha"
+    assert str(exc.value).startswith("model.auc_ns.alpha must be in [0, 1]")
+    with pytest.raises(ConfigError, match="alpha must be in"):
+        ns.AucNsConfig(alpha=alpha).validate()
 
 
 def _sampler_setup():

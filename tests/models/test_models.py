@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ray_pinet.config_base import ConfigError, from_dict
-from ray_pinet.models import ModelConfig, PluginConfig, build_model
+from ray_pinet.models.config import ModelConfig, PluginConfig
+from ray_pinet.models.registry import build_model
 
 M, K, L = 30, 2, 6
 BACKBONES = ["sasrec", "gru4rec", "din"]

@@ -47,7 +47,7 @@ def test_register_best_on_a_tracking_server(server):
     from ray_pinet.tracking import mlflow_utils as mu
     from ray_pinet.tracking.registry import register_best
     from ray_pinet.serving import load_program
-    from ray_pinet.training.trainer import log_served_model
+    from ray_pinet.training.sequence_outputs import log_served_model
     from tests.bad_input.test_loading_and_registry import write_tiny_prepared
 
     uri, tmp = server

@@ -18,11 +18,11 @@ import torch.multiprocessing as mp
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.config_base import ConfigError
-from ray_pinet.methods.ga import stratum_prior
+from ray_pinet.methods.ga import Prior, stratum_prior, stratum_prior_on_device
 from ray_pinet.training import exactness as ex
 from ray_pinet.training.batches import TrainRows, epoch_batches
 from ray_pinet.training.device import autocast, backend_for, resolve_device
-from ray_pinet.training.ga_step import GradReducer, stratum_prior_on_device
+from ray_pinet.training.ga_step import GradReducer
 from ray_pinet.training.loop import run_epoch
 
 from ray_pinet.training.engine import Engine
@@ -72,18 +72,19 @@ def test_tiny_device_budget_keeps_rows_on_the_host_and_gives_the_same_batches():
 def test_device_prior_equals_the_host_prior_bit_for_bit():
     rng = np.random.default_rng(0)
     share = [0.7, 0.2, 0.1]
-    share_t = torch.tensor(share, dtype=torch.float64)
     for _ in range(50):
         counts = torch.from_numpy(rng.integers(0, 4, size=3).astype(np.float64))
         for kind, alpha in (("interaction_share", 0.0), ("uniform", 0.0), ("user_share", 0.0),
-                            ("power", 0.5), ("power", -1.0), ("power", 0.0)):
-            host = stratum_prior(kind, 3, share, counts, alpha)
-            dev, bad = stratum_prior_on_device(kind, 3, share_t, counts, alpha)
+                            ("power", 0.5), ("power", -1.0), ("power", 0.0), ("reweight", 0.0),
+                            ("stratum_mean", 0.0)):
+            prior = Prior(kind, alpha, share, stratum_weights=[2.0, 0.5, 0.0])
+            host = stratum_prior(prior, counts)
+            dev, bad = stratum_prior_on_device(prior, counts)
             assert torch.equal(host, dev), (kind, alpha, counts)
             assert not bool(bad)
     # where the host version raises, the device version raises its flag
-    _, bad = stratum_prior_on_device("user_share", 2, torch.tensor([1.0, 0.0], dtype=torch.float64),
-                                     torch.tensor([3.0, 1.0], dtype=torch.float64), 0.0)
+    _, bad = stratum_prior_on_device(Prior("user_share", user_share=[1.0, 0.0]),
+                                     torch.tensor([3.0, 1.0], dtype=torch.float64))
     assert bool(bad)
 
 
@@ -97,7 +98,7 @@ def test_grad_reducer_takes_bf16_parameters_and_reduces_in_fp32():
     for name, w in (("fp32", w32), ("bf16", w16)):
         reducer = GradReducer([w], 2)
         loss = (x @ w.float()).pow(2).sum(1)
-        info = reducer.backward(loss, strata, "power", [0.8, 0.2], 0.5)
+        info = reducer.backward(loss, strata, Prior("power", 0.5, [0.8, 0.2]))
         reducer.close()
         assert w.grad.dtype == w.dtype and info.loss.dtype == torch.float32
         grads[name] = w.grad.float()
@@ -130,8 +131,8 @@ def _bf16_epoch(rank: int, world: int, init_file: str, out_dir: str, precision: 
                          budget_mb=budget_mb)
         model = ex._model(P, cfg)
         params = list(model.backbone_parameters())
-        stats = run_epoch(model, params, [torch.optim.SGD(params, lr=0.5)], rows, P.num_rows, cfg, 0,
-                          P.num_strata, ex._user_share(P), "power", 0.5, use_plugins=False)
+        stats = run_epoch(ex.epoch_setup(P, model, params, [torch.optim.SGD(params, lr=0.5)], rows, cfg,
+                                         ex.variant_prior(P, "power", 0.5)), 0)
         flat = torch.cat([q.detach().reshape(-1) for q in params])
         torch.save({"params": flat, "loss": stats.loss}, os.path.join(out_dir, f"{world}-{rank}.pt"))
     finally:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_pinet.methods.ga import reference_ga_gradient, unit_losses
+from ray_pinet.methods.ga import Prior, reference_ga_gradient, stratum_prior, unit_losses
 from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.training import exactness as ex
 from ray_pinet.training.batches import TrainRows
-from ray_pinet.training.ga_step import stratum_prior
 
 P = ex.Problem()
 
@@ -43,7 +42,7 @@ def _oracle(prior_kind: str, alpha: float, unit: str) -> torch.Tensor:
     n_units = ul.numel()
     strata = batch.stratum[ur]
     counts = torch.bincount(strata, minlength=P.num_strata).to(torch.float64)
-    prior = stratum_prior(prior_kind, P.num_strata, ex._user_share(P), counts, alpha)
+    prior = stratum_prior(ex.variant_prior(P, prior_kind, alpha), counts)
 
     # unit k lives in row ur[k]; its index among that row's units is its rank within the row
     first = {}
@@ -174,11 +173,11 @@ def test_row_sparse_item_exchange_epoch_is_worker_count_independent(single, dist
 def test_reweight_prior_is_a_static_weighted_mean():
     counts = torch.tensor([30.0, 10.0], dtype=torch.float64)
     r = [0.8 / 0.4, 0.2 / 0.6]  # n_s / C_s
-    pi = stratum_prior("reweight", 2, r, counts, 0.0)
+    pi = stratum_prior(Prior("reweight", stratum_weights=r), counts)
     # every tail unit weighs r_0, every head unit r_1, normalised over the batch
     w = pi / counts
     assert float(w[0] / w[1]) == pytest.approx(r[0] / r[1])
     assert float(pi.sum()) == pytest.approx(1.0)
     # power 0 (r = 1) is the pooled mean = interaction_share
-    assert torch.allclose(stratum_prior("reweight", 2, [1.0, 1.0], counts, 0.0),
-                          stratum_prior("interaction_share", 2, [0.8, 0.2], counts, 0.0))
+    assert torch.allclose(stratum_prior(Prior("reweight", stratum_weights=[1.0, 1.0]), counts),
+                          stratum_prior(Prior("interaction_share"), counts))

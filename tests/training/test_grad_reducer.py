@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_pinet.methods.ga import batch_unit_counts, stratum_counts, unit_losses
+from ray_pinet.methods.ga import Prior, batch_unit_counts, stratum_counts, unit_losses
 from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.training import exactness as ex
 from ray_pinet.training.batches import TrainRows
@@ -46,7 +46,7 @@ def test_reducer_equals_literal_stratum_sums_for_any_bucket_size(batch, unit, ca
     model = ex._model(P, ex._cfg(P))
     params = list(model.backbone_parameters())
     ul, strata = _units(model, batch, unit)
-    ref_info = ga_backward(params, ul, strata, 2, "power", [0.8, 0.2], 0.5, "stratum_sums")
+    ref_info = ga_backward(params, ul, strata, 2, Prior("power", 0.5, [0.8, 0.2]), "stratum_sums")
     ref = flatten_grads(params).clone()
     model.zero_grad(set_to_none=True)
     reducer = GradReducer(params, 2, cap_mb)
@@ -54,7 +54,7 @@ def test_reducer_equals_literal_stratum_sums_for_any_bucket_size(batch, unit, ca
         # as the loop does it: counts from the batch before the forward, then the backward
         reducer.start_counts(batch_unit_counts(batch.inputs, batch.targets, batch.stratum, unit, 2))
         ul, strata = _units(model, batch, unit)
-        info = reducer.backward(ul, strata, "power", [0.8, 0.2], 0.5)
+        info = reducer.backward(ul, strata, Prior("power", 0.5, [0.8, 0.2]))
     finally:
         reducer.close()
     assert (reducer.num_buckets > 1) == (cap_mb < 1)
@@ -74,7 +74,7 @@ def test_units_that_differ_from_the_counted_batch_are_an_error(batch):
         reducer.start_counts(batch_unit_counts(batch.inputs, batch.targets, batch.stratum, "user", 2))
         ul, strata = _units(model, batch, "position")
         with pytest.raises(RuntimeError, match="units per stratum"):
-            reducer.backward(ul, strata, "interaction_share", [0.8, 0.2])
+            reducer.backward(ul, strata, Prior("interaction_share"))
     finally:
         reducer.close()
 
@@ -103,7 +103,7 @@ def test_a_rank_without_units_contributes_zeros(batch):
     try:
         empty = batch_unit_counts(batch.inputs[:0], batch.targets[:0], batch.stratum[:0], "position", 2)
         reducer.start_counts(empty)
-        info = reducer.backward(torch.zeros(0), torch.zeros(0, dtype=torch.int64), "interaction_share", [0.8, 0.2])
+        info = reducer.backward(torch.zeros(0), torch.zeros(0, dtype=torch.int64), Prior("interaction_share"))
     finally:
         reducer.close()
     assert info.loss == 0.0 and float(info.global_counts.sum()) == 0.0

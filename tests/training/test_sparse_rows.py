@@ -35,7 +35,7 @@ def _ga_grads(sparse: bool, packed: bool):
     else:
         lv, ri = per_position_losses(model, b.inputs, b.targets, b.negs, *args, segments=b.segments)
     ul, ur = unit_losses(lv, ri, len(b), "user")
-    reducer.backward(ul, b.stratum[ur], "power", ex._user_share(P), 0.5,
+    reducer.backward(ul, b.stratum[ur], ex.variant_prior(P, "power", 0.5),
                      extra_inputs=[table.sub] if sparse else ())
     touched = table.exchange() if sparse else None
     reducer.close()

@@ -131,7 +131,7 @@ def test_killed_worker_recovers_from_the_last_checkpoint(trained):
 
     from ray_pinet.config import TrainConfig
     from ray_pinet.training.trainer import fit
-    from ray_pinet.training.worker import load_state
+    from ray_pinet.training.checkpoint import load_state
 
     tmp, uri, args, _, joint = trained
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]

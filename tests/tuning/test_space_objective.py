@@ -9,7 +9,9 @@ import pytest
 from ray_pinet.config_base import ConfigError
 from ray_pinet.evaluation.metrics import auc
 from ray_pinet.tuning.objective import GUARD_PENALTY, Objective, reference_metrics
-from ray_pinet.tuning.space import ObjectiveSpec, load_space, param_space, resolve_trial, split_overrides
+from ray_pinet.tuning.space import ObjectiveSpec, param_space, split_overrides
+from ray_pinet.tuning.sweep import load_space
+from ray_pinet.tuning.sequence_sweep import resolve_trial
 from tests.conftest import REPO
 
 BASE = str(REPO / "configs/ml-latest-small.yaml")
@@ -111,7 +113,7 @@ def test_list_valued_choices_travel_as_json_and_come_back():
     from ray.tune.search.variant_generator import generate_variants
 
     from ray_pinet.tuning.space import decode_values, encode_value
-    from ray_pinet.tuning.sweep import SweepSetup, default_point
+    from ray_pinet.tuning.trials import default_point
 
     space = load_space(REPO / "tune_spaces/pinet.yaml", BASE, [])
     dom = space.space["stage2.plugin.adapter_hidden"]
@@ -119,9 +121,7 @@ def test_list_valued_choices_travel_as_json_and_come_back():
     assert all(isinstance(c, str) for c in tuned.categories)
     assert decode_values(space, {"stage2.plugin.adapter_hidden": encode_value(dom, [64])}) == \
         {"stage2.plugin.adapter_hidden": [64]}
-    setup = SweepSetup("s", BASE, [], __import__("ray_pinet.config_base", fromlist=["to_dict"]).to_dict(space),
-                       "/tmp", None, None, "/tmp/x.parquet")
-    point = default_point(setup)
+    point = default_point(space, *resolve_trial(BASE, [], dict(space.fixed), space.method))
     assert point["stage2.plugin.adapter_hidden"] == "[64]" and point["prepare.strata.q"] == 0.2
     for _, variant in generate_variants({**param_space(space), **point}):
         cfg, _ = resolve_trial(BASE, [], decode_values(space, variant), "pinet")

@@ -3,7 +3,7 @@ rate on 60 users of ML-100K, each trial a Ray Train run; each trial's objective 
 validation NDCG@10 (checked against its MLflow metric history), the best trial is the one with
 the highest, every trial is an MLflow child of the sweep, and the report lists both.
 
-Run with ``--smoke-test``: until ray_pinet/smoke.py, tune applied the sequence kind's smoke
+Run with ``--smoke-test``: until each kind held its own smoke settings (``kinds/<kind>.py``), tune applied the sequence kind's smoke
 settings before handing a two-tower space over (``ConfigError: unknown key(s) 'stage2'``)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ method: onebp
 objective: {slice: all, metric: ndcg, measure: absolute}
 search: {algorithm: grid, num_samples: 1, max_concurrent: 1}
 scheduler: {kind: none}
-fixed: {optim.epochs: 3, eval.every: 1, model.dim: 8}
+fixed: {optim.max_epochs: 3, eval.every: 1, model.dim: 8}
 space:
   optim.lr: {grid: [0.005, 0.000001]}
 """

@@ -93,7 +93,7 @@ def test_ncf_needs_labels_and_labels_exclude_min_rating(tmp_path):
 
 
 def test_prepared_data_with_other_settings_is_refused_not_reused(tmp_path):
-    from ray_pinet.training.twotower_trainer import ensure_pairs
+    from ray_pinet.kinds.twotower import ensure_pairs
 
     cfg = _cfg(tmp_path, "data.max_users=50")
     ensure_pairs(cfg, progress=False)

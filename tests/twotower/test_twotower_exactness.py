@@ -5,7 +5,7 @@ loss and every per-stratum metric of every epoch. The data is the real ML-100K f
 every epoch holds several steps.
 
 OneBP and TwoBP run through the product path (``ray-pinet compare --kind twotower`` ->
-``fit_twotower``: 2 Ray Train workers, gloo). The other variants run the same loop on 2 plain gloo
+``fit``: 2 Ray Train workers, gloo). The other variants run the same loop on 2 plain gloo
 processes (``torch.multiprocessing``): the same collectives without Ray Train's ~20 s start-up
 per fit."""
 
@@ -18,7 +18,7 @@ import torch
 
 from ray_pinet.data.pairs import prepare_pairs
 from ray_pinet.training.twotower_loop import TwoTowerRun, run_epochs
-from ray_pinet.training.twotower_trainer import load_checkpoint_state
+from ray_pinet.training.checkpoint import load_state
 from ray_pinet.twotower_config import TwoTowerConfig
 from tests.conftest import REPO, shared_file
 
@@ -45,7 +45,7 @@ def _cfg(tmp_path, name: str, extra: list[str]) -> TwoTowerConfig:
     return TwoTowerConfig.from_yaml(REPO / "configs/twotower/ml-100k-onebp.yaml", [
         f"data.source.path={shared_file('ml-100k/u.data')}", f"data.output={tmp_path / 'pairs'}",
         "data.max_users=120", "data.valid_share=0.1", "model.dim=8", "optim.batch_size=256",
-        "optim.epochs=3", "eval.every=1", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
+        "optim.max_epochs=3", "eval.every=1", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
         "run.progress=false", "tracking.enabled=false", "model.beta=0.9", *extra])
 
 
@@ -90,7 +90,7 @@ def test_compare_grid_on_two_ray_train_workers_equals_one_process(ray_cluster, t
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"data.source.path={shared_file('ml-100k/u.data')}", f"data.output={tmp_path / 'pairs'}",
             "data.max_users=120", "data.valid_share=0.1", "model.dim=8", "optim.batch_size=256",
-            "optim.epochs=3", "eval.every=1", f"run.storage_path={tmp_path / 'runs'}", "run.progress=false",
+            "optim.max_epochs=3", "eval.every=1", f"run.storage_path={tmp_path / 'runs'}", "run.progress=false",
             "model.beta=0.9", "run.num_workers=2", "run.torch_threads=1", f"tracking.tracking_uri={uri}"]
     argv = ["compare", "--kind", "twotower", "--config", str(REPO / "configs/twotower/ml-100k-onebp.yaml"),
             "--methods", "onebp", "--seeds", "0", "--name", "tt", "--output", str(tmp_path / "report")]
@@ -102,7 +102,7 @@ def test_compare_grid_on_two_ray_train_workers_equals_one_process(ray_cluster, t
     for cell in cells:
         variant = cell["label"]
         _, _, history, want = _single(tmp_path / f"single-{variant}", variant, ["run.seed=0"])
-        got = load_checkpoint_state(cell["checkpoint"])
+        got = load_state(cell["checkpoint"])
         assert got["run"]["epoch"] == 3
         _assert_same(got["run"], got["history"], want, history)
         assert cell["final"]["test/all/ndcg@10"] == pytest.approx(max(h["test/all/ndcg@10"] for h in history))
