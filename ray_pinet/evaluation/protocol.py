@@ -39,6 +39,19 @@ def slice_names(num_strata: int) -> list[str]:
     return [stratum_name(s, num_strata) for s in range(num_strata)] + ["all"]
 
 
+def slice_table(final: dict[str, float], num_strata: int, cols: list[str], prefix: str,
+                headers: Optional[list[str]] = None) -> str:
+    """``final[prefix/slice/col]`` as a Markdown table, a row per slice (both kinds' tables)."""
+    lines = ["| slice | " + " | ".join(headers or cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in slice_names(num_strata):
+        vals = []
+        for c in cols:
+            v = final.get(f"{prefix}/{s}/{c}")
+            vals.append("-" if v is None else (f"{int(v)}" if c == "users" else f"{v:.4f}"))
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def mask_seen_(scores: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor) -> torch.Tensor:
     """Scores [B, M+1] with the padding column and each row's seen items at -inf (in place):
     what evaluation ranks over, and what ``ray-pinet recommend`` recommends from."""

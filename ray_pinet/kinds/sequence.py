@@ -3,7 +3,6 @@ a prepared folder, trained by ``training/engine.py``."""
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 from ray_pinet.config import METHODS, PER_STRATUM_METHODS, TrainConfig
@@ -64,7 +63,7 @@ def chain(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_cfg: Optional
     base = reuse_joint(cfg, joint_checkpoint, joint_cfg and joint_cfg.data.path, retrain_stage1=retrain_stage1)
     if cfg.run.init_from and not had_init:
         print(f"pinet stage 1 = joint training (ga.prior={cfg.ga.prior}, alpha={cfg.ga.alpha}): starting "
-              f"from the joint backbone ({cfg.run.init_from}); --retrain-stage1 to retrain", file=sys.stdout)
+              f"from the joint backbone ({cfg.run.init_from}); --retrain-stage1 to retrain")
     return {"base_checkpoint": base}
 
 

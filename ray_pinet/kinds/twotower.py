@@ -16,11 +16,11 @@ from typing import Optional
 from ray_pinet.config_base import ConfigError, config_diff, format_diff, to_dict
 from ray_pinet.data.pairs import SPLITS, load_meta, prepare_pairs
 from ray_pinet.errors import DataError
+from ray_pinet.evaluation.protocol import slice_table
 from ray_pinet.methods.twotower_methods import METHODS as TWOTOWER_REGISTRY
 from ray_pinet.tracking import mlflow_utils as mu
 from ray_pinet.tracking.plots import plot_twotower_curves
 from ray_pinet.training.kind import FitResult, Kind, LoopContext
-from ray_pinet.training.sequence_outputs import slice_table
 from ray_pinet.training.twotower_loop import TwoTowerRun, run_epochs, select
 from ray_pinet.twotower_config import TWOTOWER_METHODS, TwoTowerConfig
 

@@ -8,6 +8,7 @@ workers logs per-epoch metrics into the same run id (``worker.py``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from contextlib import contextmanager
@@ -55,7 +56,9 @@ def resolve_tracking_uri(explicit: Optional[str], storage_path: str) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+@functools.lru_cache(maxsize=16)
 def _client(uri: str):
+    # one client per URI: the workers' per-epoch logging goes through log_metrics
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

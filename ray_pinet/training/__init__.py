@@ -11,8 +11,8 @@ Sequence kind (PINet and its baselines): ``run_inputs`` (the prepared folder, ch
 driver), ``engine`` (stages 1 and 2), ``loop`` (one epoch), ``ga_step`` (the GA all-reduce),
 ``batches`` / ``shards`` / ``packing`` (each rank's rows and global batches), ``sparse_rows``,
 ``transfer_epoch``, ``per_stratum`` (separate / finetune as K runs), ``sequence_outputs``
-(what a finished run logs), ``early_stopping``. Two-tower kind: ``twotower_loop``,
-``inverse_gradient``. Both: ``collectives`` (torch.distributed, a no-op in one process),
+(what a finished run logs). Two-tower kind: ``twotower_loop``, ``inverse_gradient``. Both:
+``early_stopping`` (every stage and loop), ``collectives`` (torch.distributed, a no-op in one process),
 ``device``, ``exactness`` (``ray-pinet check``: W workers equal one process).
 
 Ray is imported by ``trainer`` and ``worker``, lazily by ``checkpoint.report`` (Ray Train's

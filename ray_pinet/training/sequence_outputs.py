@@ -12,7 +12,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from ray_pinet.config import TrainConfig
-from ray_pinet.evaluation.protocol import slice_names
+from ray_pinet.evaluation.protocol import slice_names, slice_table
 from ray_pinet.models.registry import build_model
 from ray_pinet.serving import ScoringModule, log_served_pyfunc
 from ray_pinet.storage_uri import same_place
@@ -77,19 +77,6 @@ def log_served_model(cfg: TrainConfig, model, uri: str, run_id: str, data_path,
 def format_table(final: dict[str, float], num_strata: int, k: int = 10, prefix: str = "test") -> str:
     """Per-stratum table of the final metrics (plain text, for the console and the README)."""
     return slice_table(final, num_strata, [f"ndcg@{k}", f"hr@{k}", "auc", "gauc", "users"], prefix)
-
-
-def slice_table(final: dict[str, float], num_strata: int, cols: list[str], prefix: str,
-                headers: Optional[list[str]] = None) -> str:
-    """``final[prefix/slice/col]`` as a Markdown table, a row per slice (both kinds' tables)."""
-    lines = ["| slice | " + " | ".join(headers or cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for s in slice_names(num_strata):
-        vals = []
-        for c in cols:
-            v = final.get(f"{prefix}/{s}/{c}")
-            vals.append("-" if v is None else (f"{int(v)}" if c == "users" else f"{v:.4f}"))
-        lines.append(f"| {s} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
 
 
 def comparison_table(results: dict) -> str:
