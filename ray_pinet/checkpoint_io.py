@@ -64,7 +64,6 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
 
 
 def save_weights(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` of ``plain(obj)``."""
     torch.save(plain(obj), os.fspath(path))
 
 

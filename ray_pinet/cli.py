@@ -183,11 +183,9 @@ def _handler(command: str):
         return light[command]
     from ray_pinet import commands, recommend
 
-    if command == "recommend":
-        return recommend.run_recommend
-
     return {"train": commands.run_train, "twotower": commands.run_train, "compare": commands.run_compare,
-            "tune": commands.run_tune, "retrain": commands.run_retrain, "partition": commands.run_partition}[command]
+            "tune": commands.run_tune, "retrain": commands.run_retrain, "partition": commands.run_partition,
+            "recommend": recommend.run_recommend}[command]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -46,7 +46,6 @@ def check_output_file(path: Optional[str], flag: str) -> None:
 
 
 def get_key(cfg, dotted: str):
-    """``cfg``'s value at a dotted key (``model.method``)."""
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg

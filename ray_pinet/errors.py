@@ -15,15 +15,8 @@ _MAX_VALUE_CHARS = 200
 class DataError(ValueError):
     """Bad input data: ``str(err)`` shows the reason and all of file, column, row and value."""
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        file: str | None = None,
-        column: str | None = None,
-        row: int | None = None,
-        value: Any = None,
-    ) -> None:
+    def __init__(self, reason: str, *, file: str | None = None, column: str | None = None,
+                 row: int | None = None, value: Any = None) -> None:
         self.reason = reason
         self.file = None if file is None else str(file)
         self.column = column
@@ -36,10 +29,8 @@ class DataError(ValueError):
         if len(value) > _MAX_VALUE_CHARS:
             value = value[:_MAX_VALUE_CHARS] + "..."
         dash = "-"
-        return (
-            f"{self.reason} [file: {self.file or dash}, column: {self.column or dash}, "
-            f"row: {dash if self.row is None else self.row}, value: {value}]"
-        )
+        return (f"{self.reason} [file: {self.file or dash}, column: {self.column or dash}, "
+                f"row: {dash if self.row is None else self.row}, value: {value}]")
 
     def __reduce__(self):  # keeps the fields when Ray ships the error from a worker
         return (_rebuild, (self.reason, self.file, self.column, self.row, self.value))

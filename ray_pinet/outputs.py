@@ -37,15 +37,6 @@ def _umask() -> int:
     return mask
 
 
-def _tmp_sibling(target: Path, kind: str) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}.{kind}-", dir=target.parent))
-    # mkdtemp makes it owner-only (0700); once swapped in it is the output, with the mode a
-    # plain mkdir gives (prepared data on a shared mount is read by other users' workers)
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
 @contextmanager
 def replaced_dir(target: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]:
     """Yield an empty temporary sibling folder of ``target``; when the block ends without an
@@ -56,7 +47,11 @@ def replaced_dir(target: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]
     folder when it has no entry of that name.
     """
     target = Path(target)
-    tmp = _tmp_sibling(target, "new")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}.new-", dir=target.parent))
+    # mkdtemp makes it owner-only (0700); once swapped in it is the output, with the mode a
+    # plain mkdir gives (prepared data on a shared mount is read by other users' workers)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -94,11 +89,6 @@ def partial_dir(target: str | Path) -> Path:
     return target.parent / f"{_TMP_PREFIX}{target.name}.partial"
 
 
-def tmp_name(target: Path) -> Path:
-    """A hidden name beside ``target``, unique to this process and call (``.<name>.<pid>-<hex>.tmp``)."""
-    return target.with_name(f"{_TMP_PREFIX}{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside ``target``; what the block wrote there is renamed over
@@ -106,7 +96,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     A process killed inside the block leaves only the hidden temporary file, never a half
     ``target``: readers that list files skip hidden names, and ``resumable_dir`` sweeps them."""
     target = Path(target)
-    tmp = tmp_name(target)
+    tmp = target.with_name(f"{_TMP_PREFIX}{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
     except BaseException:
@@ -184,12 +174,10 @@ def _lock_dir(path: Path, target: Path) -> int:
                 os.close(fd)
                 raise
         try:
-            here = os.stat(path)
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                return fd
         except FileNotFoundError:
-            here = None
-        mine = os.fstat(fd)
-        if here is not None and (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
-            return fd
+            pass
         os.close(fd)
 
 

@@ -156,7 +156,6 @@ def score_users(program, users: pa.Table, item_ids: np.ndarray, max_len: int, k:
 def recommend(opts: RecommendOptions, progress: bool = True) -> dict:
     """Score every user of the model's user table; returns the counts and timings, also written
     to ``<output>/_summary.json``."""
-    import ray
     import ray.data
 
     files = model_files(opts.model_uri, opts.tracking_uri)
@@ -170,8 +169,7 @@ def recommend(opts: RecommendOptions, progress: bool = True) -> dict:
     out = Path(opts.output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} is not empty: give a new folder (nothing is overwritten)")
-    if not ray.is_initialized():
-        start_ray()
+    start_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     t0 = time.perf_counter()
@@ -222,8 +220,7 @@ def run_recommend(args) -> int:
     import tempfile
 
     tmp = None
-    model, tracking = args.model, args.tracking_uri
-    output = args.output
+    model, tracking, output = args.model, args.tracking_uri, args.output
     if args.smoke_test:
         tmp = Path(tempfile.mkdtemp(prefix="ray-pinet-recommend-smoke-"))
         if not model:

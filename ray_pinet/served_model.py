@@ -34,11 +34,7 @@ import torch
 
 
 def _is_missing(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and np.isnan(value):
-        return True
-    return False
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 class RawIdRecommender(mlflow.pyfunc.PythonModel):
@@ -87,7 +83,7 @@ class RawIdRecommender(mlflow.pyfunc.PythonModel):
                 history = np.asarray(self.user_history[row], dtype=np.int64)
                 skip.append(np.asarray(self.user_seen[row], dtype=np.int64))
             raw = given.iloc[r]
-            if raw is not None and not _is_missing(raw) and len(raw) > 0:
+            if not _is_missing(raw) and len(raw) > 0:
                 history, unknown[r] = self._encode(raw)
                 skip.append(history)
             history = history[-self.max_len:]

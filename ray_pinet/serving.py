@@ -14,6 +14,13 @@ back for callers that hold item indices.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ray_pinet.data.prepared import by_user_idx, read_split
@@ -67,12 +74,6 @@ def serving_users(path, max_len: int):
     (the user's last ``max_len`` item indices, oldest first: the test split's history and target,
     or the validation split's for a user without a test row) and seen (every distinct item index
     up to that point). Users with neither row keep their stratum and an empty history."""
-    from pathlib import Path
-
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     root = Path(path)
     users = pq.read_table(root / "users.parquet", columns=["user_idx", "user_id", "stratum"])
     stratum = by_user_idx(users, "stratum", root / "users.parquet").astype(np.int8)
@@ -94,14 +95,8 @@ def log_served_pyfunc(uri: str, run_id: str, module: ScoringModule, max_len: int
     """Log the served model of ``run_id`` as ``model``: ``served_model.py`` (an MLflow pyfunc
     logged as code, nothing pickled) with the exported scoring graph, the item vocabulary and the
     serving user table (``serving_users``) as artifacts. Returns the model URI."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     import mlflow
     import pandas as pd
-    import pyarrow.parquet as pq
-    import torch
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
@@ -144,10 +139,7 @@ def load_program(model_uri: str):
     """The index-level scoring graph of a served model (``runs:/.../model``, ``models:/...``):
     a callable Long[B, 1 + L] -> Float[B, M + 1], for callers that hold item indices (batch
     scoring, evaluation). The raw-id interface is ``mlflow.pyfunc.load_model(model_uri)``."""
-    from pathlib import Path
-
     import mlflow
-    import torch
 
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     found = sorted(local.rglob("scoring.pt2"))

@@ -55,13 +55,9 @@ def scheme(path: object) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def is_uri(path: object) -> bool:
-    return scheme(path) is not None
-
-
 def is_remote(path: object) -> bool:
     """A URI of a filesystem other than the local one (``file://`` is local)."""
-    return is_uri(path) and scheme(path) != "file"
+    return scheme(path) not in (None, "file")
 
 
 def file_uri_path(uri: str) -> str:
@@ -74,7 +70,6 @@ def file_uri_path(uri: str) -> str:
 
 
 def local_path(path: str) -> str:
-    """``path`` with a ``file://`` URI mapped to its local path; anything else unchanged."""
     return file_uri_path(path) if scheme(path) == "file" else path
 
 
@@ -136,7 +131,6 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def uri_of(fs: pafs.FileSystem, path: str) -> str:
-    """The URI of ``path`` inside ``fs`` (a plain path for the local filesystem)."""
     if isinstance(fs, pafs.LocalFileSystem):
         return path
     return f"{_FS_SCHEME.get(fs.type_name, fs.type_name)}://{path.lstrip('/')}"
@@ -268,14 +262,10 @@ def upload_dir(local: Path, uri: str, last: tuple[str, ...] = ()) -> None:
     that order (object stores have no atomic folder rename)."""
     fs, root = filesystem_for(uri)
     fs.delete_dir_contents(root, missing_dir_ok=True)
-    dst = pafs.LocalFileSystem()
-    for entry in sorted(local.iterdir()):
-        if entry.name in last:
-            continue
-        pafs.copy_files(str(entry), f"{root}/{entry.name}", source_filesystem=dst, destination_filesystem=fs)
-    for name in last:
-        if (local / name).exists():
-            pafs.copy_files(str(local / name), f"{root}/{name}", source_filesystem=dst, destination_filesystem=fs)
+    src = pafs.LocalFileSystem()
+    names = [e.name for e in sorted(local.iterdir()) if e.name not in last]
+    for name in names + [n for n in last if (local / n).exists()]:
+        pafs.copy_files(str(local / name), f"{root}/{name}", source_filesystem=src, destination_filesystem=fs)
 
 
 def move_aside(uri: str) -> str | None:
@@ -314,8 +304,7 @@ def mirror_run(run_uri: str, target: Path, snapshot: str) -> Path:
         if fs.get_file_info(f"{path}/{name}").type == pafs.FileType.Directory:
             (target / name).mkdir(exist_ok=True)
             if name == latest:
-                pafs.copy_files(f"{path}/{name}", str(target / name), source_filesystem=fs,
-                                destination_filesystem=pafs.LocalFileSystem())
+                download_file(f"{run_uri}/{name}", target / name)
     return target
 
 

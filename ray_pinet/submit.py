@@ -78,9 +78,7 @@ class JobOutcome:
             if code is None or code == 0:
                 return 1
             return 128 - code if code < 0 else min(code, 255)  # killed by signal N -> 128 + N
-        if self.status == "STOPPED":
-            return 1
-        return 0 if not self.waited else 1
+        return 1 if self.status == "STOPPED" or self.waited else 0
 
     def status_line(self) -> str:
         code = "unknown" if self.exit_code is None else str(self.exit_code)
@@ -88,15 +86,13 @@ class JobOutcome:
 
 
 def resolve_address(address: Optional[str]) -> str:
-    """``address``, else ``$RAY_ADDRESS``, else http://127.0.0.1:8265."""
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     return address.rstrip("/")
 
 
 def auth_headers() -> dict:
-    """An ``Authorization`` header from ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH``,
-    and with ``RAY_AUTH_MODE=token`` from Ray's default file ``~/.ray/auth_token`` (Ray's own
-    order): the reachability check below must send the token the SDK would send."""
+    """The ``Authorization`` header the SDK would send (module docstring, "Auth"), for the
+    reachability check in ``connect``."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if not token and not path and os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
@@ -265,11 +261,9 @@ def submit(entrypoint: Sequence[str], address: Optional[str] = None, working_dir
     client = connect(address, connect_timeout)
     sid = submission_id or new_submission_id()
 
-    attached = False
     info = _status(client, sid) if submission_id else None
-    if info is not None:
-        attached = True
-    else:
+    attached = info is not None
+    if not attached:
         try:
             client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
                               submission_id=sid)
@@ -327,9 +321,6 @@ def _stop_and_wait(client, sid: str, timeout_s: float = 60.0):
     except KeyboardInterrupt:
         pass
     return client.get_job_info(sid)
-
-
-# --------------------------------------------------------------------------- CLI
 
 
 def add_submit_args(p) -> None:

@@ -21,12 +21,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Union, get_args
 
-from ray_pinet.config import RunSection, TrackingConfig
 from ray_pinet.config_base import ConfigError, FileConfig, require
+from ray_pinet.config_sections import RunSection, TrackingConfig
 from ray_pinet.data.config import SourceConfig, StrataConfig
 from ray_pinet.methods.auc_ns_config import AucNsConfig
+from ray_pinet.methods.twotower_needs import NEEDS
 
-# Each name's loss, data and tower rules: methods/twotower_methods.py (its registry has these keys).
+# Each name's loss, data and tower rules: methods/twotower_methods.py; its needs: methods/twotower_needs.py.
 TwoTowerMethodName = Literal["onebp", "twobp", "bpr", "ncf"]
 TWOTOWER_METHODS = get_args(TwoTowerMethodName)
 # Keys that took the sequence kind's names: a file that still says the old one is told the new.
@@ -115,7 +116,7 @@ class TwoTowerModel:
             raise ConfigError("model: tce_drop_rate in [0, 1), tce_num_gradual >= 0, num_layers >= 1")
         require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout)
         require(self.rce_alpha >= 0, "rce_alpha", ">= 0", self.rce_alpha)
-        if self.sampler == "auc_ns" and self.method != "bpr":
+        if self.sampler == "auc_ns" and not NEEDS[self.method].auc_ns:
             raise ConfigError("model.sampler=auc_ns picks one hard negative per positive for the BPR "
                               f"loss; use model.method=bpr (got {self.method!r})")
 
@@ -202,12 +203,15 @@ class TwoTowerConfig(FileConfig):
         if self.eval.patience and self.data.valid_share == 0:
             raise ConfigError("eval.patience (early stopping on validation) needs data.valid_share > 0")
         metric, _, k = self.eval.select_metric.partition("@")
-        if self.model.method == "ncf":
+        method = self.model.method
+        if NEEDS[method].labeled:
             if self.data.label_threshold is None:
-                raise ConfigError("model.method=ncf trains on labeled rows: set data.label_threshold (e.g. 2)")
+                raise ConfigError(f"model.method={method} trains on labeled rows: set data.label_threshold "
+                                  "(e.g. 2)")
             if self.eval.select_metric not in ("bce", "auc", "wauc") and not (
                     metric == "ndcg" and k.isdigit() and int(k) in self.eval.ks):
-                raise ConfigError(f"eval.select_metric for ncf must be bce|auc|wauc|ndcg@k, got {self.eval.select_metric!r}")
+                raise ConfigError(f"eval.select_metric for {method} must be bce|auc|wauc|ndcg@k, "
+                                  f"got {self.eval.select_metric!r}")
         elif metric not in ("p", "r", "f1", "ndcg") or not k.isdigit() or int(k) not in self.eval.ks:
             raise ConfigError(f"eval.select_metric must be p|r|f1|ndcg@k with k in eval.ks={self.eval.ks}, "
                               f"got {self.eval.select_metric!r}")

@@ -32,10 +32,7 @@ class CellResult:
 
 
 def load_done(path: Path) -> dict[tuple, CellResult]:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = CellResult(**json.loads(line))
-                done[(r.label, r.backbone, r.seed)] = r
-    return done
+    if not path.exists():
+        return {}
+    results = [CellResult(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return {(r.label, r.backbone, r.seed): r for r in results}

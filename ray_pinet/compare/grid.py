@@ -62,18 +62,9 @@ def build_cells(methods: list[str], variants: list[str], reference: str = "joint
     return sorted(cells, key=lambda c: c.label != reference)
 
 
-def run_grid(
-    kind: Kind,
-    config: Optional[str],
-    overrides: list[str],
-    cells: list[Cell],
-    backbones: list[str],
-    seeds: list[int],
-    name: str,
-    output: Path,
-    parent_run_id: Optional[str] = None,
-    fresh: bool = False,
-) -> list[CellResult]:
+def run_grid(kind: Kind, config: Optional[str], overrides: list[str], cells: list[Cell], backbones: list[str],
+             seeds: list[int], name: str, output: Path, parent_run_id: Optional[str] = None,
+             fresh: bool = False) -> list[CellResult]:
     """Every cell x backbone x seed of ``kind`` (``backbones``: values of ``kind.backbone_key``;
     ["mf"] for a kind without one). A finished cell (``cells.jsonl``) is skipped only when the
     command builds the config it was made with; ``fresh``: every cell's run starts anew (its
@@ -100,21 +91,20 @@ def run_grid(
                 if key in done:
                     _check_same_config(done[key], cfg, output)
                     print(f"[compare {n}/{total}] {cell.label} {backbone} seed {seed}: done earlier, skipped")
-                    results.append(done[key])
-                    if cell.label == kind.reference:
-                        ref_ckpt = done[key].checkpoint
-                    continue
-                tags = {"compare": name, "cell": cell.label, "seed": str(seed)}
-                print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}", flush=True)
-                res = fit(cfg, parent_run_id=parent_run_id, tags=tags, fresh=fresh, **fit_args)
-                final = kind.compare_metrics(res.final)
-                r = CellResult(cell.label, backbone, seed, cell.method,
-                               {k: v for k, v in final.items() if isinstance(v, (int, float))},
-                               res.run_id, res.checkpoint_path, cell.overrides, cfg.to_dict())
+                    r = done[key]
+                else:
+                    tags = {"compare": name, "cell": cell.label, "seed": str(seed)}
+                    print(f"\n[compare {n}/{total}] {cell.label} ({cell.method}) {backbone} seed {seed}",
+                          flush=True)
+                    res = fit(cfg, parent_run_id=parent_run_id, tags=tags, fresh=fresh, **fit_args)
+                    final = kind.compare_metrics(res.final)
+                    r = CellResult(cell.label, backbone, seed, cell.method,
+                                   {k: v for k, v in final.items() if isinstance(v, (int, float))},
+                                   res.run_id, res.checkpoint_path, cell.overrides, cfg.to_dict())
+                    with log.open("a") as f:
+                        f.write(json.dumps(asdict(r)) + "\n")
                 if cell.label == kind.reference:
-                    ref_ckpt = res.checkpoint_path
-                with log.open("a") as f:
-                    f.write(json.dumps(asdict(r)) + "\n")
+                    ref_ckpt = r.checkpoint
                 results.append(r)
     return results
 

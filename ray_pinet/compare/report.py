@@ -22,13 +22,8 @@ from ray_pinet.outputs import write_file
 
 
 def slices_of(results: Sequence[CellResult]) -> list[str]:
-    keys = results[0].final
-    names = []
-    for k in keys:
-        if k.startswith("test/") and k.endswith("/users"):
-            names.append(k.split("/")[1])
-    order = [n for n in names if n != "all"] + ["all"]
-    return order
+    names = [k.split("/")[1] for k in results[0].final if k.startswith("test/") and k.endswith("/users")]
+    return [n for n in names if n != "all"] + ["all"]
 
 
 def long_table(results: Sequence[CellResult], metrics: Sequence[str]) -> pd.DataFrame:

@@ -144,10 +144,10 @@ def _cast(arr: pa.Array, to: pa.DataType, err: _Err, reason: str) -> pa.Array:
     try:
         return arr.cast(to)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OverflowError):
-        raise err(reason, _first_failure(arr, lambda a: a.cast(to))) from None
+        raise err(reason, first_failure(arr, lambda a: a.cast(to))) from None
 
 
-def _first_failure(arr: pa.Array, fn: Callable[[pa.Array], object]) -> int:
+def first_failure(arr: pa.Array, fn: Callable[[pa.Array], object]) -> int:
     """Index of the first element of ``arr`` that ``fn`` rejects (binary search over slices)."""
     lo, hi = 0, len(arr)
     while hi - lo > 1:

@@ -37,21 +37,14 @@ from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
 from ray_pinet.errors import DataError
 
 STAT_KEYS = (
-    "rows_in",
-    "users_in",
-    "removed_sample_users_rows",
-    "removed_sample_users_users",
-    "removed_behaviors_rows",
-    "removed_behaviors_users",
-    "removed_min_rating_rows",
-    "removed_min_rating_users",
-    "out_of_order_rows",
-    "out_of_order_users",
+    "rows_in", "users_in",
+    "removed_sample_users_rows", "removed_sample_users_users",
+    "removed_behaviors_rows", "removed_behaviors_users",
+    "removed_min_rating_rows", "removed_min_rating_users",
+    "out_of_order_rows", "out_of_order_users",
     "removed_duplicates",
-    "removed_min_history_rows",
-    "removed_min_history_users",
-    "rows_out",
-    "users_out",
+    "removed_min_history_rows", "removed_min_history_users",
+    "rows_out", "users_out",
 )
 
 
@@ -69,30 +62,7 @@ def clean_bucket(
     """Apply the cleaning policies to ``table`` (canonical columns, rows in source order)."""
     check_scales(table)
     stats = dict.fromkeys(STAT_KEYS, 0)
-    stats["rows_in"] = table.num_rows
-    stats["users_in"] = n_users = pc.count_distinct(table[USER]).as_py()
-    def keep_sampled(t: pa.Table) -> np.ndarray:
-        return in_user_sample(t[USER], cfg.sample_users)
-
-    def keep_behaviors(t: pa.Table) -> pa.ChunkedArray:
-        return pc.is_in(t[BEHAVIOR], pa.array(list(behaviors), pa.string()))
-
-    def keep_rated(t: pa.Table) -> pa.ChunkedArray:
-        return pc.greater_equal(t[RATING], cfg.min_rating)
-
-    for name, mask in (
-        ("sample_users", keep_sampled if cfg.sample_users < 1.0 else None),
-        ("behaviors", keep_behaviors if behaviors else None),
-        ("min_rating", keep_rated if cfg.min_rating is not None else None),
-    ):
-        if mask is not None:
-            rows = table.num_rows
-            table = table.filter(mask(table))
-            left = pc.count_distinct(table[USER]).as_py()
-            stats[f"removed_{name}_rows"] = rows - table.num_rows
-            stats[f"removed_{name}_users"] = n_users - left
-            n_users = left
-
+    table = _filter_rows(table, cfg, behaviors, stats)
     users, u = _encode(table[USER])
     items, it = _encode(table[ITEM])
     ts = table[TS].to_numpy()
@@ -133,7 +103,43 @@ def clean_bucket(
     keep &= ~drop_user
 
     order = by_time[keep[by_time]]
-    uo, io = u[order], it[order]
+    return _cleaned(users, items, u[order], it[order], stats)
+
+
+def _filter_rows(table: pa.Table, cfg: CleanConfig, behaviors: list[str] | tuple[str, ...],
+                 stats: dict[str, int]) -> pa.Table:
+    """Steps 0 and 1, each filter's removed rows and users counted in ``stats``."""
+    stats["rows_in"] = table.num_rows
+    stats["users_in"] = n_users = pc.count_distinct(table[USER]).as_py()
+
+    def keep_sampled(t: pa.Table) -> np.ndarray:
+        return in_user_sample(t[USER], cfg.sample_users)
+
+    def keep_behaviors(t: pa.Table) -> pa.ChunkedArray:
+        return pc.is_in(t[BEHAVIOR], pa.array(list(behaviors), pa.string()))
+
+    def keep_rated(t: pa.Table) -> pa.ChunkedArray:
+        return pc.greater_equal(t[RATING], cfg.min_rating)
+
+    for name, mask in (
+        ("sample_users", keep_sampled if cfg.sample_users < 1.0 else None),
+        ("behaviors", keep_behaviors if behaviors else None),
+        ("min_rating", keep_rated if cfg.min_rating is not None else None),
+    ):
+        if mask is not None:
+            rows = table.num_rows
+            table = table.filter(mask(table))
+            left = pc.count_distinct(table[USER]).as_py()
+            stats[f"removed_{name}_rows"] = rows - table.num_rows
+            stats[f"removed_{name}_users"] = n_users - left
+            n_users = left
+    return table
+
+
+def _cleaned(users: pa.Array, items: pa.Array, uo: np.ndarray, io: np.ndarray,
+             stats: dict[str, int]) -> CleanedBucket:
+    """The bucket from the user and item codes (into ``users``, ``items``) of its kept rows in
+    output order."""
     starts = np.flatnonzero(np.r_[True, uo[1:] != uo[:-1]]) if len(uo) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(uo)] if len(uo) else starts
     n_user = ends - starts
@@ -146,22 +152,19 @@ def clean_bucket(
     train_count = np.bincount(io[train], minlength=len(items))
     present = np.flatnonzero(np.bincount(io, minlength=len(items)))
 
-    stats["rows_out"] = int(len(order))
+    stats["rows_out"] = int(len(uo))
     stats["users_out"] = int(len(starts))
     return CleanedBucket(
         rows=pa.table({USER: users.take(pa.array(uo)), ITEM: items.take(pa.array(io))}),
-        users=pa.table(
-            {
-                USER: users.take(pa.array(uo[starts])),
-                "n": pa.array(n_user, pa.int64()),
-                "n_distinct": pa.array(n_distinct, pa.int64()),
-                "valid_item": items.take(pa.array(io[ends - 2], pa.int64())),
-                "test_item": items.take(pa.array(io[ends - 1], pa.int64())),
-            }
-        ),
-        items=pa.table(
-            {ITEM: items.take(pa.array(present)), "count": pa.array(train_count[present], pa.int64())}
-        ),
+        users=pa.table({
+            USER: users.take(pa.array(uo[starts])),
+            "n": pa.array(n_user, pa.int64()),
+            "n_distinct": pa.array(n_distinct, pa.int64()),
+            "valid_item": items.take(pa.array(io[ends - 2], pa.int64())),
+            "test_item": items.take(pa.array(io[ends - 1], pa.int64())),
+        }),
+        items=pa.table({ITEM: items.take(pa.array(present)),
+                        "count": pa.array(train_count[present], pa.int64())}),
         stats=stats,
     )
 

@@ -75,16 +75,3 @@ def run_synth(args: argparse.Namespace) -> int:
     summary["files"] = len(summary["files"])
     print(json.dumps(summary))
     return 0
-
-
-def _main(argv: list[str] | None = None) -> int:  # python -m ray_pinet.data.cli_args prepare|synth ...
-    parser = argparse.ArgumentParser(prog="python -m ray_pinet.data.cli_args")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_prepare_args(sub.add_parser("prepare"))
-    add_synth_args(sub.add_parser("synth"))
-    args = parser.parse_args(argv)
-    return run_prepare(args) if args.cmd == "prepare" else run_synth(args)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -34,10 +34,6 @@ class SourceConfig:
         paths = self.path if isinstance(self.path, list) else [self.path]
         # An empty path would read the working directory (recursively).
         require(all(str(p).strip() for p in paths), "path", "a file, folder, glob or URI (not empty)", self.path)
-        if self.format in ("csv", "parquet"):
-            missing = {"user_id", "item_id"} - set(self.columns) - {"timestamp"}
-            # Generic readers default each canonical column to the same name in the file.
-            del missing
 
 
 @dataclass

@@ -35,11 +35,9 @@ def resolve_inputs(path: str | list[str],
     ``notes`` is None) rather than being dropped without a word. An empty ``source.path`` is a
     ConfigError (it would read the working directory).
     """
-    found: list[str] = []
+    found: list[str] = [] if notes is None else notes
     fs, files = _resolve(path, found)
-    if notes is not None:
-        notes.extend(found)
-    else:
+    if notes is None:
         for n in found:
             print(f"ray-pinet: input: {n}", file=sys.stderr, flush=True)
     return fs, files
@@ -66,7 +64,7 @@ def _resolve(path: str | list[str], notes: list[str]) -> tuple[pafs.FileSystem, 
         fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     local = isinstance(fs, pafs.LocalFileSystem)
     if any(c in root for c in _GLOB_CHARS):
-        files = _local_glob(root, notes) if local else _expand_glob(fs, path, root)
+        files = _local_glob(root, notes) if local else _expand_glob(fs, root)
     else:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
@@ -93,12 +91,10 @@ def _walk(root: str, notes: list[str], hidden: tuple[str, ...] = (".", "_"), dep
     stack = [(root, 0)]
     while stack:
         d, level = stack.pop()
-        st = os.stat(d)
-        key = (st.st_dev, st.st_ino)
-        if key in dirs:
-            notes.append(f"{d}: not listed, the same folder as {dirs[key]} (a symlink loop or a second link)")
+        first = _first_name(d, dirs)
+        if first != d:
+            notes.append(f"{d}: not listed, the same folder as {first} (a symlink loop or a second link)")
             continue
-        dirs[key] = d
         with os.scandir(d) as it:
             entries = sorted((e for e in it if not e.name.startswith(hidden)), key=lambda e: e.name)
         subdirs = []
@@ -134,16 +130,18 @@ def _walk(root: str, notes: list[str], hidden: tuple[str, ...] = (".", "_"), dep
 
 def _once(files: list[str], notes: list[str]) -> list[str]:
     """``files`` (sorted) without second names of one real file, each noted."""
-    out, seen = [], {}
+    seen: dict[tuple[int, int], str] = {}
     for f in files:
-        st = os.stat(f)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            notes.append(f"{f}: skipped, the same file as {seen[key]} (read once)")
-            continue
-        seen[key] = f
-        out.append(f)
-    return out
+        first = _first_name(f, seen)
+        if first != f:
+            notes.append(f"{f}: skipped, the same file as {first} (read once)")
+    return list(seen.values())
+
+
+def _first_name(path: str, seen: dict[tuple[int, int], str]) -> str:
+    """The first name met of the real file or folder ``path`` names (``path`` itself if new)."""
+    st = os.stat(path)
+    return seen.setdefault((st.st_dev, st.st_ino), path)
 
 
 def _local_glob(pattern: str, notes: list[str]) -> list[str]:
@@ -217,7 +215,7 @@ def _uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), root
 
 
-def _expand_glob(fs: pafs.FileSystem, path: str, root: str) -> list[str]:
+def _expand_glob(fs: pafs.FileSystem, root: str) -> list[str]:
     ffs = fs.handler.fs  # PyFileSystem over fsspec (see _uri_filesystem)
     return [p for p in ffs.glob(root) if ffs.isfile(p)]
 
@@ -225,8 +223,3 @@ def _expand_glob(fs: pafs.FileSystem, path: str, root: str) -> list[str]:
 def display_name(fs: pafs.FileSystem, path: str) -> str:
     """How a file is named in reports and errors."""
     return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading one file
-# ----------------------------------------------------------------------------------------------

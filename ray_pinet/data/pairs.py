@@ -34,7 +34,6 @@ from ray_pinet.outputs import refuse_foreign, refuse_input_inside, replaced_dir
 
 PURPOSE_SPLIT = 41
 SPLITS = ("train", "valid", "test")
-PAIR_COLUMNS = ("sample_id", "user", "item", "stratum")
 PAIR_OUTPUTS = (*(f"{s}.parquet" for s in SPLITS), "users.parquet", "items.parquet", "meta.json",
                 "report.json", "prepare_config.json")
 
@@ -73,21 +72,19 @@ def prepare_pairs(cfg, progress: bool = True) -> Path:
     refuse_input_inside(out, [f for f in files if os.path.isabs(f)])  # local files (not bucket/key)
     refuse_foreign(out, PAIR_OUTPUTS)
     report: dict = {"files": files, "rows_read": table.num_rows, "removed": {}}
-    users_raw = table.column("user_id").to_numpy(zero_copy_only=False)
-    items_raw = table.column("item_id").to_numpy(zero_copy_only=False)
-    keep = np.ones(len(users_raw), dtype=bool)
+    for key in ("min_rating", "label_threshold"):
+        if getattr(cfg, key) is not None and "rating" not in table.column_names:
+            raise ValueError(f"data.{key}={getattr(cfg, key)} but {files} have no rating column")
+    keep = np.ones(table.num_rows, dtype=bool)
     if cfg.min_rating is not None:
-        if "rating" not in table.column_names:
-            raise ValueError(f"data.min_rating={cfg.min_rating} but {files} have no rating column")
         low = table.column("rating").to_numpy(zero_copy_only=False) < cfg.min_rating
         report["removed"][f"rating < {cfg.min_rating}"] = int(low.sum())
         keep &= ~low
     labels = None
     if cfg.label_threshold is not None:
-        if "rating" not in table.column_names:
-            raise ValueError(f"data.label_threshold={cfg.label_threshold} but {files} have no rating column")
         labels = (table.column("rating").to_numpy(zero_copy_only=False) > cfg.label_threshold).astype(np.int8)
-    users_raw, items_raw = users_raw[keep], items_raw[keep]
+    users_raw = table.column("user_id").to_numpy(zero_copy_only=False)[keep]
+    items_raw = table.column("item_id").to_numpy(zero_copy_only=False)[keep]
     user_ids, users = _dense(users_raw)
     if cfg.max_users is not None:
         small = users < cfg.max_users

@@ -7,8 +7,7 @@ training counts); neither the log nor any per-user table does, so the driver is 
 1. ingest (one task per input file): read + validate (``sources``), write ``canonical/`` and split
    the rows into ``num_buckets`` user buckets by a stable hash of the user id (crc32 into
    ``HASH_SLOTS`` slots, a contiguous run of slots per bucket), keeping source order inside each
-   bucket. This replaces a hash shuffle (slow on small machines, ray-notes.md) and keeps every
-   user whole in one bucket.
+   bucket and every user whole in one bucket (instead of a hash shuffle: see below).
 2. clean (one task per bucket): cleaning policies (``clean``); writes the bucket's rows and its
    users in user_idx order (hash slot, then id), returns counts, the bucket's activeness histogram
    and its per-item training counts (summed on the driver as they arrive).
@@ -36,9 +35,7 @@ than this bucketing on small machines (ray-notes.md, measured numbers). ``report
 has each phase's task count, summed and maximum task wall time and summed task CPU time, and how
 many tasks were reused from an unfinished run or retried after their worker died.
 
-Faults (``prepare``'s docstring): a task whose worker dies is retried; every file a task writes
-appears whole (written under a temporary name, renamed when complete); a run that stops leaves
-its finished tasks in ``.<output>.partial`` for the next run with the same inputs to reuse.
+Faults: ``prepare``'s docstring.
 """
 
 from __future__ import annotations
@@ -80,14 +77,8 @@ from ray_pinet.data.prepare_tasks import (
 from ray_pinet.data.prepared import PREPARED_FORMAT
 from ray_pinet.data.ray_tasks import ensure_ray, run_tasks
 from ray_pinet.data.schema import BEHAVIOR, ITEM, RATING, TS, USER
-from ray_pinet.data.sources import (
-    display_name,
-    output_columns,
-    resolve_inputs,
-)
-from ray_pinet.data.strata import (
-    format_strata_table,
-)
+from ray_pinet.data.sources import display_name, output_columns, resolve_inputs
+from ray_pinet.data.strata import format_strata_table
 from ray_pinet.errors import DataError
 from ray_pinet.outputs import refuse_foreign, refuse_input_inside, resumable_dir
 
@@ -121,8 +112,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     them (``report.json`` ``tasks.<phase>.reused``), anything else empties it first, with a note.
     Bad input or settings (DataError, ConfigError) remove it: nothing in it could be reused.
     """
-    import ray
-
     _validate(cfg)
     out = Path(cfg.output)
     notes: list[str] = []
@@ -135,86 +124,112 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     # retrain a fresh prepare, while a stale one would make it reuse the wrong data.
     refuse_foreign(out, (*_OUTPUTS, *_DROPPED))
     ensure_ray()
-    timings: dict[str, float] = {}
-    tasks: dict[str, dict] = {}
     # A real output that is a symlink is replaced at its target (the link stays).
     target = out.resolve() if out.is_symlink() else out
     with resumable_dir(target, _resume_state(cfg, fs, files), discard_on=(DataError, ConfigError)) as part:
         if part.note:
             print(f"ray-pinet prepare: {part.note}", file=sys.stderr, flush=True)
-        tmp = part.path
-        # The tasks write under ``cfg.output``: the partial folder; prepare_config.json below
-        # records the real one.
-        tcfg = dataclasses.replace(cfg, output=str(tmp))
-        work, done = tmp / "_work", tmp / "_work" / "done"
+        run = _Run(cfg, part.path, fs, files, progress)
+        ingested = run.ingest()
+        cleaned, item_counts = run.clean()
+        plan, unseen_ids = run.plan(cleaned, item_counts)
+        counts = run.samples(plan, unseen_ids)
+        report = _report(cfg, ingested, cleaned, plan, counts, run, notes)
+        (part.path / "strata.json").write_text(json.dumps(plan.strata, indent=2))
+        (part.path / "report.json").write_text(json.dumps(report, indent=2))
+        (part.path / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    result = PrepareResult(output=out, strata=plan.strata, report=report)
+    print(format_summary(result), flush=True)
+    return result
+
+
+class _Run:
+    """The phases of one run (module docstring) and what they share: the config whose ``output``
+    is the partial folder (the tasks write there; prepare_config.json records the real one), the
+    input files, and each phase's task counts and wall time for report.json."""
+
+    def __init__(self, cfg: PrepareConfig, tmp: Path, fs, files: list[str], progress: bool) -> None:
+        self.cfg = dataclasses.replace(cfg, output=str(tmp))
+        self.tmp, self.work = tmp, tmp / "_work"
+        self.fs, self.files, self.progress = fs, files, progress
+        self.buckets = range(cfg.num_buckets)
+        self.bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
+        self.bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
+        self.tasks: dict[str, dict] = {}
+        self.timings: dict[str, float] = {}
         for d in ("canonical", *SPLITS, *(f"_work/{w}" for w in WORK_DIRS)):
             (tmp / d).mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        bucket_cols = [USER, ITEM, TS] + [RATING] * (cfg.clean.min_rating is not None)
-        bucket_cols += [BEHAVIOR] * bool(cfg.source.behaviors)
-        ingest_args = [(i, fs, f, tcfg, bucket_cols) for i, f in enumerate(files)]
-        ingested = run_tasks(ingest_file, ingest_args, "ingest", progress, tasks, done)
-        rows_read = sum(r["rows_read"] for r in ingested)
-        if rows_read == 0:
-            where = files[0] if len(files) == 1 else cfg.source.path
-            raise DataError("input is empty: no data rows", file=where)
-        timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
+        self._start = time.perf_counter()
 
-        buckets = range(cfg.num_buckets)
+    def _run_tasks(self, fn, args: list[tuple], phase: str, keep=None) -> list:
+        return run_tasks(fn, args, phase, self.progress, self.tasks, self.work / "done", keep=keep)
+
+    def _lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.timings[phase], self._start = now - self._start, now
+
+    def ingest(self) -> list[dict]:
+        args = [(i, self.fs, f, self.cfg, self.bucket_cols) for i, f in enumerate(self.files)]
+        ingested = self._run_tasks(ingest_file, args, "ingest")
+        if sum(r["rows_read"] for r in ingested) == 0:
+            where = self.files[0] if len(self.files) == 1 else self.cfg.source.path
+            raise DataError("input is empty: no data rows", file=where)
+        self._lap("ingest")
+        return ingested
+
+    def clean(self) -> tuple[list[CleanedSummary], ItemCounts]:
         item_counts = ItemCounts()
 
         def fold(b: int, summary: CleanedSummary) -> CleanedSummary:
-            # A finished bucket's scratch input is deleted at once (a rerun loads its kept result
-            # and never reads it): scratch disk stays about one copy of the log, not two.
+            # The bucket's scratch input goes at once (module docstring); a rerun loads its kept result.
             item_counts.add(summary.items)
-            shutil.rmtree(work / "buckets" / f"{b:04d}", ignore_errors=True)
+            shutil.rmtree(self.work / "buckets" / f"{b:04d}", ignore_errors=True)
             return dataclasses.replace(summary, items=None)
 
-        cleaned = run_tasks(clean_one_bucket, [(b, tcfg, bucket_cols, files, fs) for b in buckets], "clean",
-                            progress, tasks, done, keep=fold)
-        timings["clean"], t = time.perf_counter() - t, time.perf_counter()
+        args = [(b, self.cfg, self.bucket_cols, self.files, self.fs) for b in self.buckets]
+        cleaned = self._run_tasks(clean_one_bucket, args, "clean", keep=fold)
+        self._lap("clean")
+        return cleaned, item_counts
+
+    def plan(self, cleaned: list[CleanedSummary], item_counts: ItemCounts) -> tuple[Plan, pa.Array]:
+        """The driver step; also returns the items that are only validation/test targets."""
+        import ray
 
         items = item_counts.table()
         unseen_ids = pc.filter(items[ITEM], pc.equal(items["count"], 0)).combine_chunks()
-        unseen_counts = [(0, 0)] * cfg.num_buckets
+        unseen_counts = [(0, 0)] * self.cfg.num_buckets
         if len(unseen_ids):  # one small round over the users files; most logs skip it
             unseen_ref = ray.put(unseen_ids)
-            unseen_counts = run_tasks(count_unseen, [(b, tcfg, unseen_ref) for b in buckets], "unseen",
-                                      progress, tasks, done)
-            del unseen_ref
-        plan = plan_buckets(cfg, cleaned, items, unseen_counts)
-        write_parquet(plan.items, tmp / "items.parquet")
-        timings["index_and_strata"], t = time.perf_counter() - t, time.perf_counter()
+            args = [(b, self.cfg, unseen_ref) for b in self.buckets]
+            unseen_counts = self._run_tasks(count_unseen, args, "unseen")
+        plan = plan_buckets(self.cfg, cleaned, items, unseen_counts)
+        write_parquet(plan.items, self.tmp / "items.parquet")
+        self._lap("index_and_strata")
+        return plan, unseen_ids
+
+    def samples(self, plan: Plan, unseen_ids: pa.Array) -> dict[str, int]:
+        """Phase 4 and users.parquet; rows written per split."""
+        import ray
 
         items_ref = ray.put(plan.item_ids)
-        drop_ref = ray.put(unseen_ids) if cfg.clean.unseen_items == "drop" and len(unseen_ids) else None
+        drop_ref = ray.put(unseen_ids) if self.cfg.clean.unseen_items == "drop" and len(unseen_ids) else None
 
         def drop_scratch(b: int, written: dict) -> dict:
             for name in ("clean", "users"):
-                (work / name / f"{b:04d}.parquet").unlink(missing_ok=True)
+                (self.work / name / f"{b:04d}.parquet").unlink(missing_ok=True)
             return written
 
-        sample_args = [(b, tcfg, plan.buckets[b], items_ref, drop_ref) for b in buckets]
-        written = run_tasks(sample_bucket, sample_args, "samples", progress, tasks, done, keep=drop_scratch)
-        concat_parquet([work / "users_out" / f"{b:04d}.parquet" for b in buckets], tmp / "users.parquet")
-        timings["samples"] = time.perf_counter() - t
-        del items_ref, drop_ref, sample_args
-        shutil.rmtree(work)  # only now: a run that stops keeps it for the next to resume from
-
+        args = [(b, self.cfg, plan.buckets[b], items_ref, drop_ref) for b in self.buckets]
+        written = self._run_tasks(sample_bucket, args, "samples", keep=drop_scratch)
+        concat_parquet([self.work / "users_out" / f"{b:04d}.parquet" for b in self.buckets],
+                       self.tmp / "users.parquet")
+        self._lap("samples")
+        shutil.rmtree(self.work)  # only now: a run that stops keeps it for the next to resume from
         counts = {s: sum(w[s] for w in written) for s in SPLITS}
         expected = {"train": plan.train_rows, "valid": plan.valid_rows, "test": plan.test_rows}
         if counts != expected:
             raise RuntimeError(f"internal error: wrote {counts} rows, planned {expected}")
-        report = {"prepared_format": PREPARED_FORMAT,
-                  **_report(cfg, ingested, cleaned, plan, counts, timings)}
-        report["source"]["skipped_paths"] = notes
-        report["tasks"] = tasks
-        (tmp / "strata.json").write_text(json.dumps(plan.strata, indent=2))
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "prepare_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    result = PrepareResult(output=out, strata=plan.strata, report=report)
-    print(format_summary(result), flush=True)
-    return result
+        return counts
 
 
 def _validate(cfg: PrepareConfig) -> None:
@@ -234,9 +249,8 @@ _CODE = sorted([*Path(__file__).parent.glob("*.py"), Path(__file__).parents[1] /
 
 
 def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
-    """Everything a task's output depends on; a rerun reuses an unfinished run's finished tasks
-    only when all of it is equal (``outputs.resumable_dir``): the resolved config, each input
-    file's name, size and modification time, and the data-layer code and libraries."""
+    """Everything a task's output depends on (``outputs.resumable_dir`` compares it; ``prepare``'s
+    docstring): the resolved config, each input file's name, size and mtime, code and libraries."""
     code = hashlib.sha256()
     for p in _CODE:
         code.update(p.read_bytes())
@@ -253,15 +267,13 @@ def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _report(cfg, ingested, cleaned, plan: Plan, counts, timings) -> dict[str, Any]:
+def _report(cfg, ingested, cleaned, plan: Plan, counts, run: _Run, notes: list[str]) -> dict[str, Any]:
     s = {k: sum(c.stats[k] for c in cleaned) for k in STAT_KEYS}
-    removed = (
-        s["removed_sample_users_rows"] + s["removed_behaviors_rows"] + s["removed_min_rating_rows"]
-        + s["removed_duplicates"] + s["removed_min_history_rows"]
-    )
+    removed = sum(v for k, v in s.items() if k.startswith("removed_") and not k.endswith("_users"))
     if s["rows_in"] - removed != s["rows_out"]:
         raise RuntimeError(f"internal error: row accounting does not add up: {s}")
     return {
+        "prepared_format": PREPARED_FORMAT,
         "source": {
             "format": cfg.source.format,
             "path": cfg.source.path,
@@ -271,6 +283,7 @@ def _report(cfg, ingested, cleaned, plan: Plan, counts, timings) -> dict[str, An
             "files": ingested,
             "rows_read": s["rows_in"],
             "users_read": s["users_in"],
+            "skipped_paths": notes,
         },
         "filters": [
             {"filter": "sample_users", "setting": cfg.clean.sample_users,
@@ -301,7 +314,8 @@ def _report(cfg, ingested, cleaned, plan: Plan, counts, timings) -> dict[str, An
             "users_without_train_target": plan.no_target_users,
         },
         "num_buckets": cfg.num_buckets,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        "tasks": run.tasks,
     }
 
 
@@ -314,22 +328,16 @@ def format_summary(result: PrepareResult) -> str:
         f"from {len(r['source']['files'])} file(s) ({r['source']['format']})",
     ]
     skipped = r["source"].get("skipped_paths", [])
-    for note in skipped[:10]:
-        lines.append(f"  input    {note}")
+    lines += [f"  input    {note}" for note in skipped[:10]]
     if len(skipped) > 10:
         lines.append(f"  input    ... {len(skipped) - 10} more skipped path(s): "
                      "report.json source.skipped_paths")
-    for f in r["filters"][:-1]:
-        lines.append(
-            f"  {f['filter']:<12} {str(f['setting']):<12} removed {f['removed_rows']:>10,} rows "
-            f"{f['removed_users']:>8,} users"
-        )
+    lines += [f"  {f['filter']:<12} {str(f['setting']):<12} removed {f['removed_rows']:>10,} rows "
+              f"{f['removed_users']:>8,} users" for f in r["filters"][:-1]]
     u = r["filters"][-1]  # unseen_items, always last
-    lines.append(
-        f"  unseen_items {u['setting']:<12} valid {u['valid_rows_unseen']:,} / "
-        f"test {u['test_rows_unseen']:,} "
-        f"targets unseen in training; removed {u['removed_valid_rows']:,} / {u['removed_test_rows']:,}"
-    )
+    lines.append(f"  unseen_items {u['setting']:<12} valid {u['valid_rows_unseen']:,} / "
+                 f"test {u['test_rows_unseen']:,} targets unseen in training; "
+                 f"removed {u['removed_valid_rows']:,} / {u['removed_test_rows']:,}")
     o = r["out_of_order"]
     lines.append(f"  out-of-order {o['rows']:,} rows of {o['users']:,} users (sorted, kept)")
     res = r["result"]

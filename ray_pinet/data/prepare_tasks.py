@@ -20,13 +20,8 @@ from ray_pinet.config_base import ConfigError
 from ray_pinet.data.clean import MixedScale, clean_bucket, per_user
 from ray_pinet.data.config import PrepareConfig
 from ray_pinet.data.samples import SampleMaps, build_samples, num_windows
-from ray_pinet.data.schema import ITEM, RATING, TS, USER
-from ray_pinet.data.sources import (
-    FileStats,
-    display_name,
-    first_row,
-    read_file,
-)
+from ray_pinet.data.schema import ITEM, TS, USER, canonical_schema
+from ray_pinet.data.sources import FileStats, display_name, first_row, read_file
 from ray_pinet.data.strata import (
     first_ranks,
     ranks_in_bucket,
@@ -48,9 +43,9 @@ WORK_DIRS = ("buckets", "clean", "users", "users_out", "done")
 # users by (slot, id) bucket after bucket gives the same user_idx for any num_buckets <= this.
 HASH_SLOTS = 1 << 16
 
+
 def write_parquet(table: pa.Table, path: Path, **kwargs) -> None:
-    """``pq.write_table`` under a temporary name, renamed into place when complete: a task killed
-    while writing (and then retried, or resumed by a rerun) leaves no half file for a reader."""
+    """``pq.write_table`` under a temporary name, renamed into place when complete (module docstring)."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **kwargs)
 
@@ -66,8 +61,7 @@ def user_slot(user_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def bucket_of(user_ids: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
-    """Bucket of each user id: bucket b holds a contiguous run of hash slots, so numbering users
-    bucket by bucket, by (slot, id) inside each, gives one order whatever ``num_buckets`` is."""
+    """Bucket of each user id: a contiguous run of hash slots per bucket (``HASH_SLOTS``)."""
     return user_slot(user_ids) * num_buckets // HASH_SLOTS
 
 
@@ -110,13 +104,13 @@ def ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[str
 
 
 def clean_one_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: list[str],
-                  fs=None) -> "CleanedSummary":
+                     fs=None) -> CleanedSummary:
     """Clean bucket ``b``; writes its rows (``_work/clean``) and its users in user_idx order
     (``_work/users``: by hash slot, then id) and returns only what the driver needs to number
     and stratify them: counts, the activeness histogram and the per-item training counts."""
     work = Path(cfg.output) / "_work"
     paths = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
-    schema = pa.schema([(c, {RATING: pa.float64(), TS: pa.int64()}.get(c, pa.string())) for c in bucket_cols])
+    schema = canonical_schema(bucket_cols)
     parts = [pq.read_table(f) for f in paths]
     table = pa.concat_tables(parts) if parts else schema.empty_table()
     try:
@@ -221,7 +215,6 @@ class Plan:
     buckets: list[BucketPlan]
     strata: dict
     unseen: dict
-    users: int
     train_rows: int
     valid_rows: int
     test_rows: int
@@ -230,7 +223,7 @@ class Plan:
 
 
 def plan_buckets(cfg: PrepareConfig, cleaned: list[CleanedSummary], items: pa.Table,
-          unseen_counts: list[tuple[int, int]]) -> Plan:
+                 unseen_counts: list[tuple[int, int]]) -> Plan:
     """Numbers, strata and sample-id offsets from per-bucket summaries: O(buckets x distinct
     activeness values + items) on the driver, nothing per user.
 
@@ -248,8 +241,7 @@ def plan_buckets(cfg: PrepareConfig, cleaned: list[CleanedSummary], items: pa.Ta
     stats = stats_from_histograms(stratum_histograms(allv, total, cfg.strata), cfg.strata)
 
     drop = cfg.clean.unseen_items == "drop"
-    unseen_v = np.array([u[0] for u in unseen_counts], dtype=np.int64)
-    unseen_t = np.array([u[1] for u in unseen_counts], dtype=np.int64)
+    unseen_v, unseen_t = np.array(unseen_counts, dtype=np.int64).T  # per bucket
     unseen = {"setting": cfg.clean.unseen_items,
               "valid_rows_unseen": int(unseen_v.sum()), "test_rows_unseen": int(unseen_t.sum()),
               "removed_valid_rows": int(unseen_v.sum()) if drop else 0,
@@ -264,20 +256,14 @@ def plan_buckets(cfg: PrepareConfig, cleaned: list[CleanedSummary], items: pa.Ta
     num = int(n_users.sum())
     plans = [BucketPlan(num, int(u0[b]), int(t0[b]), int(v0[b]), int(s0[b]), values[b], firsts[b])
              for b in range(len(cleaned))]
-    items_out = pa.table(
-        {
-            "item_idx": pa.array(np.arange(1, items.num_rows + 1), pa.int32()),
-            ITEM: items[ITEM],
-            "count": items["count"],
-        }
-    )
+    items_out = pa.table({"item_idx": pa.array(np.arange(1, items.num_rows + 1), pa.int32()),
+                          ITEM: items[ITEM], "count": items["count"]})
     return Plan(
         items=items_out,
         item_ids=items[ITEM].combine_chunks(),
         buckets=plans,
         strata=stats,
         unseen=unseen,
-        users=num,
         train_rows=int(train.sum()),
         valid_rows=int(kept_v.sum()),
         test_rows=int(kept_t.sum()),
@@ -300,7 +286,7 @@ def count_unseen(b: int, cfg: PrepareConfig, unseen_ids: pa.Array) -> tuple[int,
 
 
 def sample_bucket(b: int, cfg: PrepareConfig, plan: BucketPlan, item_ids: pa.Array,
-                   drop_ids: pa.Array | None) -> dict[str, int]:
+                  drop_ids: pa.Array | None) -> dict[str, int]:
     """Bucket b's samples (train/valid/test parts) and its rows of users.parquet (``_work/users_out``).
     ``drop_ids``: items never trained on, whose evaluation rows are dropped (unseen_items=drop)."""
     out, work = Path(cfg.output), Path(cfg.output) / "_work"
@@ -324,8 +310,8 @@ def sample_bucket(b: int, cfg: PrepareConfig, plan: BucketPlan, item_ids: pa.Arr
     for split, table in tables.items():
         write_parquet(table, out / split / f"part-{b:05d}.parquet", row_group_size=1 << 17)
     write_parquet(pa.table({"user_idx": pa.array(user_idx, pa.int64()), USER: users[USER],
-                             "activeness": pa.array(a, pa.int64()), "stratum": pa.array(strata, pa.int8())}),
-                   work / "users_out" / f"{b:04d}.parquet")
+                            "activeness": pa.array(a, pa.int64()), "stratum": pa.array(strata, pa.int8())}),
+                  work / "users_out" / f"{b:04d}.parquet")
     return {split: t.num_rows for split, t in tables.items()}
 
 

@@ -73,8 +73,7 @@ def check_format(path: str | Path) -> None:
 def load_meta(path: str | Path) -> PreparedMeta:
     """Metadata of a prepared directory; DataError naming the file when a part is missing."""
     root = Path(path)
-    needed = ["strata.json", "prepare_config.json", "users.parquet", "items.parquet", *SPLITS]
-    for name in needed:
+    for name in ("strata.json", "prepare_config.json", "users.parquet", "items.parquet", *SPLITS):
         if not (root / name).exists():
             raise DataError("not a prepared directory (run `ray-pinet prepare`)", file=str(root / name))
     check_format(root)

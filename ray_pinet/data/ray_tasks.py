@@ -14,9 +14,8 @@ from ray_pinet.errors import DataError
 from ray_pinet.local_ray import start_ray
 from ray_pinet.outputs import write_file
 
-# A task whose worker process died (killed, out of memory, node lost) runs again, up to this many
-# times; an exception the task raises itself is never retried (retry_exceptions=False): bad input
-# fails the same way every time, and a DataError or ConfigError reaches the caller unchanged.
+# Runs of a task after its worker process died (killed, out of memory, node lost). An exception the
+# task raises itself is never retried (retry_exceptions=False): bad input fails the same way every time.
 TASK_RETRIES = 3
 # Cancelled tasks get this long to stop before the error is raised, so none of them still writes
 # into a folder the caller is about to remove.
@@ -33,8 +32,7 @@ def ensure_ray() -> None:
 
 def _run_one(fn: Callable, done: Path | None, key: str, *args) -> tuple[Any, float, float]:
     """``fn(*args)`` with its wall and CPU time. With ``done``: the attempt is recorded first
-    (``done/attempts/<key>.<pid>-<hex>``, counted as retries) and the result is kept once it is
-    complete (``done/<key>.pkl``, renamed into place), for a rerun to load instead of running."""
+    (``done/attempts/<key>.<pid>-<hex>``, counted as retries) and the result kept (``done/<key>.pkl``)."""
     if done is not None:
         (done / "attempts" / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}").touch()
     wall, cpu = time.perf_counter(), time.process_time()

@@ -37,7 +37,6 @@ from ray_pinet.outputs import replaced_dir
 # What a view shares with its base, as links: everything prepare writes except the three files a
 # view writes itself.
 LINKED = ("canonical", "train", "valid", "test", "items.parquet", "report.json")
-WRITTEN = ("users.parquet", "strata.json", "prepare_config.json", VIEW_FILE)
 
 
 def restratify(base: str | Path, strata: StrataConfig, output: str | Path) -> dict[str, Any]:
@@ -45,8 +44,7 @@ def restratify(base: str | Path, strata: StrataConfig, output: str | Path) -> di
     its strata.json content. ``output`` appears whole or not at all and replaces what is there
     (refused when that is ``base`` or holds it). A view of a view is made from the original base."""
     strata.validate()
-    base = Path(base)
-    base = view_base(base) or base
+    base = view_base(base) or Path(base)
     for name in (*LINKED, "users.parquet", "prepare_config.json"):
         if not (base / name).exists():
             raise DataError("not a complete prepared folder: nothing to restratify (run `ray-pinet "

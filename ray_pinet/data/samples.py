@@ -100,17 +100,13 @@ def build_samples(
     off = np.cumsum(draws) - draws
     is_eval[off] = is_eval[off + 1] = True
     g_train = np.repeat(np.arange(len(n)), draws - 2)
-    out = {
-        "train": pa.table(
-            {
-                "sample_id": pa.array(maps.train_first[uloc[wg]] + w, pa.int64()),
-                "user_idx": pa.array(user[wg], pa.int64()),
-                "stratum": pa.array(maps.stratum[uloc[wg]], pa.int8()),
-                "seq": _list(wlen, item[_ranges(start[wg] + ws, wlen)]),
-                "neg": _list(n_neg, neg.map(g_train, r[~is_eval])),
-            }
-        )
-    }
+    out = {"train": pa.table({
+        "sample_id": pa.array(maps.train_first[uloc[wg]] + w, pa.int64()),
+        "user_idx": pa.array(user[wg], pa.int64()),
+        "stratum": pa.array(maps.stratum[uloc[wg]], pa.int8()),
+        "seq": _list(wlen, item[_ranges(start[wg] + ws, wlen)]),
+        "neg": _list(n_neg, neg.map(g_train, r[~is_eval])),
+    })}
     for split, back, ids, k, purpose in (
         ("valid", 2, maps.valid_id, 0, VALID_CANDIDATES),
         ("test", 1, maps.test_id, 1, TEST_CANDIDATES),
@@ -155,8 +151,7 @@ class _NegativeSampler:
         # q_j = p_j - j (p sorted per user) is non-decreasing; the x-th non-positive item (1-based)
         # is x + #{j : q_j <= x}. Keys are offset per user so one searchsorted serves all users.
         self.stride = m + 2
-        pstart = np.cumsum(n_pos) - n_pos
-        self.pstart = pstart
+        self.pstart = pstart = np.cumsum(n_pos) - n_pos
         self.qkey = pg * self.stride + (pos - (np.arange(len(pos)) - pstart[pg]))
 
     def map(self, g: np.ndarray, r: np.ndarray) -> np.ndarray:

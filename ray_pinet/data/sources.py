@@ -43,7 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_pinet.config_base import ConfigError
-from ray_pinet.data.canonical import Lines, to_canonical
+from ray_pinet.data.canonical import Lines, first_failure, to_canonical
 from ray_pinet.data.config import SourceConfig
 from ray_pinet.data.inputs import display_name, resolve_inputs
 from ray_pinet.data.schema import BEHAVIOR, ITEM, OPTIONAL, RATING, REQUIRED, TS, USER, canonical_schema
@@ -90,10 +90,8 @@ def output_columns(src: SourceConfig) -> list[str]:
 
 
 def read_file(fs: pafs.FileSystem, path: str, src: SourceConfig, stats: FileStats) -> Iterator[pa.Table]:
-    """Canonical tables of ``path`` in source order, ``CHUNK_ROWS`` rows or fewer each (no filtering).
-
-    ``stats`` is filled in as the file is read. Raises DataError on any bad input.
-    """
+    """Canonical tables of ``path`` in source order, ``CHUNK_ROWS`` rows or fewer each (no filtering);
+    ``stats`` is filled in as the file is read."""
     name = display_name(fs, path)
     schema = canonical_schema(output_columns(src))
     if src.format == "amazon_seq":
@@ -247,18 +245,12 @@ def _header_names(fs, path: str, delimiter: str) -> list[str]:
     return [c.strip() for c in first.split(delimiter)]
 
 
-def _csv_error(
-    exc: Exception,
-    invalid: list,
-    name: str,
-    names: list[str],
-    line: int,
-    canonical: dict[str, str] | None = None,
-) -> DataError:
+def _csv_error(exc: Exception, invalid: list, name: str, names: list[str], line: int,
+               canonical: dict[str, str]) -> DataError:
     if invalid:
         bad = invalid[0]
         missing = names[bad.actual_columns] if bad.actual_columns < len(names) else None
-        missing = (canonical or {}).get(missing, missing)
+        missing = canonical.get(missing, missing)
         reason = f"expected {bad.expected_columns} columns, got {bad.actual_columns}"
         if missing:
             reason += f" (no {missing!r})"
@@ -295,10 +287,11 @@ def _seq_chunks(fs, path, name, block: int = _CSV_BLOCK) -> Iterator[tuple[dict[
 
 
 def _explode_seq(lines: list[bytes], first: int, name: str) -> tuple[dict[str, pa.Array], Lines]:
+    binary = pa.array(lines, pa.binary())
     try:
-        text = pa.array(lines, pa.binary()).cast(pa.string())
+        text = binary.cast(pa.string())
     except pa.ArrowInvalid:
-        i = next(i for i, b in enumerate(lines) if not _is_utf8(b))
+        i = first_failure(binary, lambda a: a.cast(pa.string()))
         raise DataError(
             "line is not valid UTF-8", file=name, column=USER, row=first + i, value=lines[i]
         ) from None
@@ -323,14 +316,6 @@ def _explode_seq(lines: list[bytes], first: int, name: str) -> tuple[dict[str, p
         TS: pa.array(position),
     }
     return raw, Lines(first, first + parent)
-
-
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 # --- Parquet ----------------------------------------------------------------------------------
@@ -359,8 +344,3 @@ def _parquet_chunks(fs, path, name, mapping: dict[str, str]) -> Iterator[tuple[d
         if batch.num_rows:
             yield {canon: batch.column(col) for canon, col in mapping.items()}, Lines(row)
             row += batch.num_rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation and conversion to the canonical types
-# ----------------------------------------------------------------------------------------------

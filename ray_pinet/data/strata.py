@@ -150,7 +150,6 @@ def stats_from_histograms(hists: list[tuple[np.ndarray, np.ndarray]], cfg: Strat
 
     ``interactions`` of a stratum = the sum of its users' activeness (training events).
     """
-    k = cfg.num_strata
     users = np.array([int(c.sum()) for _, c in hists], dtype=np.int64)
     inter = np.array([int((v * c).sum()) for v, c in hists], dtype=np.int64)
     n_users, n_inter = int(users.sum()), int(inter.sum())
@@ -176,7 +175,7 @@ def stats_from_histograms(hists: list[tuple[np.ndarray, np.ndarray]], cfg: Strat
         )
     return {
         "mode": cfg.mode,
-        "num_strata": k,
+        "num_strata": cfg.num_strata,
         "names": stratum_names(cfg),
         "thresholds": _thresholds(per, cfg),
         "num_users": n_users,
@@ -216,17 +215,12 @@ def _thresholds(per: list[dict], cfg: StrataConfig) -> dict[str, Any]:
 
 def format_strata_table(stats: dict[str, Any]) -> str:
     """A plain-text table of ``strata_stats`` output (printed by ``prepare``)."""
-    head = (
-        f"{'stratum':>7} {'name':<6} {'users':>10} {'user_share':>10} {'interactions':>12} "
-        f"{'inter_share':>11} {'activeness':>14}"
-    )
-    rows = [head]
+    rows = [f"{'stratum':>7} {'name':<6} {'users':>10} {'user_share':>10} {'interactions':>12} "
+            f"{'inter_share':>11} {'activeness':>14}"]
     for r in stats["strata"]:
         act = f"{r['min_activeness']}..{r['max_activeness']}"
-        rows.append(
-            f"{r['stratum']:>7} {r['name']:<6} {r['users']:>10,} {r['user_share']:>10.4f} "
-            f"{r['interactions']:>12,} {r['interaction_share']:>11.4f} {act:>14}"
-        )
+        rows.append(f"{r['stratum']:>7} {r['name']:<6} {r['users']:>10,} {r['user_share']:>10.4f} "
+                    f"{r['interactions']:>12,} {r['interaction_share']:>11.4f} {act:>14}")
     th = {k: v for k, v in stats["thresholds"].items() if k != "rule"}
     rows.append(f"mode={stats['mode']} {th}  ({stats['thresholds']['rule']})")
     return "\n".join(rows)

@@ -99,13 +99,8 @@ def chunk_table(chunk: int, rows: int, rows_per_file: int, num_items: int, zipf_
     gaps[first] = rng.integers(0, 365 * 86400, n_users)  # each user's start
     ts = np.cumsum(gaps)
     ts = ts - np.repeat(ts[first] - gaps[first], lengths) + _T0
-    return pa.table(
-        {
-            "user_id": ids.take(pa.array(user)),
-            "item_id": pa.array(items).cast(pa.string()),
-            "timestamp": pa.array(ts, pa.int64()),
-        }
-    )
+    return pa.table({"user_id": ids.take(pa.array(user)), "item_id": pa.array(items).cast(pa.string()),
+                     "timestamp": pa.array(ts, pa.int64())})
 
 
 def _write_chunk(out: str, chunk: int, rows: int, rows_per_file: int, num_items: int, zipf_user: float,

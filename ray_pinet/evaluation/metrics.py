@@ -28,12 +28,8 @@ def check_not_nan(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN: ranks would be meaningless")
 
 
-def rank_among(
-    target_score: torch.Tensor,
-    scores: torch.Tensor,
-    exclude: torch.Tensor | None = None,
-    ties: Literal["optimistic", "pessimistic"] = "optimistic",
-) -> torch.Tensor:
+def rank_among(target_score: torch.Tensor, scores: torch.Tensor, exclude: torch.Tensor | None = None,
+               ties: Literal["optimistic", "pessimistic"] = "optimistic") -> torch.Tensor:
     """Long[B]: how many of scores[b, :] (not excluded) beat target_score[b] (see module doc)."""
     check_not_nan("scores", scores)
     check_not_nan("target_score", target_score)
@@ -58,12 +54,9 @@ def seen_mask(seen: Sequence[Sequence[int]], num_columns: int, device: torch.dev
     return mask
 
 
-def target_rank(
-    scores: torch.Tensor,
-    target: torch.Tensor,
-    seen: torch.Tensor | Sequence[Sequence[int]] | None = None,
-    ties: Literal["optimistic", "pessimistic"] = "optimistic",
-) -> torch.Tensor:
+def target_rank(scores: torch.Tensor, target: torch.Tensor,
+                seen: torch.Tensor | Sequence[Sequence[int]] | None = None,
+                ties: Literal["optimistic", "pessimistic"] = "optimistic") -> torch.Tensor:
     """Long[B]: full-catalogue rank of target[b] among items 1..M minus seen items (module doc).
 
     scores Float[B, M+1] (column 0 = padding, ignored); seen Bool[B, M+1] or per-row item lists.

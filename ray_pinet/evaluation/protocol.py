@@ -129,14 +129,8 @@ def outcome_metrics(out: dict[str, torch.Tensor], stratum: torch.Tensor, num_str
 
 
 @torch.no_grad()
-def evaluate(
-    model,
-    rows: EvalRows,
-    num_strata: int,
-    k: int = 10,
-    batch_size: int = 256,
-    candidates: bool = False,
-) -> dict[str, float]:
+def evaluate(model, rows: EvalRows, num_strata: int, k: int = 10, batch_size: int = 256,
+             candidates: bool = False) -> dict[str, float]:
     """Metrics ``{"<slice>/<metric>": value}`` for every stratum and "all". Collective."""
     out = user_outcomes(model, rows, k, batch_size, candidates)
     stats, local = local_stats(out, out["stratum"], num_strata)
@@ -169,7 +163,3 @@ def finalize(stats: torch.Tensor, scores: torch.Tensor, num_strata: int, k: int)
 
 def metric_key(slice_name: str, metric: str, k: int) -> str:
     return f"{slice_name}/{metric}@{k}" if metric in ("hr", "ndcg") else f"{slice_name}/{metric}"
-
-
-def select_value(metrics: dict[str, float], metric: str, k: int, slice_name: str = "all") -> Optional[float]:
-    return metrics.get(metric_key(slice_name, metric, k))

@@ -45,13 +45,8 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
 
-def topk_user_metrics(
-    scores: torch.Tensor,
-    test: torch.Tensor,
-    hot: torch.Tensor,
-    ks: Sequence[int],
-    exclude: torch.Tensor | None = None,
-) -> dict[int, dict[str, torch.Tensor]]:
+def topk_user_metrics(scores: torch.Tensor, test: torch.Tensor, hot: torch.Tensor, ks: Sequence[int],
+                      exclude: torch.Tensor | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """{k: {metric: Float64[B']}} for the B' rows of ``test`` (Bool[B, I]) with a test item.
 
     scores Float[B, I]; hot Bool[I]; exclude Bool[B, I] (training items), or None."""

@@ -26,7 +26,6 @@ def kind_named(name: str) -> Kind:
 
 
 def kind_of(cfg: Any) -> Kind:
-    """The kind whose config class ``cfg`` is."""
     for kind in KINDS.values():
         if isinstance(cfg, kind.config_class):
             return kind

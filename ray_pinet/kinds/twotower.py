@@ -135,10 +135,8 @@ def result_table(res: FitResult) -> str:
 def comparison_table(results: dict[str, FitResult]) -> str:
     lines = ["| method | NDCG@10 | P@10 | OHR@10 | s / epoch |", "|---|---|---|---|---|"]
     for m, r in results.items():
-        f = r.final
-        lines.append(f"| {m} | {f.get('final/all/ndcg@10', float('nan')):.4f} | "
-                     f"{f.get('final/all/p@10', float('nan')):.4f} | {f.get('final/all/ohr@10', float('nan')):.4f} "
-                     f"| {f['train/seconds_per_epoch']:.2f} |")
+        cells = [f"{r.final.get(f'final/all/{k}', float('nan')):.4f}" for k in ("ndcg@10", "p@10", "ohr@10")]
+        lines.append(f"| {m} | {' | '.join(cells)} | {r.final['train/seconds_per_epoch']:.2f} |")
     return "\n".join(lines)
 
 

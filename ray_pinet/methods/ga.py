@@ -131,12 +131,8 @@ def stratum_prior_on_device(prior: Prior, counts: torch.Tensor) -> tuple[torch.T
     return torch.where(total > 0, out / total, out), bad
 
 
-def ga_weights(
-    strata_of_units: torch.Tensor,
-    global_counts: torch.Tensor,
-    prior: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def ga_weights(strata_of_units: torch.Tensor, global_counts: torch.Tensor, prior: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w_k = π_{s(k)} / N_{s(k)} for this shard's units; N from the *global* batch."""
     s = strata_of_units.long()
     counts = global_counts.to(torch.float64).to(s.device)[s]
@@ -145,10 +141,9 @@ def ga_weights(
     return (prior.to(torch.float64).to(s.device)[s] / counts).to(dtype)
 
 
-def batch_unit_counts(
-    inputs: torch.Tensor, targets: torch.Tensor, stratum: torch.Tensor, unit: Literal["position", "user"],
-    num_strata: int, segments: torch.Tensor | None = None,
-) -> torch.Tensor:
+def batch_unit_counts(inputs: torch.Tensor, targets: torch.Tensor, stratum: torch.Tensor,
+                      unit: Literal["position", "user"], num_strata: int,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
     """Float64[K]: this shard's units per stratum, from the batch alone (before the forward), so
     the count all-reduce can run while the model computes. Equals ``stratum_counts`` of the
     strata that ``unit_losses`` returns for the same batch. ``segments``: packed rows
@@ -165,9 +160,8 @@ def batch_unit_counts(
     return torch.bincount(stratum.long(), weights=per_row.to(torch.float64), minlength=num_strata)
 
 
-def unit_losses(
-    loss_vec: torch.Tensor, row_index: torch.Tensor, num_rows: int, unit: Literal["position", "user"]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_losses(loss_vec: torch.Tensor, row_index: torch.Tensor, num_rows: int,
+                unit: Literal["position", "user"]) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit_loss Float[n_units], unit_row Long[n_units]). ``position``: unchanged; ``user``: one
     unit per row with at least one position, its loss the mean over that row's positions."""
     if unit == "position":
@@ -180,13 +174,9 @@ def unit_losses(
     return sums[rows] / counts[rows].to(loss_vec.dtype), rows
 
 
-def reference_ga_gradient(
-    model: nn.Module,
-    per_sample_loss_fn: Callable[[nn.Module, object], torch.Tensor],
-    samples: Sequence[object],
-    strata: Sequence[int],
-    prior: torch.Tensor,
-) -> dict[str, torch.Tensor]:
+def reference_ga_gradient(model: nn.Module, per_sample_loss_fn: Callable[[nn.Module, object], torch.Tensor],
+                          samples: Sequence[object], strata: Sequence[int],
+                          prior: torch.Tensor) -> dict[str, torch.Tensor]:
     """Test oracle, literally §1.2: one backward per sample, ḡ_s = mean of stratum s's per-sample
     gradients, g = Σ_s π_s ḡ_s with π renormalised over the strata present. Returns name -> grad
     (zeros for parameters a sample does not touch). Put the model in eval mode first (dropout)."""

@@ -23,23 +23,11 @@ def valid_positions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return (inputs != 0) & (targets != 0)
 
 
-def position_windows(valid: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """Long[P]: the window (batch row when padded, ``segments`` value when packed) of each valid
-    position, row-major."""
-    return valid.nonzero(as_tuple=True)[0] if segments is None else segments[valid]
-
-
-def per_position_losses(
-    model: RecModel,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    negs: torch.Tensor | None,
-    stratum: torch.Tensor | None,
-    loss: Literal["ce", "bce", "sampled_softmax"],
-    states: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    candidates: Candidates | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def per_position_losses(model: RecModel, inputs: torch.Tensor, targets: torch.Tensor,
+                        negs: torch.Tensor | None, stratum: torch.Tensor | None,
+                        loss: Literal["ce", "bce", "sampled_softmax"], states: torch.Tensor | None = None,
+                        segments: torch.Tensor | None = None,
+                        candidates: Candidates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss_vec Float[P], row_index Long[P]) over the P valid positions, row-major order.
 
     - ``ce``: full-softmax cross-entropy over items 1..M (the padding column is never computed),
@@ -57,7 +45,7 @@ def per_position_losses(
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
     valid = valid_positions(inputs, targets)
-    row_index = position_windows(valid, segments)
+    row_index = valid.nonzero(as_tuple=True)[0] if segments is None else segments[valid]
     position_stratum = None if stratum is None else stratum[row_index]
     if states is not None and (loss != "ce" or segments is not None):
         raise ValueError("precomputed states are used by loss 'ce' on padded rows only")

@@ -198,17 +198,9 @@ def popularity_prior(item_counts: torch.Tensor, beta: float) -> torch.Tensor:
     return (p / p.sum()).pow(beta)
 
 
-def auc_ns_gain(
-    x_pos: torch.Tensor,
-    x_neg: torch.Tensor,
-    x_cand: torch.Tensor,
-    cdf: torch.Tensor,
-    prior: torch.Tensor,
-    n_pos: torch.Tensor,
-    n_neg: torch.Tensor,
-    alpha: float,
-    gamma: float,
-) -> torch.Tensor:
+def auc_ns_gain(x_pos: torch.Tensor, x_neg: torch.Tensor, x_cand: torch.Tensor, cdf: torch.Tensor,
+                prior: torch.Tensor, n_pos: torch.Tensor, n_neg: torch.Tensor, alpha: float,
+                gamma: float) -> torch.Tensor:
     """Float64[B, M]: gain(j) of methods.md §4.2 for each candidate.
 
     x_pos Float[B, N] (P_u), x_neg Float[B, N] (Q_u), x_cand Float[B, M] (C_u) scores; cdf = F(j)
@@ -233,9 +225,8 @@ class AucNsDraws:
     candidates: torch.Tensor  # Long[B, M]
 
 
-def auc_ns_draws(
-    sets: UserItemSets, users: torch.Tensor, example_ids: torch.Tensor, cfg: AucNsConfig, seed: int, epoch: int
-) -> AucNsDraws:
+def auc_ns_draws(sets: UserItemSets, users: torch.Tensor, example_ids: torch.Tensor, cfg: AucNsConfig,
+                 seed: int, epoch: int) -> AucNsDraws:
     n, m = cfg.num_extra, cfg.num_candidates
     q = sets.negative_ranks(users, keyed_uniform(seed, PURPOSE_EXTRA_NEG, epoch, example_ids, sets.neg_slots(n)), n)
     c = sets.negative_ranks(users, keyed_uniform(seed, PURPOSE_CANDIDATES, epoch, example_ids, sets.neg_slots(m)), m)
@@ -248,16 +239,9 @@ def auc_ns_draws(
 
 
 @torch.no_grad()
-def rank_cdf(
-    model: TwoTower,
-    users: torch.Tensor,
-    x_cand: torch.Tensor,
-    cfg: AucNsConfig,
-    example_ids: torch.Tensor,
-    seed: int,
-    epoch: int,
-    full: torch.Tensor | None = None,
-) -> torch.Tensor:
+def rank_cdf(model: TwoTower, users: torch.Tensor, x_cand: torch.Tensor, cfg: AucNsConfig,
+             example_ids: torch.Tensor, seed: int, epoch: int,
+             full: torch.Tensor | None = None) -> torch.Tensor:
     """Float64[B, M]: F(j) = #{k ∈ I : x_uk <= x_uj} / (I + 1).
 
     exact: counted over all items (``full`` = the users' full score rows, computed if absent).
@@ -278,17 +262,9 @@ def rank_cdf(
 
 
 @torch.no_grad()
-def auc_ns_negatives(
-    model: TwoTower,
-    sets: UserItemSets,
-    users: torch.Tensor,
-    example_ids: torch.Tensor,
-    prior_beta: torch.Tensor,
-    cfg: AucNsConfig,
-    seed: int,
-    epoch: int,
-    num: int = 1,
-) -> torch.Tensor:
+def auc_ns_negatives(model: TwoTower, sets: UserItemSets, users: torch.Tensor, example_ids: torch.Tensor,
+                     prior_beta: torch.Tensor, cfg: AucNsConfig, seed: int, epoch: int,
+                     num: int = 1) -> torch.Tensor:
     """Long[B, num]: the ``num`` candidates of C_u with the largest AUC gain (methods.md §4.2).
     prior_beta = ``popularity_prior(train item counts, cfg.beta)``."""
     d = auc_ns_draws(sets, users, example_ids, cfg, seed, epoch)
@@ -304,9 +280,8 @@ def auc_ns_negatives(
     return d.candidates.gather(1, gain.topk(num, dim=1).indices)
 
 
-def uniform_negatives(
-    sets: UserItemSets, users: torch.Tensor, example_ids: torch.Tensor, seed: int, epoch: int, num: int = 1
-) -> torch.Tensor:
+def uniform_negatives(sets: UserItemSets, users: torch.Tensor, example_ids: torch.Tensor, seed: int,
+                      epoch: int, num: int = 1) -> torch.Tensor:
     """Long[B, num]: RNS, ``num`` distinct negatives uniform from I_u⁻."""
     return sets.sample_negatives(users, keyed_uniform(seed, PURPOSE_UNIFORM, epoch, example_ids, sets.neg_slots(num)), num)
 

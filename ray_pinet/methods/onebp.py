@@ -29,9 +29,8 @@ def infonce_losses(pos_scores: torch.Tensor, neg_scores: torch.Tensor, temperatu
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
-def ema_targets(
-    users: torch.Tensor, vectors: torch.Tensor, rule: Literal["last_write", "mean"]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ema_targets(users: torch.Tensor, vectors: torch.Tensor,
+                rule: Literal["last_write", "mean"]) -> tuple[torch.Tensor, torch.Tensor]:
     """(unique users Long[U'], their aggregated v⁺ Float[U', d]) from batch rows in batch order.
 
     users Long[B]; vectors Float[B, d] (each row's positive item vector)."""
@@ -51,13 +50,8 @@ def ema_targets(
 
 
 @torch.no_grad()
-def ema_update_(
-    user_table: torch.Tensor,
-    users: torch.Tensor,
-    vectors: torch.Tensor,
-    beta: float,
-    rule: Literal["last_write", "mean"] = "last_write",
-) -> None:
+def ema_update_(user_table: torch.Tensor, users: torch.Tensor, vectors: torch.Tensor, beta: float,
+                rule: Literal["last_write", "mean"] = "last_write") -> None:
     """In place: U[u] ← β·U[u] + (1−β)·v̄_u for each user of the batch (see ``ema_targets``)."""
     if users.numel() == 0:
         return

@@ -11,13 +11,14 @@ over this rank's rows of the global batch and divided by the global batch size.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ray_pinet.methods.denoising import bce_rows, drop_rate_at, idl_rows, reweighted_rows, truncation_keep
 from ray_pinet.methods.onebp import ema_update_, infonce_losses
+from ray_pinet.methods.twotower_needs import NEEDS
 from ray_pinet.models.mf import MF
 from ray_pinet.models.ncf import NCF
 from ray_pinet.training.collectives import all_gather_rows, all_reduce_sum_, is_distributed
@@ -39,8 +40,9 @@ class TwoTowerMethod:
     every rank. The other methods override what differs."""
 
     name: str
-    labeled = False  # trains on labeled rows (data.label_threshold) and is evaluated pointwise
-    negatives: Optional[int] = None  # sampled items per training row (None: model.num_negatives)
+    # What it trains on and samples: its entry of the needs table, which the config checks too.
+    labeled = property(lambda self: NEEDS[self.name].labeled)
+    negatives = property(lambda self: NEEDS[self.name].negatives)
     second_metric = "p@10"  # printed beside NDCG@10 on each evaluated epoch
 
     def model(self, num_users: int, num_items: int, m: TwoTowerModel) -> torch.nn.Module:
@@ -121,7 +123,6 @@ class BPR(TwoTowerMethod):
     """MF-BPR: one negative per positive (``uniform`` RNS or ``auc_ns``), softplus(s⁻ − s⁺)."""
 
     name = "bpr"
-    negatives = 1
 
     def row_losses(self, s_pos: torch.Tensor, s_neg: torch.Tensor, m: TwoTowerModel) -> torch.Tensor:
         return F.softplus(s_neg - s_pos.unsqueeze(1)).mean(1)
@@ -133,8 +134,6 @@ class NCFMethod(TwoTowerMethod):
     Every parameter is all-reduce trained, so the whole model is the state."""
 
     name = "ncf"
-    labeled = True
-    negatives = 1
     second_metric = "auc"
 
     def model(self, num_users: int, num_items: int, m: TwoTowerModel) -> torch.nn.Module:
@@ -185,4 +184,5 @@ def _ncf_loss_sum(run, ids, held, mine, users, items, labels) -> torch.Tensor:
 
 
 METHODS: dict[str, TwoTowerMethod] = {m.name: m for m in (OneBP(), TwoBP(), BPR(), NCFMethod())}
-assert tuple(METHODS) == TWOTOWER_METHODS, "the registry and the config's Literal name the same methods"
+assert tuple(METHODS) == TWOTOWER_METHODS == tuple(NEEDS), \
+    "the registry, the needs table and the config's Literal name the same methods"

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ray_pinet.models.layers import check_stratum
+from ray_pinet.models.layers import check_stratum, route
 
 
 class StratumEnsemble(nn.Module):
@@ -34,10 +34,9 @@ class StratumEnsemble(nn.Module):
         if stratum is None:
             raise ValueError("StratumEnsemble routes every row by its stratum: pass stratum")
         check_stratum(stratum, history.shape[0], self.num_strata)
-        if self.static_routing:  # the exported graph (layers.route): every member, then a gather
-            outs = torch.stack([m.predict(history, None, candidates) for m in self.members])
-            index = stratum.view(1, -1, *([1] * (outs.dim() - 2))).expand(1, *outs.shape[1:])
-            return outs.gather(0, index).squeeze(0)
+        if self.static_routing:  # the exported graph: every member, then a gather
+            fns = [lambda h, m=m: m.predict(h, None, candidates) for m in self.members]
+            return route(history, stratum, fns, static=True)
         out = None
         for s, member in enumerate(self.members):
             rows = (stratum == s).nonzero(as_tuple=True)[0]

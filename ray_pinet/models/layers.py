@@ -53,14 +53,9 @@ class MLP(nn.Module):
     hand the rest to per-stratum copies (``tail``).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        widths: Sequence[int],
-        out_dim: int | None = None,
-        activation: Callable[[int], nn.Module] = lambda width: nn.ReLU(),
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, in_dim: int, widths: Sequence[int], out_dim: int | None = None,
+                 activation: Callable[[int], nn.Module] = lambda width: nn.ReLU(),
+                 dropout: float = 0.0) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         prev = in_dim
@@ -102,10 +97,8 @@ def check_stratum(stratum: torch.Tensor, batch: int, num_strata: int) -> None:
         )
 
 
-def route(
-    x: torch.Tensor, stratum: torch.Tensor, fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    static: bool = False,
-) -> torch.Tensor:
+def route(x: torch.Tensor, stratum: torch.Tensor, fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+          static: bool = False) -> torch.Tensor:
     """Apply ``fns[s]`` to the rows (dim 0) of ``x`` whose stratum is s; rows keep their order.
 
     Training (``static=False``): only the strata present in the batch run, so each plugin sees

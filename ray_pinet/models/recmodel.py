@@ -35,13 +35,6 @@ class RecModel(nn.Module):
         """True when items are scored by a dot product with the sequence state (full catalogue)."""
         return bool(self.backbone.supports_full)
 
-    def forward(self, op: str, *args: torch.Tensor | None) -> torch.Tensor:
-        """``model("score", inputs, items, stratum)`` etc., for wrappers that only call forward."""
-        ops = {"score": self.score, "states": self.states, "full_logits": self.full_logits, "predict": self.predict}
-        if op not in ops:
-            raise ValueError(f"unknown op {op!r}; one of {sorted(ops)}")
-        return ops[op](*args)
-
     # ---- parameters --------------------------------------------------------------------------
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()

@@ -149,7 +149,6 @@ def _day(seconds: int) -> dt.date:
 
 
 def canonical_columns(part: Partition) -> list[str]:
-    """The column names of a partition's first data file."""
     files = sorted(f for f in Path(part.path).rglob("*") if f.is_file() and not f.name.startswith((".", "_")))
     return pq.read_schema(files[0]).names
 

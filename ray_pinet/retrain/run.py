@@ -148,9 +148,9 @@ def retrain(config: Optional[str], overrides: list[str], opts: RetrainOptions) -
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    client.set_tag(res.run_id, "retrain.decision", summary["decision"])
-    if not g.accepted:
-        client.set_tag(res.run_id, "retrain.rejected_because", "; ".join(g.reasons)[:5000])
+    for key in ("retrain.decision", "retrain.rejected_because"):  # the candidate run gets them too
+        if key in tags:
+            client.set_tag(res.run_id, key, tags[key])
     summary["report_dir"] = str(out)
     return summary
 

@@ -145,7 +145,8 @@ def from_checkpoint(checkpoint_dir: str) -> Incumbent:
     if not (data / "items.parquet").exists():
         raise FileNotFoundError(f"checkpoint {checkpoint_dir} was trained on {data}, which has no "
                                 f"items.parquet any more: the item vocabulary is needed to warm-start")
-    through = _through_of(data)
+    marker = data / "partitions.json"
+    through = json.loads(marker.read_text())["through"] if marker.exists() else None
     return Incumbent(model, item_ids(data / "items.parquet"), meta.strata, through, f"checkpoint {checkpoint_dir}")
 
 
@@ -190,11 +191,6 @@ def from_registry(uri: str, model_name: str) -> Optional[Incumbent]:
     model, _, _ = rebuild_model(snap)
     return Incumbent(model, ids, strata, mv.tags.get("data.through"), where,
                      version=str(mv.version), run_id=mv.run_id)
-
-
-def _through_of(data: Path) -> Optional[str]:
-    f = data / "partitions.json"
-    return json.loads(f.read_text())["through"] if f.exists() else None
 
 
 def write_warm_checkpoint(state: dict, cfg_dict: dict, meta: dict, where: str | Path) -> str:

@@ -42,12 +42,9 @@ def filter_literal(value: str) -> str:
 
 
 def resolve_tracking_uri(explicit: Optional[str], storage_path: str) -> str:
+    explicit = explicit or os.environ.get("MLFLOW_TRACKING_URI")
     if explicit:
         return explicit
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-
     # SQLite cannot live in object storage: with a URI storage_path the default store is the
     # default storage_path's own, runs/mlflow.db under the working directory (README "Object storage").
     root = Path("runs" if storage_uri.is_remote(storage_path) else storage_uri.local_path(storage_path))
@@ -76,26 +73,16 @@ def experiment_id(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_or_resume_run(
-    uri: str,
-    experiment: str,
-    run_name: str,
-    config: dict[str, Any],
-    tags: Optional[dict[str, str]] = None,
-    parent_run_id: Optional[str] = None,
-    fresh: bool = False,
-    free: tuple[str, ...] = (),
-) -> tuple[str, bool]:
+def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict[str, Any],
+                        tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None,
+                        fresh: bool = False, free: tuple[str, ...] = ()) -> tuple[str, bool]:
     """(run_id, resumed). A run tagged with ``run_name`` that did not finish is resumed when its
     params are this ``config``'s (keys under a ``free`` dotted prefix may differ, keys only one
     side has are not compared); otherwise, or with ``fresh``, a new run is created: a resumed
     run keeps the params it was created with, which must be what trains in it."""
     client = _client(uri)
     exp_id = experiment_id(uri, experiment)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_literal(run_name)}",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
+    found = _latest_run(client, exp_id, run_name)
     params = {k[:250]: str(v)[:6000] for k, v in flatten(config).items()}
     if found and found[0].info.status != "FINISHED" and not fresh:
         old = found[0].data.params
@@ -166,7 +153,10 @@ def find_run(uri: str, experiment: str, run_name: str) -> Optional[str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    found = client.search_runs([exp.experiment_id],
-                               filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_literal(run_name)}",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = _latest_run(client, exp.experiment_id, run_name)
     return found[0].info.run_id if found else None
+
+
+def _latest_run(client, exp_id: str, run_name: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_literal(run_name)}",
+                              order_by=["attributes.start_time DESC"], max_results=1)

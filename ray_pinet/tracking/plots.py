@@ -14,9 +14,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_stratum_curves(history: list[dict], slices: Sequence[str], k: int, path: str | Path) -> Path:
     """Validation NDCG@k / HR@k per stratum over training epochs (stage 1 and 2)."""
-    path = Path(path)
     rows = [h for h in history if any(key.startswith("val/") for key in h)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, (f"ndcg@{k}", f"hr@{k}")):
@@ -33,15 +39,11 @@ def plot_stratum_curves(history: list[dict], slices: Sequence[str], k: int, path
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("per-stratum validation metrics")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_final_bars(final: dict, slices: Sequence[str], k: int, path: str | Path) -> Path:
     """Test metrics per stratum as grouped bars."""
-    path = Path(path)
     metrics = [f"ndcg@{k}", f"hr@{k}", "auc", "gauc"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4))
     for ax, m in zip(axes, metrics):
@@ -51,16 +53,12 @@ def plot_final_bars(final: dict, slices: Sequence[str], k: int, path: str | Path
         for i, v in enumerate(vals):
             if np.isfinite(v):
                 ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_activeness(activeness: np.ndarray, stratum: np.ndarray, path: str | Path,
                     title: Optional[str] = None) -> Path:
     """Histogram of per-user activeness (log x), coloured by stratum."""
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     a = np.asarray(activeness, dtype=float)
     bins = np.unique(np.logspace(0, np.log10(max(a.max(), 2)), 40).round())
@@ -72,16 +70,12 @@ def plot_activeness(activeness: np.ndarray, stratum: np.ndarray, path: str | Pat
     ax.set_ylabel("users")
     ax.set_title(title or "user activeness")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_retrain(gate: dict, drift: dict, path: str | Path) -> Path:
     """Retrain at a glance: the gate metric per slice (registered vs candidate) and the user
     share of every stratum before and after the new data."""
-    path = Path(path)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     rows = gate["rows"]
     x = np.arange(len(rows))
@@ -100,15 +94,11 @@ def plot_retrain(gate: dict, drift: dict, path: str | Path) -> Path:
     b.set_xticks(y, [s["stratum"] for s in strata])
     b.set_title("user share per stratum")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_twotower_curves(history: list[dict], num_strata: int, path: str | Path, k: int = 10) -> Path:
     """Two-tower runs: training loss and test (and validation) NDCG@k per stratum over epochs."""
-    path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot([h["epoch"] for h in history], [h["train/loss"] for h in history])
     axes[0].set_xlabel("epoch")
@@ -124,7 +114,4 @@ def plot_twotower_curves(history: list[dict], num_strata: int, path: str | Path,
     axes[1].set_ylabel(f"NDCG@{k}")
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -28,26 +28,31 @@ def registry_failure(uri: str, model_name: str, exc: BaseException, doing: str =
     return RegistryError(f"could not {doing} the model registry at {uri} for model {model_name!r}: {text[:400]}")
 
 
-def model_versions(uri: str, model_name: str) -> Optional[list]:
-    """Every version of the registered model ``model_name``; None when the registry has no model
-    of that name or it has no version. Any other registry error is a ``RegistryError``."""
+def _ask(uri: str, model_name: str, call, missing: tuple[str, ...] = ()):
+    """``call()``; None on an MlflowException coded ``missing``; any other error a RegistryError."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    literal = filter_literal(model_name)  # a name no filter can express fails before any request
-    client = MlflowClient(tracking_uri=uri)
     try:
-        client.get_registered_model(model_name)
+        return call()
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if exc.error_code in missing:
             return None
         raise registry_failure(uri, model_name, exc) from exc
     except Exception as exc:  # connection errors that MLflow did not wrap
         raise registry_failure(uri, model_name, exc) from exc
-    try:
-        found = client.search_model_versions(f"name={literal}")
-    except Exception as exc:
-        raise registry_failure(uri, model_name, exc) from exc
+
+
+def model_versions(uri: str, model_name: str) -> Optional[list]:
+    """Every version of the registered model ``model_name``; None when the registry has no model
+    of that name or it has no version. Any other registry error is a ``RegistryError``."""
+    from mlflow.tracking import MlflowClient
+
+    literal = filter_literal(model_name)  # a name no filter can express fails before any request
+    client = MlflowClient(tracking_uri=uri)
+    if _ask(uri, model_name, lambda: client.get_registered_model(model_name),
+            ("RESOURCE_DOES_NOT_EXIST",)) is None:
+        return None
+    found = _ask(uri, model_name, lambda: client.search_model_versions(f"name={literal}"))
     return [v for v in found if v.name == model_name] or None
 
 
@@ -69,17 +74,11 @@ def stratum_tags(data_path: Optional[str]) -> dict[str, str]:
 def champion(uri: str, model_name: str):
     """The version of ``model_name`` that holds ``@champion``; None when no version does (no
     model, or one registered before aliases). Other registry errors are a ``RegistryError``."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    try:
-        return MlflowClient(tracking_uri=uri).get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise registry_failure(uri, model_name, exc) from exc
-    except Exception as exc:  # connection errors that MLflow did not wrap
-        raise registry_failure(uri, model_name, exc) from exc
+    return _ask(uri, model_name,
+                lambda: MlflowClient(tracking_uri=uri).get_model_version_by_alias(model_name, CHAMPION),
+                ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"))
 
 
 def register_run(uri: str, run_id: str, model_name: str, tags: dict[str, str],

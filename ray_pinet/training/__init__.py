@@ -8,8 +8,9 @@ Shell (both kinds; the kind is a ``kind.Kind`` from ``ray_pinet/kinds``):
 - ``resume``: a relaunch resumes only with the config it was started with
 
 Sequence kind (PINet and its baselines): ``run_inputs`` (the prepared folder, checked on the
-driver), ``engine`` (stages 1 and 2), ``loop`` (one epoch), ``ga_step`` (the GA all-reduce),
-``batches`` / ``shards`` / ``packing`` (each rank's rows and global batches), ``sparse_rows``,
+driver), ``engine`` (stage 1, the whole run), ``stage2`` (the plugins), ``loop`` (one epoch),
+``ga_step`` (the GA all-reduce), ``batches`` / ``shards`` / ``packing`` (each rank's rows and
+global batches), ``sparse_rows``,
 ``transfer_epoch``, ``per_stratum`` (separate / finetune as K runs), ``sequence_outputs``
 (what a finished run logs). Two-tower kind: ``twotower_loop``, ``inverse_gradient``. Both:
 ``early_stopping`` (every stage and loop), ``collectives`` (torch.distributed, a no-op in one process),

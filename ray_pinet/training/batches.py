@@ -13,7 +13,7 @@ and a run with W workers can be compared with one process sample for sample (met
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional
 
 import numpy as np
@@ -62,8 +62,7 @@ class EvalBatch:
         if self.history.device == torch.device(device):
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return EvalBatch(*(move(getattr(self, f)) for f in (
-            "history", "target", "neg", "stratum", "seen_rows", "seen_items", "candidates")))
+        return EvalBatch(*(move(getattr(self, f.name)) for f in fields(self)))
 
 
 def _list_column(table: pa.Table, name: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
@@ -234,14 +233,13 @@ class TrainRows:
             return TrainBatch(inputs=self.inputs[idx].long(), targets=self.targets[idx].long(),
                               negs=self.negs[idx].long(), stratum=self.stratum[idx],
                               sample_id=mine.to(self.device, non_blocking=True))
-        pin = self.device.type == "cuda"
+        return TrainBatch(*map(self._ship, (self.inputs[local].long(), self.targets[local].long(),
+                                            self.negs[local].long(), self.stratum[local], mine)))
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            # a gathered batch is a fresh (pageable) tensor: pinned again so the copy is async
-            return (t.pin_memory() if pin else t).to(self.device, non_blocking=True)
-
-        return TrainBatch(inputs=move(self.inputs[local].long()), targets=move(self.targets[local].long()),
-                          negs=move(self.negs[local].long()), stratum=move(self.stratum[local]), sample_id=move(mine))
+    def _ship(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor gathered on the host onto ``device``: a gathered tensor is fresh (pageable),
+        so it is pinned again on CUDA for the copy to be async."""
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
 
     def _packed(self, mine: torch.Tensor, local: torch.Tensor) -> TrainBatch:
         lengths = self.lengths[local.numpy()]
@@ -268,10 +266,8 @@ class TrainRows:
                          sample_id=mine.to(device), segments=segments.view(num_rows, width))
         if self.resident:
             return out
-        pin = self.device.type == "cuda"
-        return TrainBatch(*((t.pin_memory() if pin else t).to(self.device, non_blocking=True)
-                            for t in (out.inputs, out.targets, out.negs, out.stratum, out.sample_id,
-                                      out.segments)))
+        return TrainBatch(*map(self._ship, (out.inputs, out.targets, out.negs, out.stratum, out.sample_id,
+                                            out.segments)))
 
     def prefetched(self, id_batches: Iterator[torch.Tensor], packed: bool = False) -> Iterator[TrainBatch]:
         """``take`` of each id batch, issued one batch ahead: batch i+1's gather and copy are

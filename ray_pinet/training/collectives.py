@@ -40,16 +40,22 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         tensors = [p.data for p in module.parameters()] + [b for b in module.buffers()]
-        # float64 holds every float32 and int64 (< 2^53) value exactly; on the tensors' device
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]) if tensors else None
-        if flat is None:
+        if not tensors:
             return
+        # float64 holds every float32 and int64 (< 2^53) value exactly; on the tensors' device
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
         dist.broadcast(flat, src=src)
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
-            offset += n
+        for t, part in zip(tensors, split_flat(flat, tensors)):
+            t.copy_(part.to(t.dtype))
+
+
+def split_flat(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped as each of ``like`` in turn: the inverse of concatenating them flat."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
 
 
 def flatten_grads(params: Sequence[torch.nn.Parameter], grads: Iterable[torch.Tensor | None] | None = None) -> torch.Tensor:

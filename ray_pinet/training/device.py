@@ -81,8 +81,7 @@ def autocast(device: Union[torch.device, str], precision: str) -> contextlib.Abs
                           key="run.precision")
     if precision == "fp32":
         return contextlib.nullcontext()
-    kind = torch.device(device).type
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def backend_for(device_kind: Union[str, torch.device]) -> str:

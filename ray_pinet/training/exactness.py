@@ -23,6 +23,7 @@ import torch
 
 from ray_pinet.checkpoint_io import load_weights, save_weights
 from ray_pinet.config import TrainConfig
+from ray_pinet.config_base import set_dotted
 from ray_pinet.methods.ga import Prior, unit_losses
 from ray_pinet.methods.losses import per_position_losses
 from ray_pinet.methods.sampled_softmax import NegativeSampler
@@ -63,8 +64,7 @@ def synthetic_eval_table(p: Problem, seed: int) -> pa.Table:
         h = rng.integers(1, p.num_items + 1, size=int(rng.integers(1, p.max_len + 1))).tolist()
         hist.append(h)
         seen.append(sorted(set(h)))
-        t = int(rng.integers(1, p.num_items + 1))
-        tgt.append(t)
+        tgt.append(int(rng.integers(1, p.num_items + 1)))
         neg.append(int(rng.integers(1, p.num_items + 1)))
         strata.append(int(len(h) > p.max_len // 2))
     return pa.table({
@@ -110,11 +110,7 @@ def _cfg(p: Problem, overrides: Optional[dict] = None) -> TrainConfig:
     if p.backbone == "din":
         d["eval"] = {"candidates": 5}
     for k, v in (overrides or {}).items():
-        if "." not in k:
-            d[k] = v
-            continue
-        sec, key = k.split(".")
-        d.setdefault(sec, {})[key] = v
+        set_dotted(d, k, v)
     return TrainConfig.from_dict(d)
 
 
@@ -145,13 +141,9 @@ def shard(table: pa.Table, rank: int, world: int) -> pa.Table:
     return table.sort_by("sample_id").slice(lo, hi - lo)
 
 
-def _user_share(p: Problem) -> list[float]:
-    return [1.0 / p.num_strata] * p.num_strata if p.num_strata != 2 else [0.8, 0.2]
-
-
 def variant_prior(p: Problem, kind: str, alpha: float) -> Prior:
     """A VARIANTS prior; ``reweight`` takes the user shares as its static stratum weights."""
-    share = tuple(_user_share(p))
+    share = (1.0 / p.num_strata,) * p.num_strata if p.num_strata != 2 else (0.8, 0.2)
     return Prior(kind, alpha, share, share if kind == "reweight" else ())
 
 
@@ -161,45 +153,71 @@ def epoch_setup(p: Problem, model, params, optimizers, rows: TrainRows, cfg: Tra
     return EpochSetup(model, params, optimizers, rows, p.num_rows, cfg, p.num_strata, prior, **kwargs)
 
 
-def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
-    """Every checked quantity for this rank (or for one process when there is no group), the
-    training rows read from ``root`` (``write_train_split``) as production reads them."""
-    rank, world = rank_and_world()
-    local, num_rows = read_shard(Path(root), "train", rank, world)
-    assert num_rows == p.num_rows
-    n_neg = 2 if p.loss == "bce" else 0
+def _flat(params) -> torch.Tensor:
+    return torch.cat([q.detach().reshape(-1) for q in params]).clone()
+
+
+def _rows_exchange_opts(model, params, cfg: TrainConfig) -> list:
+    """optim.item_exchange=rows: the item table crosses ranks by touched rows (sparse_rows.py) and
+    lazy Adam steps those rows; SGD for the rest."""
+    table = model.backbone.item_emb.weight
+    return [torch.optim.SGD([q for q in params if q is not table], lr=0.5),
+            torch.optim.SparseAdam([table], lr=cfg.optim.lr)]
+
+
+def _epoch_params(p: Problem, rows: TrainRows, cfg: TrainConfig, prior: Prior, make_opts=None,
+                  **kwargs) -> torch.Tensor:
+    """The backbone's parameters, flat, after one stage-1 epoch from ``_model``'s init, stepped by
+    ``make_opts(model, params, cfg)`` (default: SGD, lr 0.5)."""
+    model = _model(p, cfg)
+    params = list(model.backbone_parameters())
+    opts = make_opts(model, params, cfg) if make_opts else [torch.optim.SGD(params, lr=0.5)]
+    if cfg.loss == "sampled_softmax":
+        kwargs["sampler"] = NegativeSampler.from_config(rows, p.num_items, cfg)
+    run_epoch(epoch_setup(p, model, params, opts, rows, cfg, prior, **kwargs), 0)
+    return _flat(params)
+
+
+def _ga_gradients(p: Problem, rows: TrainRows) -> dict[str, torch.Tensor]:
+    """The GA gradient of one global batch (every row) for every VARIANTS entry ("grad/..."), and
+    from packed batches (training/packing.py) for the backbone that supports them ("grad_packed/...")."""
     out: dict[str, torch.Tensor] = {}
     cfg = _cfg(p)
-    rows = TrainRows(local, p.max_len, p.num_rows, n_neg)
-    global_ids = torch.arange(p.num_rows)  # one global batch: every row
-    # packed batches (training/packing.py) for the backbone that supports them, as "grad_packed/..."
+    global_ids = torch.arange(p.num_rows)
     layouts = [("grad", False)] + ([("grad_packed", True)] if p.backbone == "sasrec" else [])
     for key, packed in layouts:
         batch = rows.take(global_ids, packed=packed)
         for prior, alpha, reduce, unit in VARIANTS:
             model = _model(p, cfg)
             params = list(model.backbone_parameters())
-            loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None, p.loss,
-                                                      segments=batch.segments)
+            loss_vec, row_index = per_position_losses(model, batch.inputs, batch.targets, batch.negs, None,
+                                                      p.loss, segments=batch.segments)
             ul, ur = unit_losses(loss_vec, row_index, len(batch), unit)
             ga_backward(params, ul, batch.stratum[ur], p.num_strata, variant_prior(p, prior, alpha), reduce)
             out[f"{key}/{prior}/{alpha}/{reduce}/{unit}"] = flatten_grads(params).clone()
+    return out
+
+
+def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
+    """Every checked quantity for this rank (or for one process when there is no group), the
+    training rows read from ``root`` (``write_train_split``) as production reads them."""
+    rank, world = rank_and_world()
+    local, num_rows = read_shard(Path(root), "train", rank, world)
+    assert num_rows == p.num_rows
+    rows = TrainRows(local, p.max_len, p.num_rows, 2 if p.loss == "bce" else 0)
+    out = _ga_gradients(p, rows)
     # One full epoch (several global batches) from the same init, GA power prior, with SGD and
     # with Adam; with optim.batching auto (packed for sasrec) and, for sasrec, padded as well.
     # Tiny buckets: the reducer all-reduces several buckets while the backward runs.
-    cfg = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5, "ga.bucket_cap_mb": 0.002})
-    padded = _cfg(p, {"ga.prior": "power", "ga.alpha": 0.5, "ga.bucket_cap_mb": 0.002, "optim.batching": "padded"})
-    epochs = [("sgd", cfg, lambda ps: torch.optim.SGD(ps, lr=0.5)),
-              ("adam", cfg, lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr))]
+    ga = {"ga.prior": "power", "ga.alpha": 0.5, "ga.bucket_cap_mb": 0.002}
+    cfg = _cfg(p, ga)
+    power, pooled = variant_prior(p, "power", 0.5), Prior("interaction_share")
+    adam = lambda model, params, cfg: [torch.optim.Adam(params, lr=cfg.optim.lr)]
+    out["epoch_params/sgd"] = _epoch_params(p, rows, cfg, power)
+    out["epoch_params/adam"] = _epoch_params(p, rows, cfg, power, adam)
     if p.backbone == "sasrec":
-        epochs.append(("adam_padded", padded, lambda ps: torch.optim.Adam(ps, lr=cfg.optim.lr)))
-    power = Prior("power", 0.5, tuple(_user_share(p)))
-    pooled = Prior("interaction_share")
-    for name, cfg, make_opt in epochs:
-        model = _model(p, cfg)
-        params = list(model.backbone_parameters())
-        run_epoch(epoch_setup(p, model, params, [make_opt(params)], rows, cfg, power), 0)
-        out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+        out["epoch_params/adam_padded"] = _epoch_params(p, rows, _cfg(p, {**ga, "optim.batching": "padded"}),
+                                                        power, adam)
     # loss sampled_softmax: keyed shared negatives (the proposal's counts all-reduced) and, with
     # in_batch, the global batch's targets gathered from every rank; packed rows (auto) and padded.
     # SGD: the negatives leave many item rows with exactly zero gradient (Adam: see the test).
@@ -209,35 +227,18 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
                                                                 "optim.batching": "padded"})):
             cfg = _cfg(p, {"loss": "sampled_softmax", "sampled.num_negatives": 16, "ga.prior": "power",
                            "ga.alpha": 0.5, **extra})
-            model = _model(p, cfg)
-            params = list(model.backbone_parameters())
-            run_epoch(epoch_setup(p, model, params, [torch.optim.SGD(params, lr=0.5)], rows, cfg, power,
-                                  sampler=NegativeSampler.from_config(rows, p.num_items, cfg)), 0)
-            out[f"epoch_params/{name}"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
-        # optim.item_exchange=rows: the item table crosses ranks by touched rows (sparse_rows.py)
-        # and lazy Adam steps those rows; SGD for the rest, as above.
+            out[f"epoch_params/{name}"] = _epoch_params(p, rows, cfg, power)
         cfg = _cfg(p, {"loss": "sampled_softmax", "sampled.num_negatives": 16, "sampled.in_batch": True,
                        "optim.item_exchange": "rows"})
-        model = _model(p, cfg)
-        params = list(model.backbone_parameters())
-        table = model.backbone.item_emb.weight
-        opts = [torch.optim.SGD([q for q in params if q is not table], lr=0.5),
-                torch.optim.SparseAdam([table], lr=cfg.optim.lr)]
-        run_epoch(epoch_setup(p, model, params, opts, rows, cfg, pooled,
-                              sampler=NegativeSampler.from_config(rows, p.num_items, cfg)), 0)
-        out["epoch_params/sampled_softmax_rows"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+        out["epoch_params/sampled_softmax_rows"] = _epoch_params(p, rows, cfg, pooled, _rows_exchange_opts)
     # `separate` / `finetune`: an epoch over one stratum's rows only (ids shared by all-reduce).
-    cfg = _cfg(p)
-    model = _model(p, cfg)
-    params = list(model.backbone_parameters())
     ids = rows.subset([p.num_strata - 1])
     # the whole subset, gathered for the check (every rank's ids, in rank order)
     gathered = torch.zeros(p.num_rows, dtype=torch.int64)
     gathered[torch.from_numpy(ids.local_ids)] = 1
     out["stratum_ids"] = all_reduce_sum_(gathered).nonzero().squeeze(1)
     out["stratum_offset_total"] = torch.tensor([ids.total], dtype=torch.int64)
-    run_epoch(epoch_setup(p, model, params, [torch.optim.SGD(params, lr=0.5)], rows, cfg, pooled, ids=ids), 0)
-    out["epoch_params/one_stratum"] = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+    out["epoch_params/one_stratum"] = _epoch_params(p, rows, _cfg(p), pooled, ids=ids)
     # `transfer`: one epoch of Reptile + adversarial discriminator (inner Adam per trajectory).
     cfg = _cfg(p, {"method": "transfer", "transfer.trajectories": 2, "transfer.inner_steps": 3,
                    "transfer.users_per_task": 2})
@@ -245,8 +246,7 @@ def compute(p: Problem, root: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(p.seed + 1)
     disc = Discriminator(cfg.model.dim, p.num_strata)
     transfer_epoch(model, disc, rows, p.num_rows, cfg, 0)
-    out["epoch_params/transfer"] = torch.cat(
-        [q.detach().reshape(-1) for q in list(model.backbone_parameters()) + list(disc.parameters())]).clone()
+    out["epoch_params/transfer"] = _flat(list(model.backbone_parameters()) + list(disc.parameters()))
     return out
 
 

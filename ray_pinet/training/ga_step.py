@@ -131,10 +131,8 @@ class GradReducer:
         self._counts_work = (dist.all_reduce(self._counts, op=dist.ReduceOp.SUM, async_op=True)
                              if is_distributed() else None)
 
-    def backward(
-        self, unit_loss: torch.Tensor, unit_strata: torch.Tensor, prior: Prior,
-        extra_inputs: Sequence[torch.Tensor] = (),
-    ) -> GAStepInfo:
+    def backward(self, unit_loss: torch.Tensor, unit_strata: torch.Tensor, prior: Prior,
+                 extra_inputs: Sequence[torch.Tensor] = ()) -> GAStepInfo:
         """Set every param's ``.grad`` to the global GA gradient. Collective: call on every rank.
         ``extra_inputs``: leaf tensors that also get this rank's GA-weighted gradient in ``.grad``,
         not reduced here (the touched item rows of training/sparse_rows.py, exchanged by row)."""
@@ -212,14 +210,8 @@ def _grads(loss: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_grap
     return list(torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True))
 
 
-def ga_backward(
-    params: Sequence[torch.nn.Parameter],
-    unit_loss: torch.Tensor,
-    unit_strata: torch.Tensor,
-    num_strata: int,
-    prior: Prior,
-    reduce: str = "loss_weighted",
-) -> GAStepInfo:
+def ga_backward(params: Sequence[torch.nn.Parameter], unit_loss: torch.Tensor, unit_strata: torch.Tensor,
+                num_strata: int, prior: Prior, reduce: str = "loss_weighted") -> GAStepInfo:
     """Set ``p.grad`` of every param to the global GA gradient. Collective: call on every rank.
     One-off form (tests, checks); a training loop keeps one ``GradReducer`` for its steps."""
     params = list(params)

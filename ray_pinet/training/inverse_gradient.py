@@ -32,9 +32,10 @@ from torch.func import functional_call
 
 from ray_pinet.methods.denoising import bce_rows, idl_rows
 from ray_pinet.training.batches import epoch_batches
-from ray_pinet.training.collectives import all_reduce_sum_, assign_flat_grads_, flatten_grads
+from ray_pinet.training.collectives import all_reduce_sum_, assign_flat_grads_, flatten_grads, split_flat
 
 ADAM_EPS = 1e-8
+BRANCHES = ("forward", "inverse", "stay")
 
 
 def _first_adam_step(g: torch.Tensor) -> torch.Tensor:
@@ -48,14 +49,6 @@ def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Te
     loss = loss + sum(p.sum() * 0.0 for p in params)  # a graph to every parameter, rows or none
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return flatten_grads(params, grads)
-
-
-def _unflatten(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for p in params:
-        out.append(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return out
 
 
 def ig_epoch(run) -> dict[str, float]:
@@ -72,7 +65,7 @@ def ig_epoch(run) -> dict[str, float]:
     t0 = time.perf_counter()
     dev = run.device
     loss_sum = torch.zeros(1, dtype=torch.float64, device=dev)
-    branches = torch.zeros(3, dtype=torch.float64)  # forward, inverse, stay (Phase-B steps; host counts)
+    branches = torch.zeros(len(BRANCHES), dtype=torch.float64)  # Phase-B steps per branch (host counts)
 
     # -- Phase A: BCE on D_tr ------------------------------------------------------------------
     acc = torch.zeros(sum(p.numel() for p in params), device=dev) if as_coded else None
@@ -95,7 +88,7 @@ def ig_epoch(run) -> dict[str, float]:
         theta = [p.detach().clone() for p in params]
         g_idl = all_reduce_sum_(_flat_grad(idl_rows(model(users, unlabeled)).sum() / len(ids), params))
         d = _first_adam_step(g_idl) if as_coded else g_idl
-        step_s = _unflatten(m.ig_sample_lr * d, params)
+        step_s = split_flat(m.ig_sample_lr * d, params)
         cand = {"forward": [t - s for t, s in zip(theta, step_s)], "inverse": [t + s for t, s in zip(theta, step_s)],
                 "stay": theta}
 
@@ -104,10 +97,10 @@ def ig_epoch(run) -> dict[str, float]:
                 out = functional_call(model, dict(zip(names, state)), (users, items))
                 return bce_rows(out, labels).sum().double().reshape(1)
 
-        losses = all_reduce_sum_(torch.cat([bce_at(cand[k]) for k in ("forward", "inverse", "stay")]))
+        losses = all_reduce_sum_(torch.cat([bce_at(cand[k]) for k in BRANCHES]))
         lp, lm, l0 = losses.tolist()
         branch = "forward" if (lp < lm and lp < l0) else ("inverse" if lm < l0 else "stay")
-        branches[("forward", "inverse", "stay").index(branch)] += 1
+        branches[BRANCHES.index(branch)] += 1
         with torch.no_grad():
             for p, v in zip(params, cand[branch]):
                 p.copy_(v)
@@ -115,7 +108,7 @@ def ig_epoch(run) -> dict[str, float]:
         if as_coded and branch != "stay":
             direction = g_bce + (g_idl if branch == "forward" else -g_idl)
             with torch.no_grad():
-                for p, s in zip(params, _unflatten(cfg.optim.lr * _first_adam_step(direction), params)):
+                for p, s in zip(params, split_flat(cfg.optim.lr * _first_adam_step(direction), params)):
                     p.sub_(s)
         else:
             assign_flat_grads_(params, g_bce)
@@ -127,6 +120,6 @@ def ig_epoch(run) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     run.epoch += 1
     total = branches.sum().clamp(min=1)
+    shares = {f"train/ig_{b}_share": float(branches[i] / total) for i, b in enumerate(BRANCHES)}
     return {"train/loss": float(loss_sum[0]) / run.num_train, "train/seconds": seconds,
-            "train/lr": cfg.optim.lr, "train/ig_forward_share": float(branches[0] / total),
-            "train/ig_inverse_share": float(branches[1] / total), "train/ig_stay_share": float(branches[2] / total)}
+            "train/lr": cfg.optim.lr, **shares}

@@ -55,15 +55,11 @@ class EpochStats:
         }
 
 
-def _item_table(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    return dict(model.named_parameters()).get(ITEM_TABLE)
-
-
 def item_optimizers(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], cfg: TrainConfig,
                     lr: float) -> list[torch.optim.Optimizer]:
     """Adam over ``params``; with ``optim.item_exchange=rows``, the item table among them is
     stepped by lazy Adam (``SparseAdam``: touched rows only) and Adam takes the rest."""
-    table = _item_table(model)
+    table = dict(model.named_parameters()).get(ITEM_TABLE)
     if cfg.optim.item_exchange != "rows" or not any(p is table for p in params):
         return [torch.optim.Adam(params, lr=lr, weight_decay=cfg.optim.weight_decay)]
     rest = [p for p in params if p is not table]

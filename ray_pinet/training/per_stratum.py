@@ -60,15 +60,10 @@ def base_joint_config(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-def fit_per_stratum(
-    cfg: TrainConfig,
-    fit_one: Callable[..., FitResult],
-    base_checkpoint: Optional[str] = None,
-    progress: Optional[bool] = None,
-    parent_run_id: Optional[str] = None,
-    tags: Optional[dict[str, str]] = None,
-    fresh: bool = False,
-):
+def fit_per_stratum(cfg: TrainConfig, fit_one: Callable[..., FitResult],
+                    base_checkpoint: Optional[str] = None, progress: Optional[bool] = None,
+                    parent_run_id: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+                    fresh: bool = False):
     """``fit_one(cfg, ...)``: the driver's one-run ``fit``, called for the base joint run and
     each stratum's run. ``fresh``: every run of it starts anew, their run folders moved aside,
     under a new parent MLflow run."""

@@ -109,13 +109,15 @@ def check_resume(config_cls, cfg, storage: str, load_checkpoint_config: Callable
     With ``fresh`` the run folder is moved aside first and None is returned. A remote
     ``storage`` (a URI): the same check on a local copy of what it reads (``storage_uri.mirror_run``),
     errors naming the remote run folder; the checkpoint's URI is returned."""
-    if storage_uri.is_remote(storage):
+    remote = storage_uri.is_remote(storage)
+    if fresh:
+        kept = (storage_uri.move_aside(storage_uri.join(storage, cfg.run.name)) if remote
+                else move_aside(Path(storage) / cfg.run.name))
+        if kept is not None:
+            say(f"--fresh: run {cfg.run.name!r} starts anew; its previous folder is kept as {kept}")
+        return None
+    if remote:
         run_uri = storage_uri.join(storage, cfg.run.name)
-        if fresh:
-            kept = storage_uri.move_aside(run_uri)
-            if kept is not None:
-                say(f"--fresh: run {cfg.run.name!r} starts anew; its previous folder is kept as {kept}")
-            return None
         with tempfile.TemporaryDirectory() as tmp:
             storage_uri.mirror_run(run_uri, Path(tmp) / cfg.run.name, SNAPSHOT)
             try:
@@ -124,11 +126,6 @@ def check_resume(config_cls, cfg, storage: str, load_checkpoint_config: Callable
                 raise ConfigError(str(exc).replace(str(Path(tmp) / cfg.run.name), run_uri)) from None
             return None if ckpt is None else storage_uri.join(run_uri, ckpt.name)
     run_dir = Path(storage) / cfg.run.name
-    if fresh:
-        kept = move_aside(run_dir)
-        if kept is not None:
-            say(f"--fresh: run {cfg.run.name!r} starts anew; its previous folder is kept as {kept}")
-        return None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None

@@ -86,10 +86,7 @@ def read_shard(root: Path, split: str, rank: int, world: int) -> tuple[pa.Table,
         ids = t.column("sample_id").to_numpy()
         inside = (ids >= lo) & (ids < hi)
         parts.append(t if inside.all() else t.filter(pa.array(inside)))  # a filter copies the lists
-    if parts:
-        table = pa.concat_tables(parts)
-    else:
-        table = pq.read_schema(files[0]).empty_table()
+    table = pa.concat_tables(parts) if parts else pq.read_schema(files[0]).empty_table()
     ids = table.column("sample_id").to_numpy()
     # every id of [lo, hi) exactly once (ids in file order are ascending: the cheap check first)
     distinct = len(ids) < 2 or bool((np.diff(ids) > 0).all()) or len(np.unique(ids)) == len(ids)

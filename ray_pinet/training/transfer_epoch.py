@@ -28,7 +28,7 @@ from ray_pinet.methods.transfer import (
     trajectory_ids,
 )
 from ray_pinet.training.batches import TrainRows
-from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world
+from ray_pinet.training.collectives import all_reduce_sum_, rank_and_world, split_flat
 from ray_pinet.training.device import autocast
 from ray_pinet.training.loop import EpochStats
 
@@ -38,11 +38,8 @@ def copy_into_(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None:
     """Copy a flat vector into the parameters' own storage. (torch's vector_to_parameters
     rebinds ``p.data`` to views of ``vec``: later in-place optimizer steps would then write
     into θ_0 itself.)"""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.copy_(vec[offset : offset + n].view_as(p))
-        offset += n
+    for p, part in zip(params, split_flat(vec, params)):
+        p.copy_(part)
 
 
 def task_loss(model, disc: Discriminator, batch, cfg: TrainConfig) -> tuple[torch.Tensor, int]:
@@ -60,15 +57,9 @@ def task_loss(model, disc: Discriminator, batch, cfg: TrainConfig) -> tuple[torc
     return loss, int(loss_vec.numel())
 
 
-def transfer_epoch(
-    model: torch.nn.Module,
-    disc: Discriminator,
-    rows: TrainRows,
-    num_samples: int,
-    cfg: TrainConfig,
-    epoch: int,
-    progress: Optional[Callable[[int, int], None]] = None,
-) -> EpochStats:
+def transfer_epoch(model: torch.nn.Module, disc: Discriminator, rows: TrainRows, num_samples: int,
+                   cfg: TrainConfig, epoch: int,
+                   progress: Optional[Callable[[int, int], None]] = None) -> EpochStats:
     t = cfg.transfer
     rank, world = rank_and_world()
     model.train()
@@ -82,8 +73,7 @@ def transfer_epoch(
     stats = EpochStats()
     t_epoch = time.perf_counter()
     device = params[0].device
-    # Statistics stay on the device and are read once after the epoch (no per-step stall);
-    # float64 sums of the same terms in the same order as the host sums they replace.
+    # Statistics stay on the device and are read once after the epoch, as in ``run_epoch``.
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     pos_acc = torch.zeros((), dtype=torch.float64, device=device)
     for it in range(iters):

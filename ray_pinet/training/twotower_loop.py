@@ -34,7 +34,7 @@ import torch
 
 from ray_pinet.data.pairs import SPLITS, load_meta
 from ray_pinet.evaluation.pointwise import finalize, global_auc, user_sums
-from ray_pinet.evaluation.protocol import stratum_name
+from ray_pinet.evaluation.protocol import slice_names
 from ray_pinet.evaluation.topk import TopKStats, hot_items
 from ray_pinet.methods.negative_sampling import NegativeSampler, UserItemSets, popularity_prior
 from ray_pinet.methods.twotower_methods import METHODS, Rows
@@ -105,11 +105,6 @@ def read_pair_shard(path: str | Path, rank: int, world: int) -> dict[str, PairRo
     return out
 
 
-def user_strata(path: str | Path) -> torch.Tensor:
-    return torch.from_numpy(pq.read_table(Path(path) / "users.parquet", columns=["stratum"])
-                            .column("stratum").to_numpy().astype(np.int64))
-
-
 class TwoTowerRun:
     """Model, optimizer, sampler and the rank's data of one two-tower run (see module doc).
 
@@ -130,7 +125,8 @@ class TwoTowerRun:
         self.num_strata = int(meta["num_strata"])
         self.num_train = int(meta["rows"]["train"])
         self.rows = read_pair_shard(path, rank, world)
-        self.stratum = user_strata(path)
+        users = pq.read_table(Path(path) / "users.parquet", columns=["stratum"])
+        self.stratum = torch.from_numpy(users.column("stratum").to_numpy().astype(np.int64))
         items = pq.read_table(Path(path) / "items.parquet", columns=["popularity", "train_count"])
         self.hot = hot_items(items.column("popularity").to_numpy().copy(), float(meta["hot_share"]))
         train_count = torch.from_numpy(items.column("train_count").to_numpy().astype(np.int64))
@@ -247,8 +243,7 @@ class TwoTowerRun:
         local = torch.stack([scores.double(), label.double(), strata.double()], 1).to(self.device)
         pooled = all_gather_rows(local).cpu().numpy()
         out: dict[str, float] = {}
-        for s in range(self.num_strata + 1):
-            name = "all" if s == self.num_strata else stratum_name(s, self.num_strata)
+        for s, name in enumerate(slice_names(self.num_strata)):
             sel = np.ones(len(pooled), dtype=bool) if s == self.num_strata else pooled[:, 2] == s
             out.update({f"{split}/{name}/{k}": v for k, v in finalize(flat[s * width:(s + 1) * width], ks).items()})
             out[f"{split}/{name}/auc"] = global_auc(pooled[sel, 0], pooled[sel, 1])
@@ -281,8 +276,7 @@ class TwoTowerRun:
         flat = all_reduce_sum_(torch.cat([st.tensor for st in stats]).to(self.device)).cpu()
         out: dict[str, float] = {}
         width = stats[0].tensor.numel()
-        for s in range(self.num_strata + 1):
-            name = "all" if s == self.num_strata else stratum_name(s, self.num_strata)
+        for s, name in enumerate(slice_names(self.num_strata)):
             final = TopKStats(ks, flat[s * width:(s + 1) * width].clone()).finalize()
             out.update({f"{split}/{name}/{k}": v for k, v in final.items()})
         return out

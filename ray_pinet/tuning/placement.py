@@ -35,8 +35,7 @@ def remove_trial_groups(own: bool = True, orphans: bool = True) -> int:
     for pg in _table():
         if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
             continue
-        pg_hex = pg.placement_group_id.hex()
-        if pg_hex == current_hex or not pg.creator_actor_id:
+        if pg.placement_group_id.hex() == current_hex or not pg.creator_actor_id:
             continue  # created by a driver (e.g. Tune's trial groups), not by a trial actor
         mine = me is not None and pg.creator_actor_id.hex() == me
         if (own and mine) or (orphans and pg.creator_actor_dead):

@@ -11,18 +11,15 @@ from pathlib import Path
 from ray_pinet.tuning.space import TuneSpace
 
 
-def _status(t: dict) -> str:
+def status(t: dict) -> str:
     if t.get("error"):
         return "error"
     return "finished" if t["finished"] else "stopped early"
 
 
 def _slices(trials: list[dict]) -> list[str]:
-    names = set()
-    for t in trials:
-        for k in t["metrics"]:
-            if k.startswith("final_val/") and k.endswith("/users"):
-                names.add(k.split("/")[1])
+    names = {k.split("/")[1] for t in trials for k in t["metrics"]
+             if k.startswith("final_val/") and k.endswith("/users")}
     order = ["tail", "head"]
     return [s for s in order if s in names] + sorted(names - set(order) - {"all"}) + (["all"] if "all" in names else [])
 
@@ -47,7 +44,7 @@ def write_report(summary: dict, space: TuneSpace, out: Path) -> list[Path]:
         w = csv.writer(f)
         w.writerow(["trial_id", "status", "feasible", "objective", "iterations"] + keys + num_keys)
         for t in trials:
-            w.writerow([t["trial_id"], _status(t), t["feasible"], t["objective"], t["iterations"]]
+            w.writerow([t["trial_id"], status(t), t["feasible"], t["objective"], t["iterations"]]
                        + [json.dumps(t["values"].get(k)) for k in keys]
                        + [t["metrics"].get(k) for k in num_keys])
 
@@ -77,7 +74,7 @@ def write_report(summary: dict, space: TuneSpace, out: Path) -> list[Path]:
     for t in sorted(trials, key=lambda t: -t["objective"] if t["objective"] == t["objective"] else 1e9):
         lines.append(
             f"| {t['trial_id']} | " + " | ".join(_fmt(t["values"].get(k)) for k in keys)
-            + f" | {_status(t)} | {t['iterations']} | {'yes' if t['feasible'] else 'no'} | "
+            + f" | {status(t)} | {t['iterations']} | {'yes' if t['feasible'] else 'no'} | "
             + f"{t['objective']:+.4f} | "
             + " | ".join(metric(t, "final_val", s) for s in slices) + " | "
             + " | ".join(metric(t, "test", s) if t["finished"] else "-" for s in slices) + " |")

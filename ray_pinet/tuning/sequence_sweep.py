@@ -17,7 +17,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,7 +36,7 @@ from ray_pinet.tuning.objective import Objective, checkpoint_outcomes, reference
 from ray_pinet.tuning.placement import remove_trial_groups
 from ray_pinet.tuning.report import write_report
 from ray_pinet.tuning.space import PREPARE_SECTIONS, TuneSpace, decode_values, extreme_values, split_overrides
-from ray_pinet.tuning.trials import SweepKind, SweepSetup, report_callback
+from ray_pinet.tuning.trials import SweepKind, SweepSetup, fit_trial, run_overrides, start_trial
 
 
 def check_space(space: TuneSpace, base_config: Optional[str], base_overrides: list[str]) -> None:
@@ -126,16 +125,10 @@ def run_config(setup: SweepSetup, values: dict[str, Any], run_name: str, method:
     space = setup.tune_space
     merged = {**space.fixed, **values}
     cfg, prep = resolve_trial(setup.base_config, setup.base_overrides, merged, method)
-    base_prep = None
-    if cfg.data.prepare:
-        base_prep = PrepareConfig.from_yaml(cfg.data.prepare)
+    base_prep = PrepareConfig.from_yaml(cfg.data.prepare) if cfg.data.prepare else None
     data_path = ensure_trial_data(cfg, prep, base_prep)
     train_o, _ = split_overrides(merged)
-    extra = [
-        f"method={method}", f"data.path={data_path}", f"run.name={run_name}",
-        f"run.storage_path={setup.storage}/runs", "run.progress=false", "eval.every=1",
-        f"run.num_workers={space.trial.num_workers}", f"run.cpus_per_worker={space.trial.cpus_per_worker}",
-    ] + ([f"tracking.tracking_uri={setup.tracking_uri}"] if setup.tracking_uri else [])
+    extra = [f"method={method}", f"data.path={data_path}", "eval.every=1"] + run_overrides(setup, run_name)
     if data_path != cfg.data.path:  # the trial's own prepared copy, made from `prep`, not data.prepare
         extra.append("data.prepare=null")
     return TrainConfig.from_yaml(setup.base_config, setup.base_overrides + train_o + extra)
@@ -154,13 +147,8 @@ def _scored(objective):
 
 def trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     import ray
-    from ray import tune
 
-    # Tune starts trials in their own trial directory; configs name data relative to where the
-    # sweep was started (on a multi-node cluster: absolute paths on shared storage).
-    if Path(setup.cwd).is_dir():
-        os.chdir(setup.cwd)
-    trial_id = tune.get_context().get_trial_id()
+    trial_id, tags = start_trial(setup, config)
     orphans = remove_trial_groups(own=False, orphans=True)  # left by trials that Tune stopped
     free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
     print(f"[ray-pinet] trial {trial_id}: {config}  (cluster CPUs free {free:g} of {total:g}; "
@@ -173,12 +161,7 @@ def trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     ref = reference_metrics(pd.read_parquet(setup.reference_outcomes), users, K, cfg.eval.k)
     objective = Objective(space.objective, ref, K, cfg.eval.k)
     objective.check()
-    tags = {"sweep": setup.name, "trial_id": trial_id,
-            **{f"tune.{k}": json.dumps(v) for k, v in config.items()}}
-    try:
-        fit(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[report_callback(_scored(objective))])
-    finally:
-        remove_trial_groups(own=True, orphans=True)  # the Train run leaves its group (placement.py)
+    fit_trial(cfg, setup, tags, _scored(objective))
 
 
 def max_iterations(cfg) -> int:
@@ -189,14 +172,12 @@ def max_iterations(cfg) -> int:
 def reference_run(setup: SweepSetup, reference_checkpoint: Optional[str]) -> dict:
     """Train (or reuse) the reference joint run and write its per-user validation outcomes.
     Cached in ``<sweep>/reference.json``: a resumed sweep does not retrain it."""
-    sweep = Path(setup.storage)
-    cache = sweep / "reference.json"
+    cache = Path(setup.storage) / "reference.json"
     if cache.exists():
         return json.loads(cache.read_text())
     info: dict[str, Any] = {}
-    if reference_checkpoint:
-        ckpt = reference_checkpoint
-    else:
+    ckpt = reference_checkpoint
+    if not ckpt:
         print(f"\n=== sweep {setup.name}: reference joint run (base config + fixed values) ===", flush=True)
         cfg = run_config(setup, {}, f"{setup.name}-reference-joint", "joint")
         res = fit(cfg, parent_run_id=setup.parent_run_id, tags={"sweep": setup.name, "role": "reference"})
@@ -207,12 +188,6 @@ def reference_run(setup: SweepSetup, reference_checkpoint: Optional[str]) -> dic
     info.update(checkpoint=ckpt, users=len(outcomes))
     cache.write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
-
-
-def _trial_data_path(uri: str, run_id: str) -> Optional[str]:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri).get_run(run_id).data.params.get("data.path")
 
 
 def max_t(setup: SweepSetup) -> int:
@@ -226,9 +201,11 @@ def register(best, uri: Optional[str], base: TrainConfig, register_as: Optional[
     """The best trial's served model, registered (and @champion) when the sweep tracks models."""
     if best is None or not uri or not best.run_id or not base.tracking.log_model:
         return None
+    from mlflow.tracking import MlflowClient
+
+    data_path = MlflowClient(tracking_uri=uri).get_run(best.run_id).data.params.get("data.path")
     return register_best(uri, best.run_id, register_as or f"ray-pinet-{Path(base.data.path).name}",
-                         sweep=name, trial_dir=str(sweep_dir), objective=best.objective,
-                         data_path=_trial_data_path(uri, best.run_id))
+                         sweep=name, trial_dir=str(sweep_dir), objective=best.objective, data_path=data_path)
 
 
 SEQUENCE_SWEEP = SweepKind(

@@ -41,8 +41,7 @@ class ObjectiveSpec:
 
     slice: the stratum to improve (tail = stratum 0, or s0..s{K-1}); metric at eval.k.
     measure: ``lift`` = relative change against the reference joint model *on the same users*
-    (a trial with another threshold has another tail population, so absolute tail metrics of two
-    trials are not comparable); ``absolute`` = the metric itself.
+    (why: ``objective.py``); ``absolute`` = the metric itself.
     guard_tolerance: every other stratum must keep at least reference x (1 - tolerance) of the
     same metric; a trial that breaks it is infeasible: reported, never chosen.
     """
@@ -179,17 +178,11 @@ def to_tune_domain(dom: Any):
     args = dom[kind]
     if _structured(dom):
         args = [json.dumps(v) for v in args]
-    if kind == "choice":
-        return tune.choice(args)
-    if kind == "grid":
-        return tune.grid_search(args)
-    if kind == "uniform":
-        return tune.uniform(*args)
-    if kind == "loguniform":
-        return tune.loguniform(*args)
+    if kind in ("choice", "grid"):
+        return (tune.choice if kind == "choice" else tune.grid_search)(args)
     if kind == "randint":
         return tune.randint(int(args[0]), int(args[1]))
-    return tune.quniform(*args)
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform}[kind](*args)
 
 
 def param_space(space: TuneSpace) -> dict[str, Any]:

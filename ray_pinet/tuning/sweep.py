@@ -55,8 +55,6 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
               reference_checkpoint: Optional[str] = None, include_defaults: bool = True,
               num_samples: Optional[int] = None, smoke: bool = False) -> dict:
     """Run (or resume) a sweep; returns the summary written to ``<sweep>/summary.json``."""
-    import ray
-
     kind = kind_of_method(parse_space(space_path).method)
     sweep = SWEEPS[kind.name]
     if smoke:  # the smoke settings of the space's own kind
@@ -72,8 +70,7 @@ def run_sweep(space_path: str, config: Optional[str], overrides: list[str], name
     sweep_dir = Path(storage).expanduser().resolve() / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     kind.prepare(base, base.run.progress)
-    if not ray.is_initialized():
-        start_ray()
+    start_ray()
     uri, parent = sweep_parent_run(base, name, space, {"space_file": str(space_path)})
     setup = SweepSetup(name=name, base_config=config, base_overrides=list(overrides), space=to_dict(space),
                        storage=str(sweep_dir), tracking_uri=uri, parent_run_id=parent,

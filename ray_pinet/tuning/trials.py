@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,6 +15,8 @@ from typing import Any, Callable, Optional
 from ray_pinet.config_base import flatten, from_dict, to_dict
 from ray_pinet.storage_uri import local_or_uri
 from ray_pinet.tracking import mlflow_utils as mu
+from ray_pinet.training.trainer import fit
+from ray_pinet.tuning.placement import remove_trial_groups
 from ray_pinet.tuning.space import TuneSpace, encode_value
 
 
@@ -64,6 +67,37 @@ def default_point(space: TuneSpace, cfg: Any, prep: Any = None) -> dict[str, Any
         value = pflat[key[len("prepare."):]] if key.startswith("prepare.") else flat[key]
         point[key] = encode_value(dom, value)
     return point
+
+
+def start_trial(setup: SweepSetup, config: dict) -> tuple[str, dict]:
+    """(trial id, MLflow tags) of the trial running here, after moving to the sweep's working
+    directory: Tune starts trials in their own trial directory; configs name data relative to
+    where the sweep was started (on a multi-node cluster: absolute paths on shared storage)."""
+    from ray import tune
+
+    if Path(setup.cwd).is_dir():
+        os.chdir(setup.cwd)
+    trial_id = tune.get_context().get_trial_id()
+    return trial_id, {"sweep": setup.name, "trial_id": trial_id,
+                      **{f"tune.{k}": json.dumps(v) for k, v in config.items()}}
+
+
+def run_overrides(setup: SweepSetup, run_name: str) -> list[str]:
+    """The overrides of every run a sweep trains: its name and folder, the trial resources, the
+    sweep's tracking store."""
+    trial = setup.tune_space.trial
+    tracking = [f"tracking.tracking_uri={setup.tracking_uri}"] if setup.tracking_uri else []
+    return [f"run.name={run_name}", f"run.storage_path={setup.storage}/runs", "run.progress=false",
+            f"run.num_workers={trial.num_workers}", f"run.cpus_per_worker={trial.cpus_per_worker}"] + tracking
+
+
+def fit_trial(cfg: Any, setup: SweepSetup, tags: dict, score: Callable[[dict], Optional[dict]]):
+    """``fit`` of a trial's run, each report forwarded to Tune (``report_callback``); the
+    placement group the Train run leaves behind is removed when it ends (placement.py)."""
+    try:
+        return fit(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[report_callback(score)])
+    finally:
+        remove_trial_groups(own=True, orphans=True)
 
 
 def report_callback(score: Callable[[dict], Optional[dict]]):

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from ray_pinet.config_base import ConfigError
-from ray_pinet.training.trainer import fit
-from ray_pinet.tuning.placement import remove_trial_groups
+from ray_pinet.tuning.report import status
 from ray_pinet.tuning.space import TuneSpace, decode_values, extreme_values, split_overrides
-from ray_pinet.tuning.trials import SweepKind, SweepSetup, report_callback
+from ray_pinet.tuning.trials import SweepKind, SweepSetup, fit_trial, run_overrides, start_trial
 from ray_pinet.twotower_config import TwoTowerConfig
 
 TWOTOWER_OBJECTIVES = ("ndcg", "auc")  # NDCG@10 (every method); AUC of labeled rows (ncf)
@@ -59,24 +57,15 @@ def trial_config(config: Optional[str], overrides: list[str], values: dict[str, 
 def twotower_trial_fn(config: dict[str, Any], setup: SweepSetup) -> None:
     from ray import tune
 
-    if Path(setup.cwd).is_dir():
-        os.chdir(setup.cwd)
+    trial_id, tags = start_trial(setup, config)
     space = setup.tune_space
-    trial_id = tune.get_context().get_trial_id()
-    extra = [f"run.name={setup.name}-{trial_id}", f"run.storage_path={setup.storage}/runs", "run.progress=false",
-             f"run.num_workers={space.trial.num_workers}", f"run.cpus_per_worker={space.trial.cpus_per_worker}"]
-    extra += [f"tracking.tracking_uri={setup.tracking_uri}"] if setup.tracking_uri else []
     values = {**space.fixed, **decode_values(space, dict(config))}
-    cfg = trial_config(setup.base_config, setup.base_overrides, values, space.method, extra)
+    cfg = trial_config(setup.base_config, setup.base_overrides, values, space.method,
+                       run_overrides(setup, f"{setup.name}-{trial_id}"))
     key = objective_key(space)
-    tags = {"sweep": setup.name, "trial_id": trial_id, **{f"tune.{k}": json.dumps(v) for k, v in config.items()}}
     # every evaluated epoch's validation value is an intermediate objective (ASHA stops on it)
-    scored = report_callback(lambda m: None if key not in m else
-                             {"objective": m[key], "objective_value": m[key], "feasible": 1.0, "final": 0.0})
-    try:
-        res = fit(cfg, parent_run_id=setup.parent_run_id, tags=tags, callbacks=[scored])
-    finally:
-        remove_trial_groups(own=True, orphans=True)
+    res = fit_trial(cfg, setup, tags, lambda m: None if key not in m else
+                    {"objective": m[key], "objective_value": m[key], "feasible": 1.0, "final": 0.0})
     best = max(h[key] for h in res.history if key in h)
     tune.report({"objective": best, "objective_value": best, "feasible": 1.0, "final": 1.0,
                  **{k: v for k, v in res.final.items() if k.startswith(("final/", "valid_best/"))}})
@@ -103,11 +92,10 @@ def write_report(summary: dict, space: TuneSpace, out: Path) -> list[Path]:
     best_id = (summary["best"] or {}).get("trial_id")
     for t in summary["trials"]:
         m = t["metrics"]
-        status = "error" if t.get("error") else ("finished" if t["finished"] else "stopped early")
         cells = [f"{m.get(f'final/{s}/{x}', float('nan')):.4f}" for s, x in (("all", "ndcg@10"), ("tail", "ndcg@10"),
                                                                             ("all", third))]
         chosen = " **chosen**" if t["trial_id"] == best_id else ""
-        lines.append(f"| {t['trial_id']} | {json.dumps(t['values'])} | {status}{chosen} | {t['iterations']} | "
+        lines.append(f"| {t['trial_id']} | {json.dumps(t['values'])} | {status(t)}{chosen} | {t['iterations']} | "
                      f"{m.get('objective_value', float('nan')):.4f} | " + " | ".join(cells) + " |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -11,7 +11,8 @@ import torch
 
 from ray_pinet.config import TrainConfig
 from ray_pinet.training import exactness as ex
-from ray_pinet.training.engine import Engine, RunMeta, compose_plugin_states
+from ray_pinet.training.engine import Engine, RunMeta
+from ray_pinet.training.stage2 import compose_plugin_states
 
 P = ex.Problem(num_rows=120, num_items=40, max_len=8, seed=5)
 
