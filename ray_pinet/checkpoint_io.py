@@ -1,12 +1,11 @@
 """Checkpoint files: written as plain data, read with ``torch.load(weights_only=True)``.
 
-``torch.load(weights_only=False)`` unpickles arbitrary objects, which runs whatever code a
-tampered or foreign file names (a ``__reduce__`` payload runs while the file is read, before any
-check of its content could). With ``weights_only=True`` torch builds only tensors and plain
-containers and refuses anything else before building it. So every checkpoint ray-pinet writes
-holds only tensors, dicts, lists, tuples and str/int/float/bool/None (``plain`` turns numpy values
-and dataclasses into those), and every checkpoint it reads goes through ``load_weights``: a file
-holding anything else is refused with one error naming it, and nothing in it runs.
+``torch.load(weights_only=False)`` unpickles arbitrary objects, which runs whatever code a tampered or foreign
+file names (a ``__reduce__`` payload runs while the file is read, before any check of its content could). With
+``weights_only=True`` torch builds only tensors and plain containers and refuses anything else before building
+it. So every checkpoint ray-pinet writes holds only tensors, dicts, lists, tuples and str/int/float/bool/None
+(``plain`` turns numpy values and dataclasses into those), and every checkpoint it reads goes through
+``load_weights``: a file holding anything else is refused with one error naming it, and nothing in it runs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""What each ``ray-pinet`` subcommand runs (``cli.py`` parses and dispatches here).
-
-Imported only once a command runs: it pulls in torch, Ray and MLflow, which ``ray-pinet --help``
-does not need.
-"""
+"""What each ``ray-pinet`` subcommand runs (``cli.py`` parses and dispatches here). Imported only once a
+command runs: it pulls in torch, Ray and MLflow, which ``ray-pinet --help`` does not need."""
 
 from __future__ import annotations
 
@@ -218,5 +215,3 @@ def run_partition(args: argparse.Namespace) -> int:
     for part, n in write_partitions(table, args.output, args.cut, overwrite=args.overwrite):
         print(f"  {part.path}: {n} rows")
     return 0
-
-

@@ -81,12 +81,11 @@ class Stage2Config:
     max_minutes: float = 0.0  # 0 = no limit on stage 2's training time
     # Users not seen in training are routed to this stratum's plugin (0 = tail).
     unseen_stratum: int = 0
-    # Which trained plugins are served (frozen backbone). best: plugin s's best epoch whenever it
-    # beat the backbone on stratum s's validation users at all. significant: only when the
-    # paired-bootstrap interval (keep_level) of that gain over the stratum's validation users
-    # lies above zero; otherwise stratum s keeps the backbone's scores (identity plugin). On
-    # ml-latest-small (122 head / 488 tail validation users) plugins kept by "best" lowered test
-    # NDCG@10 in 2 of 3 seeds (docs/results.md).
+    # Which trained plugins are served (frozen backbone). best: plugin s's best epoch whenever it beat the
+    # backbone on stratum s's validation users at all. significant: only when the paired-bootstrap interval
+    # (keep_level) of that gain over the stratum's validation users lies above zero; otherwise stratum s keeps
+    # the backbone's scores (identity plugin). On ml-latest-small (122 head / 488 tail validation users)
+    # plugins kept by "best" lowered test NDCG@10 in 2 of 3 seeds (docs/results.md).
     keep: Literal["best", "significant"] = "best"
     keep_level: float = 0.95
     keep_draws: int = 1000
@@ -121,10 +120,9 @@ class FinetuneConfig:
 
 @dataclass
 class ReweightConfig:
-    """``reweight`` (baseline): static per-stratum weights w_s = (n_s / C_s)^power, n_s the
-    stratum's share of training users and C_s its share of training interactions (strata.json);
-    the loss is the w-weighted mean over the global batch. power 1 = reweighted to the
-    user-share prior (tail up-weighted); 0 = joint."""
+    """``reweight`` (baseline): static per-stratum weights w_s = (n_s / C_s)^power, n_s the stratum's share of
+    training users and C_s its share of training interactions (strata.json); the loss is the w-weighted mean
+    over the global batch. power 1 = reweighted to the user-share prior (tail up-weighted); 0 = joint."""
 
     power: float = 1.0
 
@@ -135,11 +133,10 @@ class TransferConfig:
     tasks + head/tail discriminator behind gradient reversal).
 
     One iteration: ``trajectories`` parallel inner loops of ``inner_steps`` tasks each (a task =
-    ``users_per_task`` training rows of distinct users), fresh inner Adam (``inner_lr``) per
-    trajectory; outer update θ ← θ + outer_lr · mean_j(θ_k^j − θ_0). One epoch visits every
-    training row once. ``trajectories`` must be a multiple of the worker count: trajectory j
-    takes the j-th of ``trajectories`` contiguous blocks of sample ids, inside one rank's block
-    whatever W (training/shards.py).
+    ``users_per_task`` training rows of distinct users), fresh inner Adam (``inner_lr``) per trajectory; outer
+    update θ ← θ + outer_lr · mean_j(θ_k^j − θ_0). One epoch visits every training row once. ``trajectories``
+    must be a multiple of the worker count: trajectory j takes the j-th of ``trajectories`` contiguous blocks
+    of sample ids, inside one rank's block whatever W (training/shards.py).
     """
 
     inner_steps: int = 5

@@ -33,13 +33,12 @@ def local_cpus() -> int:
 def start_ray(**overrides: Any) -> None:
     """``ray.init`` for ray-pinet, unless Ray is already initialised in this process.
 
-    With ``RAY_ADDRESS`` set: join that cluster (gloo uses the nodes' own interface there).
-    Otherwise a new local instance: ``local_cpus()`` logical CPUs, the dashboard on 127.0.0.1 (a
-    free port, 8265 when free), gloo over loopback, workers able to import ray_pinet from an
-    uninstalled checkout. ``overrides`` replace or add ``ray.init`` keywords (the tests' object
-    store size and ``log_to_driver``, a benchmark's CPU count); ``runtime_env`` env_vars given
-    there are added to the defaults; ``address="local"`` starts a local instance even when
-    ``RAY_ADDRESS`` is set (the test suite's).
+    With ``RAY_ADDRESS`` set: join that cluster (gloo uses the nodes' own interface there). Otherwise a new
+    local instance: ``local_cpus()`` logical CPUs, the dashboard on 127.0.0.1 (a free port, 8265 when free),
+    gloo over loopback, workers able to import ray_pinet from an uninstalled checkout. ``overrides`` replace
+    or add ``ray.init`` keywords (the tests' object store size and ``log_to_driver``, a benchmark's CPU
+    count); ``runtime_env`` env_vars given there are added to the defaults; ``address="local"`` starts a local
+    instance even when ``RAY_ADDRESS`` is set (the test suite's).
     """
     import ray
 

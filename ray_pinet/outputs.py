@@ -1,14 +1,11 @@
 """Outputs that appear whole or not at all.
 
-Every command that writes a folder or file a user keeps (prepared data, partitions, reports,
-retrain artifacts) writes it into a temporary sibling and swaps it in only when the command
-succeeded: a failed or interrupted run leaves the previous output exactly as it was, and a reader
-never sees a half-written one. Siblings (same parent folder) keep the final ``rename`` on one
-filesystem, where it is atomic for a file and a two-rename swap for a folder.
-
-``resumable_dir`` is the same swap for a long command whose work is worth keeping when it stops
-(``prepare``): its unfinished folder stays beside the output for the next run with the same
-inputs to finish, and every file in it is written through ``atomic_path``.
+Every command that writes a folder or file a user keeps (prepared data, partitions, reports, retrain
+artifacts) writes it into a temporary sibling and swaps it in only when the command succeeded: a failed or
+interrupted run leaves the previous output exactly as it was, and a reader never sees a half-written one.
+Siblings (same parent folder) keep the final ``rename`` on one filesystem, where it is atomic for a file and a
+two-rename swap for a folder. ``resumable_dir`` is the same swap for a long command whose work is worth
+keeping when it stops (``prepare``).
 """
 
 from __future__ import annotations
@@ -61,9 +58,9 @@ def replaced_dir(target: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]
 
 
 def swap_in(new: Path, target: Path, keep: Iterable[str] = ()) -> None:
-    """Put the finished folder ``new`` at ``target`` (a sibling), removing the previous one only
-    after the new one is in place. Between the two renames a crash leaves the previous content
-    under ``.<name>.old-*`` beside ``target``, never deleted."""
+    """Put the finished folder ``new`` at ``target`` (a sibling), removing the previous one only after the new
+    one is in place. Between the two renames a crash leaves the previous content under ``.<name>.old-*``
+    beside ``target``, never deleted."""
     old: Optional[Path] = None
     if target.exists() or target.is_symlink():
         if not target.is_dir() or target.is_symlink():
@@ -116,15 +113,14 @@ def resumable_dir(target: str | Path, state: dict[str, Any],
                   discard_on: tuple[type[BaseException], ...] = ()) -> Iterator[Partial]:
     """``replaced_dir`` whose folder survives a run that stops, so the next run can reuse its work.
 
-    The folder is ``partial_dir(target)``, held under an exclusive lock for the whole block (a
-    second run for the same ``target`` waits for the first). ``state`` (JSON-able) is what the
-    work in it depends on, e.g. config, input files and code: an earlier run's folder is kept
-    only when its state is equal, else emptied (``Partial.note`` says so and why). When the
-    block ends without an exception, stray temporary files (``atomic_path``) are removed and the
-    folder replaces ``target`` (``swap_in``). On an exception of a ``discard_on`` type (bad input
-    or settings: a rerun cannot reuse anything) it is removed; on any other exception (a crash,
-    Ctrl-C, a worker lost beyond its retries) and when the process is killed it stays, and a
-    rerun with an equal state resumes there.
+    The folder is ``partial_dir(target)``, held under an exclusive lock for the whole block (a second run for
+    the same ``target`` waits for the first); every file in it is to be written through ``atomic_path``.
+    ``state`` (JSON-able) is what the work in it depends on, e.g. config, input files and code: an earlier
+    run's folder is kept only when its state is equal, else emptied (``Partial.note`` says so and why). When
+    the block ends without an exception, stray temporary files are removed and the folder replaces ``target``
+    (``swap_in``). On an exception of a ``discard_on`` type (bad input or settings: a rerun cannot reuse
+    anything) it is removed; on any other exception (a crash, Ctrl-C, a worker lost beyond its retries) and
+    when the process is killed it stays, and a rerun with an equal state resumes there.
     """
     target = Path(target)
     partial = partial_dir(target)
@@ -151,10 +147,9 @@ def resumable_dir(target: str | Path, state: dict[str, Any],
 
 
 def _lock_dir(path: Path, target: Path) -> int:
-    """An open descriptor of the folder ``path`` (created if missing), exclusively locked.
-
-    The lock sits on the folder itself, which the holder renames to its target when it is done:
-    a waiter then holds a lock on a folder no longer at ``path``, and starts over on a new one."""
+    """An open descriptor of the folder ``path`` (created if missing), exclusively locked. The lock sits on
+    the folder itself, which the holder renames to its target when it is done: a waiter then holds a lock on a
+    folder no longer at ``path``, and starts over on a new one."""
     waited = False
     while True:
         path.mkdir(parents=True, exist_ok=True)

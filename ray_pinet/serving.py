@@ -1,15 +1,14 @@
 """The served form of a trained model.
 
-``ScoringModule``: one tensor in, catalogue scores out. Its input is a single int64 matrix:
-column 0 is the user's stratum (-1 = unknown user -> routed to ``unseen_stratum``, the tail
-plugin by default), columns 1..L are the last L items (item indices, oldest first, left-padded
-with 0). Output: float32 [B, M+1] scores over the catalogue (column 0, the padding item, is -inf).
+``ScoringModule``: one tensor in, catalogue scores out. Its input is a single int64 matrix: column 0 is the
+user's stratum (-1 = unknown user -> routed to ``unseen_stratum``, the tail plugin by default), columns 1..L
+are the last L items (item indices, oldest first, left-padded with 0). Output: float32 [B, M+1] scores over
+the catalogue (column 0, the padding item, is -inf).
 
-What ray-pinet logs to MLflow and registers is not this module but ``served_model.py``: an MLflow
-pyfunc on raw ids, logged as code (nothing pickled), carrying ``export_scoring``'s graph of the
-module (``torch.export``: the plugins route by a gather, no data-dependent control flow), the
-item vocabulary and the serving user table (``serving_users``). ``load_program`` gets the graph
-back for callers that hold item indices.
+What ray-pinet logs to MLflow and registers is not this module but ``served_model.py``
+(``log_served_pyfunc``): an MLflow pyfunc on raw ids carrying ``export_scoring``'s graph of the module
+(``torch.export``: the plugins route by a gather, no data-dependent control flow). ``load_program`` gets the
+graph back for callers that hold item indices.
 """
 
 from __future__ import annotations

@@ -1,26 +1,21 @@
-"""Local paths and object-store URIs (``s3://``, ``gs://``, ``file://``) for ``source.path``,
-``output`` (prepare), ``data.path`` and ``run.storage_path``.
+"""Local paths and object-store URIs (``s3://``, ``gs://``, ``file://``) for ``source.path``, ``output``
+(prepare), ``data.path`` and ``run.storage_path`` (docs/design.md "Object storage").
 
-A URI is never turned into a ``Path`` (``Path("s3://b/x").resolve()`` is ``<cwd>/s3:/b/x``):
-``local_or_uri`` expands and resolves real local paths only, maps ``file://`` URIs to local paths
-and returns other URIs unchanged. Filesystems are pyarrow's (``filesystem_for``); an ``s3://``
-filesystem is built from the standard environment variables (``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL`` for an S3-compatible server, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``) with the
-values written into it, so the filesystem object that Ray ships to its tasks and Train workers
-(pickled) works there without those variables.
-
-What each key does with a URI (docs/design.md "Object storage"):
+A URI is never turned into a ``Path`` (``Path("s3://b/x").resolve()`` is ``<cwd>/s3:/b/x``): ``local_or_uri``
+expands and resolves real local paths only, maps ``file://`` URIs to local paths and returns other URIs
+unchanged. Filesystems are pyarrow's (``filesystem_for``); an ``s3://`` filesystem is built from the standard
+AWS_* environment variables (``_s3_from_env``: endpoint for an S3-compatible server, keys, session token,
+region) with the values written into it, so the filesystem object that Ray ships to its tasks and Train
+workers (pickled) works there without those variables.
 
 * ``source.path``: listed and read through the filesystem (``data/sources.py``).
 * ``output``: ``data.pipeline.prepare_output`` prepares into a local staging folder
   (``<scratch>/staging/<key>``, so a stopped run resumes there) and uploads the finished folder,
-  the JSON files last (``prepare_config.json`` the very last: a folder whose upload stopped lacks it,
-  and ``train`` refuses it as partial).
-* ``data.path``: ``local_copy`` syncs the prepared folder to ``<scratch>/cache/<key>`` on the
-  driver (again only when the remote listing changed) and training reads that copy.
-* ``run.storage_path``: Ray Train's ``RunConfig(storage_path, storage_filesystem)``; the driver's
-  resume check reads the run's snapshot and latest checkpoint through the filesystem.
+  prepare_config.json last: a folder whose upload stopped lacks it, and ``train`` refuses it as partial.
+* ``data.path``: ``local_copy`` syncs the prepared folder to ``<scratch>/cache/<key>`` on the driver and
+  training reads that copy.
+* ``run.storage_path``: Ray Train's ``RunConfig(storage_path, storage_filesystem)``; the driver's resume check
+  reads the run's snapshot and latest checkpoint through the filesystem (``mirror_run``).
 
 ``<scratch>`` is ``$RAY_PINET_SCRATCH``, by default ``<tempdir>/ray-pinet-<uid>``.
 """
@@ -112,8 +107,8 @@ def _s3_from_env() -> pafs.S3FileSystem:
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) of a URI or local path. ``s3://``: see the module
-    docstring; other schemes through ``pyarrow.fs.FileSystem.from_uri``, then fsspec."""
+    """(pyarrow filesystem, path inside it) of a URI or local path; schemes other than ``s3://`` through
+    ``pyarrow.fs.FileSystem.from_uri``, then fsspec."""
     uri = str(uri)
     kind = scheme(uri)
     if kind is None or kind == "file":
@@ -137,8 +132,7 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
 
 
 def _info(uri: str, key: str) -> pafs.FileInfo:
-    """``get_file_info`` of a URI, with a missing bucket or an unreachable store as one ConfigError
-    naming ``key`` and the URI."""
+    """``get_file_info`` of a URI; a missing bucket or an unreachable store: a ConfigError naming ``key``."""
     fs, path = filesystem_for(uri)
     bucket = path.split("/", 1)[0]
     try:
@@ -190,9 +184,9 @@ def download_file(uri: str, target: Path) -> Path:
 
 
 def local_copy(uri: str, key: str = "data.path") -> Path:
-    """A local copy of the remote folder ``uri`` (``<scratch>/cache/<key>``), downloaded again
-    only when the remote listing (names, sizes, modification times) differs from the copy's.
-    Swapped in whole: a download that stops leaves the previous copy."""
+    """A local copy of the remote folder ``uri``, downloaded again only when the remote listing (names, sizes,
+    modification times) differs from the copy's. Swapped in whole: a download that stops leaves the previous
+    copy."""
     uri = local_or_uri(uri)
     fs, path = filesystem_for(uri)
     listing = _listing(fs, path)
@@ -222,9 +216,8 @@ def _swap(new: Path, target: Path) -> None:
 
 
 def staging_for(uri: str, allowed: tuple[str, ...], sources: list[str]) -> Path:
-    """The local folder a ``prepare`` into the remote folder ``uri`` writes first (then
-    ``publish_staged``): refused when ``uri`` is a file, holds entries other than ``allowed``
-    (replacing the folder would delete them), or contains one of the ``sources``."""
+    """The local folder a ``prepare`` into the remote folder ``uri`` writes first (then ``publish_staged``):
+    refused when ``uri`` is a file, holds entries other than ``allowed`` or contains one of ``sources``."""
     fs, root = filesystem_for(uri)
     if _info(uri, "output").type == pafs.FileType.File:
         raise ConfigError(f"output={uri!r} is a file, not a folder", key="output")
@@ -242,8 +235,8 @@ def staging_for(uri: str, allowed: tuple[str, ...], sources: list[str]) -> Path:
 
 
 def publish_staged(stage: Path, uri: str) -> Path:
-    """Upload a prepared ``stage`` folder to ``uri`` (its prepare_config.json naming ``uri`` as
-    the output); the staged folder becomes the local copy ``local_copy`` would download."""
+    """Upload a prepared ``stage`` folder to ``uri`` (its prepare_config.json naming ``uri`` as the output);
+    the staged folder becomes the local copy ``local_copy`` would download."""
     conf = stage / "prepare_config.json"
     conf.write_text(json.dumps({**json.loads(conf.read_text()), "output": uri}, indent=2))
     upload_dir(stage, uri, last=("report.json", "strata.json", "prepare_config.json"))
@@ -257,9 +250,9 @@ def publish_staged(stage: Path, uri: str) -> Path:
 
 
 def upload_dir(local: Path, uri: str, last: tuple[str, ...] = ()) -> None:
-    """Replace the remote folder ``uri`` by the local folder ``local``: its old objects are
-    deleted, then every file is copied, the top-level files named in ``last`` at the end, in
-    that order (object stores have no atomic folder rename)."""
+    """Replace the remote folder ``uri`` by the local folder ``local``: its old objects are deleted, then
+    every file is copied, the top-level files named in ``last`` at the end, in that order (object stores have
+    no atomic folder rename)."""
     fs, root = filesystem_for(uri)
     fs.delete_dir_contents(root, missing_dir_ok=True)
     src = pafs.LocalFileSystem()
@@ -269,8 +262,8 @@ def upload_dir(local: Path, uri: str, last: tuple[str, ...] = ()) -> None:
 
 
 def move_aside(uri: str) -> str | None:
-    """``resume.move_aside`` for a remote folder: copied to ``<name>.replaced-<UTC time>`` beside
-    it, then deleted (object stores have no rename); the new URI, or None when nothing was there."""
+    """``resume.move_aside`` for a remote folder: copied to ``<name>.replaced-<UTC time>`` beside it, then
+    deleted (object stores have no rename); the new URI, or None when nothing was there."""
     fs, path = filesystem_for(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
@@ -285,9 +278,8 @@ def move_aside(uri: str) -> str | None:
 
 
 def mirror_run(run_uri: str, target: Path, snapshot: str) -> Path:
-    """What ``resume.latest_checkpoint`` reads of a remote run folder, copied to ``target``: the
-    Ray Train snapshot file, an empty folder for each checkpoint it names that exists, and the
-    whole latest checkpoint."""
+    """What ``resume.latest_checkpoint`` reads of a remote run folder, copied to ``target``: the Ray Train
+    snapshot file, an empty folder for each checkpoint it names that exists, the whole latest checkpoint."""
     fs, path = filesystem_for(run_uri)
     target.mkdir(parents=True, exist_ok=True)
     if fs.get_file_info(f"{path}/{snapshot}").type != pafs.FileType.File:

@@ -1,25 +1,22 @@
 """``ray-pinet submit``: run a command as a Ray Job, stream its logs, return its outcome.
 
 All Ray Jobs SDK calls of the project live here. The job's working directory is uploaded
-(``runtime_env.working_dir``) without the big local outputs (``DEFAULT_EXCLUDES``: the virtual
-environment, ``runs/``, ``mlruns/``, ``prepared/``, ``reports/``, SQLite files, caches; Ray's
-upload limit is 512 MiB and the ``.gitignore`` of the directory is respected as well). The
-bundled ``data/`` is kept, so configs with repo-relative paths work in the job.
+(``runtime_env.working_dir``) without the big local outputs (``DEFAULT_EXCLUDES``; Ray's upload limit is
+512 MiB, and the directory's ``.gitignore`` is respected as well). The bundled ``data/`` is kept, so configs
+with repo-relative paths work in the job.
 
-No ``pip`` section by default: the cluster's Python environment (the image or the virtual
-environment ``ray start`` runs from) is expected to have ray-pinet's dependencies already, and
-the entrypoint's ``python`` is the first one on the cluster's ``PATH``. ``--requirements FILE``
-adds a ``pip`` runtime env (installed per job, slow).
+No ``pip`` section by default: the cluster's Python environment (the image or the virtual environment
+``ray start`` runs from) is expected to have ray-pinet's dependencies already, and the entrypoint's ``python``
+is the first one on the cluster's ``PATH``. ``--requirements FILE`` adds a ``pip`` runtime env (installed per
+job, slow).
 
-Submission ids are idempotent: a job whose id already exists is not submitted again. A running
-or pending one is attached to (its logs are tailed); a finished one is reported as it ended
-(resubmitting a finished id returns its old outcome; use a new id to rerun).
+Submission ids are idempotent: a job whose id already exists is not submitted again. A running or pending one
+is attached to (its logs are tailed); a finished one is reported as it ended (use a new id to rerun).
 
-Auth: our clusters run with token auth on (``RAY_AUTH_MODE=token``). The SDK sends a token by
-itself only when this process has ``RAY_AUTH_MODE=token`` (it then reads ``RAY_AUTH_TOKEN``,
-``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``); ``submit`` sends the same token in its own
-reachability check, and ``RAY_AUTH_TOKEN`` / the file named by ``RAY_AUTH_TOKEN_PATH`` whenever
-one is set, whatever the local auth mode.
+Auth: our clusters run with token auth on (``RAY_AUTH_MODE=token``). The SDK sends a token by itself only when
+this process has ``RAY_AUTH_MODE=token`` (it then reads ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``); ``submit`` sends the same token in its own reachability check, and ``RAY_AUTH_TOKEN``
+/ the file named by ``RAY_AUTH_TOKEN_PATH`` whenever one is set, whatever the local auth mode.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The compare grid: which runs to make, in which order, and resuming a grid that stopped.
 
-A cell is (label, method, overrides) x backbone x seed. Per (backbone, seed) the ``joint``
-cell runs first: it is the baseline every change is measured against, and its trained
-backbone is reused where a method's first stage *is* joint training (``pinet`` with the
-interaction-share prior starts stage 2 from it, ``finetune`` fine-tunes it), exactly as
-``train --method joint --method pinet`` does. Finished cells are appended to
+A cell is (label, method, overrides) x backbone x seed. Per (backbone, seed) the ``joint`` cell runs first: it
+is the baseline every change is measured against, and its trained backbone is reused where a method's first
+stage *is* joint training (``pinet`` with the interaction-share prior starts stage 2 from it, ``finetune``
+fine-tunes it), exactly as ``train --method joint --method pinet`` does. Finished cells are appended to
 ``<output>/cells.jsonl``; rerunning the same command skips them.
 """
 
@@ -65,10 +64,9 @@ def build_cells(methods: list[str], variants: list[str], reference: str = "joint
 def run_grid(kind: Kind, config: Optional[str], overrides: list[str], cells: list[Cell], backbones: list[str],
              seeds: list[int], name: str, output: Path, parent_run_id: Optional[str] = None,
              fresh: bool = False) -> list[CellResult]:
-    """Every cell x backbone x seed of ``kind`` (``backbones``: values of ``kind.backbone_key``;
-    ["mf"] for a kind without one). A finished cell (``cells.jsonl``) is skipped only when the
-    command builds the config it was made with; ``fresh``: every cell's run starts anew (its
-    earlier run folder kept aside, ``fit``)."""
+    """Every cell x backbone x seed of ``kind`` (``backbones``: values of ``kind.backbone_key``; ["mf"] for a
+    kind without one). A finished cell (``cells.jsonl``) is skipped only when the command builds the config it
+    was made with; ``fresh``: every cell's run starts anew (its earlier run folder kept aside, ``fit``)."""
     output.mkdir(parents=True, exist_ok=True)
     base = kind.config_class.from_yaml(config, overrides)
     log = output / "cells.jsonl"

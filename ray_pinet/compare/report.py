@@ -1,11 +1,10 @@
 """The compare report: mean ± std over seeds, change against ``joint``, paired tests, a plot.
 
-Statistics. For each cell, slice and metric the seeds' test values give mean ± sample std.
-The change against joint is the relative difference of the means. Significance is a paired
-two-sided t-test over seeds (cell and joint share the seed, hence the data order and the
-initialisation), scipy's ``ttest_rel``; with fewer than 2 paired seeds, or identical values,
-p is reported as "-". 3 seeds give 2 degrees of freedom: only large, consistent changes reach
-p < 0.05.
+Statistics. For each cell, slice and metric the seeds' test values give mean ± sample std. The change against
+joint is the relative difference of the means. Significance is a paired two-sided t-test over seeds (cell and
+joint share the seed, hence the data order and the initialisation), scipy's ``ttest_rel``; with fewer than 2
+paired seeds, or identical values, p is reported as "-". 3 seeds give 2 degrees of freedom: only large,
+consistent changes reach p < 0.05.
 """
 
 from __future__ import annotations

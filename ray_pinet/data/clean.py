@@ -3,10 +3,9 @@
 Order of the steps, each counted in the returned stats (rows, and users that lose all their rows):
 
 Before any step, a user whose timestamps lie on two scales (some in seconds, some ~1000x larger in
-milliseconds, or us/ns) is an error (``MixedScale``, a DataError): sorting such a user's events would
-put the millisecond ones last without a word. Scales are the bands of epoch times from 1973 to 2286
-(1e8..1e10 s, 1e11..1e13 ms, ...); values outside every band (positions, small counters) are not
-judged.
+milliseconds, or us/ns) is an error (``MixedScale``, a DataError): sorting such a user's events would put the
+millisecond ones last without a word. Scales are the bands of epoch times from 1973 to 2286 (1e8..1e10 s,
+1e11..1e13 ms, ...); values outside every band (positions, small counters) are not judged.
 
 0. ``sample_users`` < 1: only users whose id hashes below that share are kept (``in_user_sample``);
    then ``source.behaviors``: when not empty, only rows with one of these behaviours are kept.

@@ -14,10 +14,9 @@ SOURCES = ("movielens_100k", "movielens_csv", "amazon_seq", "amazon2018_csv", "t
 class SourceConfig:
     """Where the raw log is and how to read it.
 
-    ``format`` picks an adapter; ``csv``/``parquet`` are the generic readers and use ``columns``
-    to map canonical names to the file's names, e.g. ``{user_id: uid, item_id: sku, timestamp: ts}``.
-    ``path`` is a local file, a directory, a glob, or any pyarrow/fsspec URI, or a list of them
-    (read as their union).
+    ``format`` picks an adapter; ``csv``/``parquet`` are the generic readers and use ``columns`` to map
+    canonical names to the file's names, e.g. ``{user_id: uid, item_id: sku, timestamp: ts}``. ``path`` is a
+    local file, a directory, a glob, or any pyarrow/fsspec URI, or a list of them (read as their union).
     """
 
     format: str = "movielens_csv"
@@ -95,12 +94,11 @@ class SamplesConfig:
     window: Literal["all", "last"] = "all"
     train_negatives: int = 1  # sampled negatives per training position (BCE losses)
     eval_candidates: int = 0  # 0 = full-catalogue ranking; >0 also stores that many sampled candidates
-    # Where the per-user negative draws come from. keyed: a counter-based hash of (seed, purpose,
-    # user_idx, draw), vectorised (ray_pinet/keyed_random.py). generator: one
-    # numpy Generator([seed, purpose, user_idx]) per user, ~30 µs each (30 s of CPU per million
-    # users); the only choice before 2026-11-24, kept to rebuild older prepared data exactly.
-    # Full-ranking metrics (HR, NDCG) never read these draws; AUC/GAUC's sampled negatives and BCE's
-    # training negatives do.
+    # Where the per-user negative draws come from. keyed: a counter-based hash of (seed, purpose, user_idx,
+    # draw), vectorised (ray_pinet/keyed_random.py). generator: one numpy Generator([seed, purpose, user_idx])
+    # per user, ~30 µs each (30 s of CPU per million users); the only choice before 2026-11-24, kept to
+    # rebuild older prepared data exactly. Full-ranking metrics (HR, NDCG) never read these draws; AUC/GAUC's
+    # sampled negatives and BCE's training negatives do.
     draws: Literal["keyed", "generator"] = "keyed"
 
     def validate(self) -> None:

@@ -27,13 +27,12 @@ def resolve_inputs(path: str | list[str],
     are skipped. URIs go through pyarrow (``file://``, ``s3://``, ``gs://``, ``hdfs://``) and fall back
     to fsspec for other schemes and for globs.
 
-    Local symlinks are followed, to files and to folders (data often lives on another disk), but
-    every real folder is listed once and every real file read once: a link back into a folder
-    already listed (a loop) is not entered, and a file reached under a second name (a link and its
-    target, a list naming a folder and a file in it) is read under the first name only. Each such
-    path, and each broken link or non-regular file, goes into ``notes`` (printed to stderr when
-    ``notes`` is None) rather than being dropped without a word. An empty ``source.path`` is a
-    ConfigError (it would read the working directory).
+    Local symlinks are followed, to files and to folders (data often lives on another disk), but every real
+    folder is listed once and every real file read once: a link back into a folder already listed (a loop) is
+    not entered, and a file reached under a second name (a link and its target, a list naming a folder and a
+    file in it) is read under the first name only. Each such path, and each broken link or non-regular file,
+    goes into ``notes`` (printed to stderr when ``notes`` is None) rather than being dropped without a word.
+    An empty ``source.path`` is a ConfigError (it would read the working directory).
     """
     found: list[str] = [] if notes is None else notes
     fs, files = _resolve(path, found)

@@ -1,39 +1,36 @@
 """``prepare(cfg)``: raw log -> the prepared-data directory of docs/design.md, on Ray.
 
-Parallel phases, each a set of Ray tasks (one CPU each) that read and write Parquet on disk, and
-one driver step. Only summaries travel to the driver (counts, activeness histograms, per-item
-training counts); neither the log nor any per-user table does, so the driver is O(1) in users:
+Parallel phases, each a set of Ray tasks (one CPU each) that read and write Parquet on disk, and one driver
+step. Only summaries travel to the driver (counts, activeness histograms, per-item training counts), never
+the log or a per-user table, so the driver is O(1) in users:
 
-1. ingest (one task per input file): read + validate (``sources``), write ``canonical/`` and split
-   the rows into ``num_buckets`` user buckets by a stable hash of the user id (crc32 into
-   ``HASH_SLOTS`` slots, a contiguous run of slots per bucket), keeping source order inside each
-   bucket and every user whole in one bucket (instead of a hash shuffle: see below).
-2. clean (one task per bucket): cleaning policies (``clean``); writes the bucket's rows and its
-   users in user_idx order (hash slot, then id), returns counts, the bucket's activeness histogram
-   and its per-item training counts (summed on the driver as they arrive).
+1. ingest (one task per input file): read + validate (``sources``), write ``canonical/`` and split the rows
+   into ``num_buckets`` user buckets by a stable hash of the user id (``prepare_tasks.bucket_of``), keeping
+   source order inside each bucket and every user whole in one bucket (instead of a hash shuffle: see below).
+2. clean (one task per bucket): cleaning policies (``clean``); writes the bucket's rows and its users in
+   user_idx order (hash slot, then id), returns counts, the bucket's activeness histogram and its per-item
+   training counts (summed on the driver as they arrive).
 3. driver: ``item_idx`` (items sorted by id, 1..M), strata from the activeness histogram
-   (``strata.stratum_histograms``: exact, with prepare's tie-break), and each bucket's first
-   user_idx and sample ids. Users are numbered bucket after bucket, so user_idx = the bucket's
-   first + the rank inside the bucket, the same for any ``num_buckets`` (prepared format 2; format 1
-   numbered users by id, which needed every user on the driver). When some item appears only as a
-   validation/test target, one small task round counts those rows per bucket (``unseen``).
-4. samples (one task per bucket): the bucket's strata (global ranks from the driver's offsets),
-   leave-one-out rows, windows and negatives (``samples``), and its rows of ``users.parquet``,
-   which the driver concatenates one bucket at a time.
+   (``strata.stratum_histograms``: exact, with prepare's tie-break), and each bucket's first user_idx and
+   sample ids. Users are numbered bucket after bucket, so user_idx = the bucket's first + the rank inside the
+   bucket, the same for any ``num_buckets`` (prepared format 2; format 1 numbered users by id, which needed
+   every user on the driver). When some item appears only as a validation/test target, one small task round
+   counts those rows per bucket (``unseen``).
+4. samples (one task per bucket): the bucket's strata (global ranks from the driver's offsets), leave-one-out
+   rows, windows and negatives (``samples``), and its rows of ``users.parquet``, which the driver
+   concatenates one bucket at a time.
 
-Scratch files of a bucket are deleted as soon as its result is kept (``run_tasks(keep=...)``), so
-scratch disk is about one uncompressed copy of the log at its peak.
+A bucket's scratch files are deleted as soon as its result is kept (``run_tasks(keep=...)``), so scratch disk
+peaks at about one uncompressed copy of the log. One task's memory is about one bucket (rows / num_buckets):
+raise ``num_buckets`` for larger logs (the benchmarks use about 1.25 M rows per bucket). ``prepare`` writes to
+a local (or shared) filesystem path.
 
-Memory of one task is about the size of one bucket (rows / num_buckets); raise ``num_buckets`` for
-larger logs (the benchmarks use about 1.25 M rows per bucket). Outputs are written to a local (or
-shared) filesystem path.
-
-Why Ray tasks rather than a Ray Data ``read_parquet().map_batches()`` chain: the tie-break of equal
-timestamps is the source order, and Ray Data's blocks do not carry a row's position in its file;
-per-file tasks know it exactly. Ray Data's hash shuffle (``groupby``) is also several times slower
-than this bucketing on small machines (ray-notes.md, measured numbers). ``report.json["tasks"]``
-has each phase's task count, summed and maximum task wall time and summed task CPU time, and how
-many tasks were reused from an unfinished run or retried after their worker died.
+Why Ray tasks rather than a Ray Data ``read_parquet().map_batches()`` chain: the tie-break of equal timestamps
+is the source order, and Ray Data's blocks do not carry a row's position in its file; per-file tasks know it
+exactly. Ray Data's hash shuffle (``groupby``) is also several times slower than this bucketing on small
+machines (ray-notes.md, measured numbers). ``report.json["tasks"]`` has each phase's task count, summed and
+maximum task wall time and summed task CPU time, and how many tasks were reused from an unfinished run or
+retried after their worker died.
 
 Faults: ``prepare``'s docstring.
 """
@@ -97,20 +94,19 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     """Run the whole preparation and write ``cfg.output``; prints a summary. See docs/design.md.
 
-    The output appears whole or not at all: everything is written into the sibling folder
-    ``.<name>.partial`` (``outputs.resumable_dir``), swapped in only when every phase succeeded,
-    so a failed run (a mistyped input path, a bad row) leaves a previous prepared folder exactly
-    as it was. Refused before anything is written: an input inside the output (replacing the
-    output would delete it) and an existing output holding entries prepare does not write (they
-    would be deleted with it).
+    The output appears whole or not at all: everything is written into the sibling folder ``.<name>.partial``
+    (``outputs.resumable_dir``), swapped in only when every phase succeeded, so a failed run (a mistyped input
+    path, a bad row) leaves a previous prepared folder as it was. Refused before anything is written: an input
+    inside the output or an existing output holding entries prepare does not write (replacing the output
+    would delete them).
 
-    Faults: a task whose worker process died is retried (``ray_tasks.TASK_RETRIES``); each task
-    writes its files under temporary names and renames them into place when complete, then keeps
-    its result in ``_work/done/``. A run that stops (killed, Ctrl-C, a worker lost beyond its
-    retries) leaves ``.<name>.partial``; a rerun with the same config, input files (names, sizes,
-    modification times) and data-layer code loads the finished tasks' results instead of running
-    them (``report.json`` ``tasks.<phase>.reused``), anything else empties it first, with a note.
-    Bad input or settings (DataError, ConfigError) remove it: nothing in it could be reused.
+    Faults: a task whose worker process died is retried (``ray_tasks.TASK_RETRIES``); each task writes its
+    files under temporary names, renamed into place when complete, then keeps its result in ``_work/done/``.
+    A run that stops (killed, Ctrl-C, a worker lost beyond its retries) leaves ``.<name>.partial``; a rerun
+    with the same config, input files (names, sizes, modification times) and data-layer code loads the
+    finished tasks' results instead of running them (``report.json`` ``tasks.<phase>.reused``), anything
+    else empties it first, with a note. Bad input or settings (DataError, ConfigError) remove it: nothing in
+    it could be reused.
     """
     _validate(cfg)
     out = Path(cfg.output)
@@ -118,10 +114,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     fs, files = resolve_inputs(cfg.source.path, notes)  # before anything is touched
     if isinstance(fs, pafs.LocalFileSystem):
         refuse_input_inside(out, files)
-    # Nothing that other commands put into a prepared folder is carried over: ``partitions.json``
-    # (retrain) says which date partitions the folder holds, which a re-prepare may change;
-    # retrain writes it again after the prepare it runs itself, and a missing one only costs
-    # retrain a fresh prepare, while a stale one would make it reuse the wrong data.
+    # Nothing that other commands put into a prepared folder is carried over: ``partitions.json`` (retrain)
+    # says which date partitions the folder holds, which a re-prepare may change; retrain writes it again
+    # after its own prepare, and a missing one only costs retrain a fresh prepare, while a stale one would
+    # make it reuse the wrong data.
     refuse_foreign(out, (*_OUTPUTS, *_DROPPED))
     ensure_ray()
     # A real output that is a symlink is replaced at its target (the link stays).
@@ -144,9 +140,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
 
 
 class _Run:
-    """The phases of one run (module docstring) and what they share: the config whose ``output``
-    is the partial folder (the tasks write there; prepare_config.json records the real one), the
-    input files, and each phase's task counts and wall time for report.json."""
+    """The phases of one run (module docstring) and what they share: the config whose ``output`` is the
+    partial folder (the tasks write there; prepare_config.json records the real one), the input files, and
+    each phase's task counts and wall time for report.json."""
 
     def __init__(self, cfg: PrepareConfig, tmp: Path, fs, files: list[str], progress: bool) -> None:
         self.cfg = dataclasses.replace(cfg, output=str(tmp))
@@ -249,8 +245,8 @@ _CODE = sorted([*Path(__file__).parent.glob("*.py"), Path(__file__).parents[1] /
 
 
 def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
-    """Everything a task's output depends on (``outputs.resumable_dir`` compares it; ``prepare``'s
-    docstring): the resolved config, each input file's name, size and mtime, code and libraries."""
+    """Everything a task's output depends on (``outputs.resumable_dir`` compares it): the resolved config,
+    each input file's name, size and mtime, code and libraries."""
     code = hashlib.sha256()
     for p in _CODE:
         code.update(p.read_bytes())
@@ -260,11 +256,6 @@ def _resume_state(cfg: PrepareConfig, fs, files: list[str]) -> dict[str, Any]:
                         for f, info in zip(files, fs.get_file_info(files))],
         "code": {"sha256": code.hexdigest(), "pyarrow": pa.__version__, "numpy": np.__version__},
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Report and summary
-# ----------------------------------------------------------------------------------------------
 
 
 def _report(cfg, ingested, cleaned, plan: Plan, counts, run: _Run, notes: list[str]) -> dict[str, Any]:
@@ -359,9 +350,9 @@ def format_summary(result: PrepareResult) -> str:
 
 
 def prepare_output(cfg: PrepareConfig, progress: bool = True):
-    """``prepare(cfg)`` for any ``cfg.output``: a local path or ``file://`` URI is prepared in
-    place; a remote URI is prepared into a local staging folder and uploaded (storage_uri's
-    module docstring). Returns the PrepareResult (``output``: the local folder prepared)."""
+    """``prepare(cfg)`` for any ``cfg.output``: a local path or ``file://`` URI is prepared in place; a remote
+    URI into a local staging folder, then uploaded (storage_uri's module docstring). The PrepareResult's
+    ``output`` is the local folder prepared."""
     if not storage_uri.is_remote(cfg.output):
         return prepare(dataclasses.replace(cfg, output=storage_uri.local_path(cfg.output)), progress=progress)
     uri = storage_uri.local_or_uri(cfg.output)

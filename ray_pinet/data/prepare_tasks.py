@@ -1,8 +1,7 @@
-"""What the Ray tasks of ``prepare`` run, phase by phase (``pipeline.prepare`` orchestrates
-them): ingest one file into canonical parts and user buckets, clean one bucket, count unseen
-items, plan the numbering and strata, and write one bucket's samples. Each writes its files
-under temporary names (``outputs.atomic_path``), so a retried or resumed task never meets a half
-file."""
+"""What the Ray tasks of ``prepare`` run, phase by phase (``pipeline.prepare`` orchestrates them): ingest
+one file into canonical parts and user buckets, clean one bucket, count unseen items, plan the numbering and
+strata (on the driver), and write one bucket's samples. Each writes its files under temporary names
+(``outputs.atomic_path``), so a retried or resumed task never meets a half file."""
 
 from __future__ import annotations
 
@@ -50,11 +49,6 @@ def write_parquet(table: pa.Table, path: Path, **kwargs) -> None:
         pq.write_table(table, tmp, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Phase 1: ingest one file
-# ----------------------------------------------------------------------------------------------
-
-
 def user_slot(user_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Stable hash slot of each user id: ``crc32(utf-8 id) % HASH_SLOTS`` (same in every process)."""
     return per_user(user_ids, lambda uid: zlib.crc32(uid.encode()) % HASH_SLOTS, np.int64)
@@ -98,16 +92,10 @@ def ingest_file(i: int, fs, path: str, cfg: PrepareConfig, bucket_cols: list[str
     return stats.to_dict()
 
 
-# ----------------------------------------------------------------------------------------------
-# Phase 2: clean one bucket
-# ----------------------------------------------------------------------------------------------
-
-
 def clean_one_bucket(b: int, cfg: PrepareConfig, bucket_cols: list[str], files: list[str],
                      fs=None) -> CleanedSummary:
-    """Clean bucket ``b``; writes its rows (``_work/clean``) and its users in user_idx order
-    (``_work/users``: by hash slot, then id) and returns only what the driver needs to number
-    and stratify them: counts, the activeness histogram and the per-item training counts."""
+    """Clean bucket ``b``; writes its rows (``_work/clean``) and its users in user_idx order (``_work/users``:
+    by hash slot, then id) and returns only what the driver needs to number and stratify them."""
     work = Path(cfg.output) / "_work"
     paths = sorted((work / "buckets" / f"{b:04d}").glob("part-*.parquet"))  # file order = source order
     schema = canonical_schema(bucket_cols)
@@ -189,15 +177,10 @@ def _locate(exc: MixedScale, fs, path: str, cfg: PrepareConfig, user: str) -> Da
     return DataError(exc.reason, file=name, column=TS, value=exc.value)
 
 
-# ----------------------------------------------------------------------------------------------
-# Driver: indices, strata, sample ids
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class BucketPlan:
-    """What samples task b gets from the driver: where its users' numbers start, and the global
-    rank of the first of its users of each activeness value (for the strata). No per-user data."""
+    """What samples task b gets from the driver: where its users' numbers start, and the global rank of the
+    first of its users of each activeness value (for the strata). No per-user data."""
 
     num_users: int  # all users, for the strata rule
     user_first: int  # user_idx of the bucket's first user
@@ -224,11 +207,9 @@ class Plan:
 
 def plan_buckets(cfg: PrepareConfig, cleaned: list[CleanedSummary], items: pa.Table,
                  unseen_counts: list[tuple[int, int]]) -> Plan:
-    """Numbers, strata and sample-id offsets from per-bucket summaries: O(buckets x distinct
-    activeness values + items) on the driver, nothing per user.
-
-    Users are numbered bucket by bucket (bucket-major, each bucket by hash slot then id, see
-    ``bucket_of``), items by id; sample ids are contiguous per split in user_idx order."""
+    """Numbers, strata and sample-id offsets from per-bucket summaries: O(buckets x distinct activeness values
+    + items) on the driver, nothing per user. Users are numbered bucket by bucket (each by hash slot then id),
+    items by id; sample ids are contiguous per split in user_idx order."""
     n_users = np.array([c.users for c in cleaned], dtype=np.int64)
     if n_users.sum() == 0:
         raise ConfigError(
@@ -280,11 +261,6 @@ def count_unseen(b: int, cfg: PrepareConfig, unseen_ids: pa.Array) -> tuple[int,
                  for c in ("valid_item", "test_item"))
 
 
-# ----------------------------------------------------------------------------------------------
-# Phase 3: samples of one bucket
-# ----------------------------------------------------------------------------------------------
-
-
 def sample_bucket(b: int, cfg: PrepareConfig, plan: BucketPlan, item_ids: pa.Array,
                   drop_ids: pa.Array | None) -> dict[str, int]:
     """Bucket b's samples (train/valid/test parts) and its rows of users.parquet (``_work/users_out``).
@@ -327,5 +303,3 @@ def concat_parquet(parts: list[Path], path: Path) -> None:
         finally:
             if writer is not None:
                 writer.close()
-
-

@@ -95,7 +95,6 @@ def load_meta(path: str | Path) -> PreparedMeta:
     )
 
 
-# -- restratified views -------------------------------------------------------------------------
 def view_base(path: str | Path) -> Path | None:
     """The prepared folder (resolved) whose sample files the view ``path`` reads; None for a plain
     prepare output. The marker stores the base relative to the view (the pair can move together)."""

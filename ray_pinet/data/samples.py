@@ -8,15 +8,14 @@ counted back from the last training event, so every training position 1..a-1 is 
 once (position 0 never is: it has no history). ``window="last"`` keeps only the latest window. Users
 with ``a < 2`` have no training target and no training row. Windows are numbered oldest first.
 
-Negatives are drawn uniformly from the items the user never interacted with (in any split): a
-uniform draw ``r`` in [0, 1) picks the ``floor(r * (M - P))``-th non-positive item exactly, without
-rejection. All of a user's draws are keyed by (seed, purpose, user_idx): a counter-based hash
-(``samples.draws = keyed``, ray_pinet/keyed_random.py) or ``numpy.random.default_rng([seed,
-purpose, user_idx])`` (``generator``), so the output does not depend on buckets, blocks or
-workers. Purpose ``NEGATIVES`` draws the validation negative, then the test negative, then the
-training negatives (target-major, ``train_negatives`` per target, windows oldest first): eval
-negatives do not move when ``train_negatives`` changes. Candidate lists (``eval_candidates > 0``) are drawn without replacement
-from their own purposes.
+Negatives are drawn uniformly from the items the user never interacted with (in any split): a uniform draw
+``r`` in [0, 1) picks the ``floor(r * (M - P))``-th non-positive item exactly, without rejection. All of a
+user's draws are keyed by (seed, purpose, user_idx): a counter-based hash (``samples.draws = keyed``,
+ray_pinet/keyed_random.py) or ``numpy.random.default_rng([seed, purpose, user_idx])`` (``generator``), so the
+output does not depend on buckets, blocks or workers. Purpose ``NEGATIVES`` draws the validation negative,
+then the test negative, then the training negatives (target-major, ``train_negatives`` per target, windows
+oldest first): eval negatives do not move when ``train_negatives`` changes. Candidate lists
+(``eval_candidates > 0``) are drawn without replacement from their own purposes.
 """
 
 from __future__ import annotations

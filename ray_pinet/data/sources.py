@@ -15,11 +15,10 @@ Adapters (``SourceConfig.format``):
 ``parquet``         generic, ``source.columns`` maps canonical names to the file's column names
 ==================  =================================================================================
 
-Generic readers map ``user_id``/``item_id``/``timestamp`` to the same names unless told otherwise and
-read ``rating``/``behavior`` only when ``source.columns`` names them. The fixed adapters' timestamps are
-unix seconds; the generic readers keep integer timestamps unchanged (``source.timestamp_unit`` says
-what they are) and turn ISO-8601 strings (``timestamp_unit: iso``) and Parquet timestamp columns into
-unix seconds.
+Generic readers map ``user_id``/``item_id``/``timestamp`` to the same names unless told otherwise and read
+``rating``/``behavior`` only when ``source.columns`` names them. The fixed adapters' timestamps are unix
+seconds; the generic readers keep integer timestamps unchanged (``source.timestamp_unit`` says what they are)
+and turn ISO-8601 strings (``timestamp_unit: iso``) and Parquet timestamp columns into unix seconds.
 
 Canonical form: ids are strings with surrounding whitespace removed (integer ids become their decimal
 text); ``timestamp`` int64; ``rating`` float64; ``behavior`` string. Nothing may be null or empty,
@@ -145,9 +144,6 @@ def _generic_mapping(src: SourceConfig) -> dict[str, str]:
     return mapping
 
 
-# --- CSV --------------------------------------------------------------------------------------
-
-
 def _csv_chunks(fs, path, name, src: SourceConfig) -> Iterator[tuple[dict[str, pa.Array], Lines]]:
     if src.format in _FIXED:
         delimiter, names = _FIXED[src.format]
@@ -258,9 +254,6 @@ def _csv_error(exc: Exception, invalid: list, name: str, names: list[str], line:
     return DataError(f"cannot parse CSV: {exc}", file=name, row=line, value=None)
 
 
-# --- amazon_seq -------------------------------------------------------------------------------
-
-
 def _seq_chunks(fs, path, name, block: int = _CSV_BLOCK) -> Iterator[tuple[dict[str, pa.Array], Lines]]:
     line = 1
     rest = b""
@@ -316,9 +309,6 @@ def _explode_seq(lines: list[bytes], first: int, name: str) -> tuple[dict[str, p
         TS: pa.array(position),
     }
     return raw, Lines(first, first + parent)
-
-
-# --- Parquet ----------------------------------------------------------------------------------
 
 
 def _parquet_chunks(fs, path, name, mapping: dict[str, str]) -> Iterator[tuple[dict[str, pa.Array], Lines]]:

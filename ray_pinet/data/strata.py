@@ -76,11 +76,10 @@ def _describe(cfg: StrataConfig) -> str:
     return {"top_fraction": f"q={cfg.q}", "min_count": f"tau={cfg.tau}", "quantiles": f"k={cfg.k}"}[cfg.mode]
 
 
-# -- the same strata from histograms, for prepare's driver (O(distinct activeness values)) ------
-# prepare numbers users bucket by bucket (docs/design.md), so the users of one bucket are a
-# contiguous run of user_idx. A user's rank is then (users of lower activeness) + (users of equal
-# activeness in earlier buckets) + (users of equal activeness before it in its bucket): the
-# driver needs each bucket's activeness histogram only, never a per-user table.
+# The same strata from histograms, for prepare's driver (O(distinct activeness values)). prepare numbers
+# users bucket by bucket (docs/design.md), so the users of one bucket are a contiguous run of user_idx. A
+# user's rank is then (users of lower activeness) + (users of equal activeness in earlier buckets) + (users
+# of equal activeness before it in its bucket): the driver needs each bucket's activeness histogram only.
 
 
 def rank_bounds(num_users: int, cfg: StrataConfig) -> list[tuple[int, int]]:

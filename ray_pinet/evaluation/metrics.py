@@ -59,8 +59,7 @@ def target_rank(scores: torch.Tensor, target: torch.Tensor,
                 ties: Literal["optimistic", "pessimistic"] = "optimistic") -> torch.Tensor:
     """Long[B]: full-catalogue rank of target[b] among items 1..M minus seen items (module doc).
 
-    scores Float[B, M+1] (column 0 = padding, ignored); seen Bool[B, M+1] or per-row item lists.
-    """
+    scores Float[B, M+1] (column 0 = padding, ignored); seen Bool[B, M+1] or per-row item lists."""
     b, width = scores.shape
     if seen is None:
         exclude = torch.zeros(b, width, dtype=torch.bool, device=scores.device)
@@ -192,8 +191,8 @@ class StratumStats:
         return StratumStats(self.num_strata, self.k, self.tensor + other.tensor)
 
     def finalize(self, names: Sequence[str] | None = None) -> dict[str, float]:
-        """``{group}/count``, ``/hr@k``, ``/ndcg@k``, ``/gauc`` for every stratum and ``all``.
-        Default names: tail, head when K = 2, else s0..s{K-1}. Empty groups give NaN."""
+        """``{group}/count``, ``/hr@k``, ``/ndcg@k``, ``/gauc`` for every stratum and ``all``;
+        NaN for an empty group."""
         if names is None:
             names = ["tail", "head"] if self.num_strata == 2 else [f"s{i}" for i in range(self.num_strata)]
         if len(names) != self.num_strata:

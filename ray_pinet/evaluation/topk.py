@@ -1,6 +1,5 @@
-"""Top-k metrics for multi-item test sets and the popularity-bias rates of AUC-NS, as per-user
-sums that add up exactly across workers (methods.md §3.2, §4.2; ``studentcej/AUC_NS``
-``evaluation.py``).
+"""Top-k metrics for multi-item test sets and the popularity-bias rates of AUC-NS, as per-user sums that add
+up exactly across workers (methods.md §3.2, §4.2; ``studentcej/AUC_NS`` ``evaluation.py``).
 
 Protocol, per user u with at least one test item (users without test items are skipped):
 - Full ranking over items 0..I-1; ``exclude`` (the user's training items) never recommended.
@@ -13,9 +12,6 @@ Protocol, per user u with at least one test item (users without test items are s
   UHR = |T_u ∩ hot \\ R_u| / |T_u ∩ hot|, UCR = |T_u ∩ cold \\ R_u| / |T_u ∩ cold|; a zero
   denominator makes the user's rate 0 (the code's ``/(x + 1e-8)``) and the user still counts.
 - Every metric is the mean over users with test items.
-
-``TopKStats`` keeps ``[users, Σ P, Σ R, Σ F1, Σ NDCG, Σ OHR, Σ OCR, Σ UHR, Σ UCR]`` per cut-off
-in one Float64 tensor: all-reduce SUM it (or add shards' tensors), then ``finalize``.
 """
 
 from __future__ import annotations

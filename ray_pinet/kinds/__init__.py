@@ -1,10 +1,9 @@
 """The training kinds, registered once: each module here fills in one ``training.kind.Kind``.
 
-``sequence`` (``ray-pinet train``): PINet and its baselines on leave-one-out sequences;
-``twotower`` (``ray-pinet twotower``): OneBP, TwoBP, MF-BPR and NCF on pair data. The shell
-(``training/trainer.py``, ``training/worker.py``, the CLI, ``compare``, ``tune``) looks a kind up
-here by name, by method, or by config class, and knows nothing else of it. A third kind is one
-new module and one entry in ``KINDS``.
+``sequence`` (``ray-pinet train``): PINet and its baselines on leave-one-out sequences; ``twotower``
+(``ray-pinet twotower``): OneBP, TwoBP, MF-BPR and NCF on pair data. The shell (``training/trainer.py``,
+``training/worker.py``, the CLI, ``compare``, ``tune``) looks a kind up here by name, by method, or by config
+class, and knows nothing else of it. A third kind is one new module and one entry in ``KINDS``.
 """
 
 from __future__ import annotations

@@ -32,12 +32,10 @@ def stratum_counts(strata_of_units: torch.Tensor, num_strata: int) -> torch.Tens
 class Prior:
     """How π is formed from each global batch's unit counts N_s (``stratum_prior``).
 
-    ``kind``: a GA prior (``PRIORS``; ``user_share`` holds n_s for ``user_share``/``power``,
-    ``alpha`` is power's α), ``reweight`` (π_s ∝ N_s·r_s with the static per-stratum
-    ``stratum_weights`` r_s: every unit of stratum s weighs r_s in a weighted mean over the global
-    batch) or ``stratum_mean`` (π_s = 1 for every present stratum: each stratum's units averaged
-    on their own, what per-stratum plugins train on).
-    """
+    ``kind``: a GA prior (``PRIORS``; ``user_share`` holds n_s for ``user_share``/``power``, ``alpha`` is
+    power's α), ``reweight`` (π_s ∝ N_s·r_s with the static per-stratum ``stratum_weights`` r_s: every unit of
+    stratum s weighs r_s in a weighted mean over the global batch) or ``stratum_mean`` (π_s = 1 for every
+    present stratum: each stratum's units averaged on their own, what per-stratum plugins train on)."""
 
     kind: str
     alpha: float = 0.0
@@ -52,10 +50,9 @@ class Prior:
 def method_prior(cfg: TrainConfig, user_share: Sequence[float], interaction_share: Sequence[float]) -> Prior:
     """The prior of ``cfg.method``'s stage-1 loss.
 
-    ``joint`` (and the per-stratum baselines, which are joint runs on one stratum's rows) is GA
-    with the interaction_share prior: the pooled mean over units. ``reweight`` is the pooled
-    mean with static per-stratum weights r_s = (n_s / C_s)^power: π_s ∝ N_s · r_s.
-    """
+    ``joint`` (and the per-stratum baselines, which are joint runs on one stratum's rows) is GA with the
+    interaction_share prior: the pooled mean over units. ``reweight`` is the pooled mean with static
+    per-stratum weights r_s = (n_s / C_s)^power: π_s ∝ N_s · r_s."""
     if cfg.method == "reweight":
         r = [(n / c) ** cfg.reweight.power if c > 0 else 0.0 for n, c in zip(user_share, interaction_share)]
         return Prior("reweight", stratum_weights=tuple(r))
@@ -65,14 +62,11 @@ def method_prior(cfg: TrainConfig, user_share: Sequence[float], interaction_shar
 
 
 def stratum_prior(prior: Prior, batch_counts: torch.Tensor) -> torch.Tensor:
-    """π Float64[K] on the host for one global batch: zero where N_s = 0, renormalised over the
-    other strata.
+    """π Float64[K] on the host for one global batch: zero where N_s = 0, renormalised over the other strata.
 
-    user_share: π_s ∝ n_s (training-user share); uniform: 1/#present; interaction_share: N_s/ΣN
-    (= pooled mean, joint training); power: π_s ∝ c_s^(1−α) · n_s^α with c_s = N_s/ΣN
-    (α = 0: interaction_share, α = 1: user_share, α < 0: more weight on head data); reweight and
-    stratum_mean: see ``Prior``.
-    """
+    user_share: π_s ∝ n_s (training-user share); uniform: 1/#present; interaction_share: N_s/ΣN (= pooled
+    mean, joint training); power: π_s ∝ c_s^(1−α) · n_s^α with c_s = N_s/ΣN (α = 0: interaction_share, α = 1:
+    user_share, α < 0: more weight on head data); reweight and stratum_mean: see ``Prior``."""
     counts = batch_counts.detach().to(torch.float64).cpu()
     if counts.dim() != 1:
         raise ValueError(f"batch_counts must have shape [K], got {tuple(counts.shape)}")
@@ -144,10 +138,9 @@ def ga_weights(strata_of_units: torch.Tensor, global_counts: torch.Tensor, prior
 def batch_unit_counts(inputs: torch.Tensor, targets: torch.Tensor, stratum: torch.Tensor,
                       unit: Literal["position", "user"], num_strata: int,
                       segments: torch.Tensor | None = None) -> torch.Tensor:
-    """Float64[K]: this shard's units per stratum, from the batch alone (before the forward), so
-    the count all-reduce can run while the model computes. Equals ``stratum_counts`` of the
-    strata that ``unit_losses`` returns for the same batch. ``segments``: packed rows
-    (``stratum`` is then per window)."""
+    """Float64[K]: this shard's units per stratum, from the batch alone (before the forward), so the count
+    all-reduce can run while the model computes. Equals ``stratum_counts`` of the strata that ``unit_losses``
+    returns for the same batch. ``segments``: packed rows (``stratum`` is then per window)."""
     if unit not in UNITS:
         raise ValueError(f"unknown ga_unit {unit!r}; one of {list(UNITS)}")
     valid = valid_positions(inputs, targets)

@@ -30,18 +30,17 @@ def per_position_losses(model: RecModel, inputs: torch.Tensor, targets: torch.Te
                         candidates: Candidates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss_vec Float[P], row_index Long[P]) over the P valid positions, row-major order.
 
-    - ``ce``: full-softmax cross-entropy over items 1..M (the padding column is never computed),
-      only at valid positions (states -> gather -> full_logits). Dot-product backbones only.
-      ``states`` Float[B, L, d] = ``model.states(inputs, stratum)`` when the caller already has
-      them (transfer's discriminator reads the same pass).
+    - ``ce``: full-softmax cross-entropy over items 1..M (the padding column is never computed), only at valid
+      positions (states -> gather -> full_logits). Dot-product backbones only. ``states``
+      Float[B, L, d] = ``model.states(inputs, stratum)`` when the caller already has them
+      (transfer's discriminator reads the same pass).
     - ``bce``: -log σ(s⁺) - Σ_j log(1 - σ(s⁻_j)) over negs Long[B, L, n] via ``model.score``.
     - ``sampled_softmax``: softmax over the target and the step's shared ``candidates``
       (methods/sampled_softmax.py: logQ-corrected, accidental hits masked). Dot-product backbones.
 
-    ``segments`` Long[R, L]: the rows are packed (training/packing.py); ``stratum`` is then per
-    window and the returned row index names the window. Dot-product backbones only. States are
-    taken at the valid positions before the plugins' adapter, which acts per position.
-    """
+    ``segments`` Long[R, L]: the rows are packed (training/packing.py); ``stratum`` is then per window and the
+    returned row index names the window. Dot-product backbones only. States are taken at the valid positions
+    before the plugins' adapter, which acts per position."""
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
     valid = valid_positions(inputs, targets)

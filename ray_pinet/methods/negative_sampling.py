@@ -1,19 +1,18 @@
 """Negative samplers for pairwise (BPR) training of two-tower models (pure torch, no Ray).
 
 * ``uniform`` (RNS): negatives uniform without replacement from I_u⁻ = I \\ I_u⁺.
-* ``auc_ns``: AUC-optimal negative sampling, the rule of ``studentcej/AUC_NS``
-  (``negative_sampling.py``) as written down in methods.md §4.2: per (u, i⁺), P_u = N positives
-  from I_u⁺ (with replacement), Q_u = N negatives and C_u = M candidates, each uniform without
-  replacement from I_u⁻; the candidate with the largest AUC gain is the negative (top-``num`` for
-  several).
+* ``auc_ns``: AUC-optimal negative sampling, the rule of ``studentcej/AUC_NS`` (``negative_sampling.py``) as
+  written down in methods.md §4.2: per (u, i⁺), P_u = N positives from I_u⁺ (with replacement), Q_u = N
+  negatives and C_u = M candidates, each uniform without replacement from I_u⁻; the candidate with the largest
+  AUC gain is the negative (top-``num`` for several).
 
-Determinism (methods.md §6, "Our choice"): every random draw is a counter-based hash of
-(seed, purpose, epoch, global example index, slot), so a training example gets the same draws
-whatever batch it lands in and however many workers share the epoch. The scores the sampler reads
-are computed under ``no_grad``; the sampler is never differentiated.
+Determinism (methods.md §6, "Our choice"): every random draw is a counter-based hash of (seed, purpose, epoch,
+global example index, slot), so a training example gets the same draws whatever batch it lands in and however
+many workers share the epoch. The scores the sampler reads are computed under ``no_grad``; the sampler is
+never differentiated.
 
-I_u⁺ is the user's set of *training-split* positives (``UserItemSets``); items are dense 0-based
-indices 0..I-1 with no padding row.
+I_u⁺ is the user's set of *training-split* positives (``UserItemSets``); items are dense 0-based indices
+0..I-1 with no padding row.
 """
 
 from __future__ import annotations
@@ -72,7 +71,6 @@ class UserItemSets:
         self.min_neg_count: int | None = None
 
     def to(self, device: torch.device) -> "UserItemSets":
-        """The same sets with their tensors on ``device``."""
         out = UserItemSets.__new__(UserItemSets)
         out.__dict__.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
         return out

@@ -1,9 +1,6 @@
 """OneBP (Chen & Wang, arXiv 2403.18227): the item tower learns by backprop, the user tower by a
 moving aggregation of the items each user interacts with (methods.md §3). Pure torch, no Ray.
 
-* ``infonce_losses``: one positive against N sampled negatives, scores ⟨u, v⟩ / T.
-* ``ema_update_``: u ← β·u + (1−β)·v⁺ for the users of one batch, with the post-step item table.
-
 Duplicate users in a batch (``duplicate_rule``):
 * ``last_write`` (as coded): the public code assigns ``U[users] = β·U[users] + (1−β)·V[pos]``, so
   of several rows of one user only one survives. Which one is left to the indexed assignment

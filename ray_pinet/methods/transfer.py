@@ -45,12 +45,11 @@ class Discriminator(nn.Module):
 
 
 def trajectory_ids(num_samples: int, trajectories: int, j: int, seed: int, epoch: int) -> np.ndarray:
-    """Trajectory j's training rows for one epoch: the contiguous block ``shard_range(N, j, P)``
-    of sample ids, permuted by rng(seed, epoch, j). Every row is visited once per epoch. With P a
-    multiple of W, the block of trajectory j lies inside rank j // (P / W)'s block (the blocks of
-    ``shard_range`` nest), so a trajectory's inner loop never needs another rank's rows, and the
-    set of trajectories, hence the outer update, does not depend on W. A rank builds only its
-    own trajectories: O(N / W)."""
+    """Trajectory j's training rows for one epoch: the contiguous block ``shard_range(N, j, P)`` of sample
+    ids, permuted by rng(seed, epoch, j). Every row is visited once per epoch. With P a multiple of W, the
+    block of trajectory j lies inside rank j // (P / W)'s block (the blocks of ``shard_range`` nest), so a
+    trajectory's inner loop never needs another rank's rows, and the set of trajectories, hence the outer
+    update, does not depend on W. A rank builds only its own trajectories: O(N / W)."""
     lo, hi = num_samples * j // trajectories, num_samples * (j + 1) // trajectories
     ids = np.arange(lo, hi, dtype=np.int64)
     return ids[np.random.default_rng([seed, PURPOSE_TRAJECTORY_ORDER, epoch, j]).permutation(len(ids))]

@@ -1,12 +1,10 @@
 """The two-tower methods (``model.method``), each one named object registered once in ``METHODS``:
-what ``training/twotower_loop.TwoTowerRun`` asks instead of comparing method names.
+what ``training/twotower_loop.TwoTowerRun`` asks (the interface is ``TwoTowerMethod``) instead of
+comparing method names.
 
-A method says what data it trains on (implicit positives, or labeled rows), how many sampled
-items each row draws, which model it builds, the loss of one global batch on this rank, what
-happens to the user tower after each step (OneBP's moving aggregation), which tables make up
-its state, and which second metric the progress line prints. The loss functions read the run's
-rows, sampler and model, so they keep the loop's exactness rules (module doc there): every sum is
-over this rank's rows of the global batch and divided by the global batch size.
+The loss functions read the run's rows, sampler and model, so they keep the loop's exactness rules
+(module doc there): every sum is over this rank's rows of the global batch and divided by the global
+batch size.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""What each two-tower method (``model.method``) needs of its data and sampler: one torch-free
-table that ``twotower_config`` checks at load and the method objects of
-``methods/twotower_methods.py`` answer from."""
+"""What each two-tower method (``model.method``) needs of its data and sampler: one torch-free table that
+``twotower_config`` checks at load and the method objects of ``methods/twotower_methods.py`` answer from."""
 
 from __future__ import annotations
 

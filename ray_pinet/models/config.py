@@ -45,13 +45,11 @@ class ModelConfig:
 
 @dataclass
 class PluginConfig:
-    """What one per-stratum plugin holds. Every plugin starts as the identity: a model with fresh
-    plugins gives exactly the backbone-only output.
+    """What one per-stratum plugin holds (each starts as the identity, models/plugins.py).
 
     Dot-product backbones (sasrec, gru4rec) use ``adapter_hidden`` and ``item_offset``; DIN uses
-    ``head_layers``; ``item_bias`` applies to all. A field that does not apply to the backbone is
-    ignored, so one plugin config can serve a sweep over backbones.
-    """
+    ``head_layers``; ``item_bias`` applies to all. A field that does not apply to the backbone is ignored, so
+    one plugin config can serve a sweep over backbones."""
 
     # Residual MLP on the sequence state h: h + MLP(h), d -> hidden... -> d, ReLU between layers.
     # The last layer starts at zero. Empty list = no adapter.

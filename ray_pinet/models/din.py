@@ -34,9 +34,8 @@ class DIN(nn.Module):
     def attention_logits(self, hist: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """hist: [B, L, d], target: [B, T, C, d] -> weights [B, T, C, L].
 
-        The first attention layer on [h, e, h - e, h * e] is split into its four d-column blocks, so
-        the [B, T, C, L, 4d] input is never built: W·x = (W_h + W_d) h + (W_e - W_d) e + W_p (h * e).
-        """
+        The first attention layer on [h, e, h - e, h * e] is split into its four d-column blocks, so the
+        [B, T, C, L, 4d] input is never built: W·x = (W_h + W_d) h + (W_e - W_d) e + W_p (h * e)."""
         b, length, d = hist.shape
         _, t, c, _ = target.shape
         first = self.attention.blocks[0]

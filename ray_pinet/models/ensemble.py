@@ -1,9 +1,8 @@
 """``StratumEnsemble``: one model per stratum behind RecModel's scoring interface.
 
-What the ``separate`` and ``finetune`` baselines produce: row b is scored by member
-``stratum[b]`` (users unseen in training arrive with the caller's fallback stratum, as for
-PINet's plugins). Evaluation and ``ScoringModule`` only call ``predict``, so the ensemble is
-evaluated and served like any other model.
+What the ``separate`` and ``finetune`` baselines produce: row b is scored by member ``stratum[b]``
+(users unseen in training arrive with the caller's fallback stratum, as for PINet's plugins). Evaluation and
+``ScoringModule`` only call ``predict``, so the ensemble is evaluated and served like any other model.
 """
 
 from __future__ import annotations

@@ -49,9 +49,8 @@ class MLP(nn.Module):
     """in -> widths[0] -> ... -> widths[-1] (-> out_dim). Every hidden layer is a block
     Linear + activation + dropout; the output layer (when ``out_dim`` is given) is a bare Linear.
 
-    ``forward(x, start, end)`` runs blocks ``start:end``, so a model can share the first blocks and
-    hand the rest to per-stratum copies (``tail``).
-    """
+    ``forward(x, start, end)`` runs blocks ``start:end``, so a model can share the first blocks and hand the
+    rest to per-stratum copies (``tail``)."""
 
     def __init__(self, in_dim: int, widths: Sequence[int], out_dim: int | None = None,
                  activation: Callable[[int], nn.Module] = lambda width: nn.ReLU(),

@@ -35,7 +35,6 @@ class RecModel(nn.Module):
         """True when items are scored by a dot product with the sequence state (full catalogue)."""
         return bool(self.backbone.supports_full)
 
-    # ---- parameters --------------------------------------------------------------------------
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()
 
@@ -50,7 +49,6 @@ class RecModel(nn.Module):
         elif self.plugins is not None:
             self.plugins.reset()
 
-    # ---- scoring -----------------------------------------------------------------------------
     def _active(self, stratum: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         if self.plugins is None or not self.use_plugins or stratum is None:
             return None

@@ -84,14 +84,11 @@ class SASRec(nn.Module):
         return self.item_emb.weight
 
     def forward(self, inputs: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs Long[B, L] -> states Float[B, L, d].
-
-        ``segments`` Long[B, L] (optional): packed rows, several sequences side by side in one row
-        (training/packing.py). ``segments[b, t]`` names the sequence that column t belongs to
-        (-1 = padding); each sequence occupies contiguous columns, oldest item first. A position
-        then attends only to earlier positions of its own sequence and its positional index counts
-        from its own sequence's end, so every sequence's states are those it gets alone in a
-        left-padded row (up to float rounding)."""
+        """``segments`` Long[B, L] (optional): packed rows, several sequences side by side in one row
+        (training/packing.py). ``segments[b, t]`` names the sequence that column t belongs to (-1 = padding);
+        each sequence occupies contiguous columns, oldest item first. A position then attends only to earlier
+        positions of its own sequence and its positional index counts from its own sequence's end, so every
+        sequence's states are those it gets alone in a left-padded row (up to float rounding)."""
         b, length = inputs.shape
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")

@@ -123,10 +123,9 @@ _MAX_S = 253402300799
 
 def check_seconds(table: pa.Table, files: Optional[list[str]] = None, file_rows: Optional[list[int]] = None,
                   first_row: int = 1) -> None:
-    """DataError for the first timestamp that is no date in years 1..9999 as unix seconds
-    (typically milliseconds read as seconds). With the table's ``files`` and their row counts
-    (``read_log``), the error names the file and line; ``first_row`` = the line of a file's
-    first data row."""
+    """DataError for the first timestamp that is no date in years 1..9999 as unix seconds (typically
+    milliseconds read as seconds). With the table's ``files`` and their row counts (``read_log``), the error
+    names the file and line; ``first_row`` = the line of a file's first data row."""
     if table.num_rows == 0:
         return
     ts = table.column("timestamp")

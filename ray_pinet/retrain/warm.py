@@ -1,10 +1,9 @@
 """The model a retrain starts from (the *incumbent*) and its move to a newer item vocabulary.
 
-A newer log brings new items and re-indexes the old ones (items.parquet is rebuilt by
-``prepare``), so an incumbent's item-indexed weights (``RecModel.ITEM_AXES``) are re-ordered by
-item id: rows of items both vocabularies know are copied, rows of new items keep the fresh
-(seeded) initialisation of the candidate model. Every other weight is copied as is and must have
-the same shape (same model config).
+A newer log brings new items and re-indexes the old ones (items.parquet is rebuilt by ``prepare``), so an
+incumbent's item-indexed weights (``RecModel.ITEM_AXES``) are re-ordered by item id: rows of items both
+vocabularies know are copied, rows of new items keep the fresh (seeded) initialisation of the candidate model.
+Every other weight is copied as is and must have the same shape (same model config).
 """
 
 from __future__ import annotations
@@ -136,7 +135,6 @@ def on_vocabulary(inc: Incumbent, new_ids: np.ndarray,
     return KnownItemsOnly(template_model, known).eval(), state, stats
 
 
-# -- where incumbents come from ----------------------------------------------------------------
 def from_checkpoint(checkpoint_dir: str) -> Incumbent:
     """A finished run's checkpoint directory (state.pt); the vocabulary is its data's items.parquet."""
     snap = load_state(checkpoint_dir)

@@ -1,9 +1,8 @@
-"""MLflow Model Registry: register a run's served model with the tags a reader needs to know
-what it was trained on (dataset, stratification and its statistics, the objective it won on),
-and mark the version that serves with the alias ``@champion`` (MLflow's convention): the first
-training, a Tune winner and a retrain candidate that passes the gate take it; a rejected
-candidate is registered without it. ``retrain`` warm-starts from and gates against
-``models:/NAME@champion``."""
+"""MLflow Model Registry: register a run's served model with the tags a reader needs to know what it was
+trained on (dataset, stratification and its statistics, the objective it won on), and mark the version that
+serves with the alias ``@champion`` (MLflow's convention): the first training, a Tune winner and a retrain
+candidate that passes the gate take it; a rejected candidate is registered without it. ``retrain`` warm-starts
+from and gates against ``models:/NAME@champion``."""
 
 from __future__ import annotations
 

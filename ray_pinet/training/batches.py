@@ -1,14 +1,13 @@
 """Typed batches and the W-independent global batching of training rows.
 
-Training rows carry a dense ``sample_id`` in 0..N-1 (docs/design.md). Rank r of W holds the
-contiguous block ``shard_range(N, r, W)`` (training/shards.py reads only that block). Epoch e
-puts row j of the visited rows (dense index 0..n-1) at position ``pi_e(j)`` of a keyed
-pseudo-random permutation (``keyed_random.permute``); global batch b is the rows at positions
-[bB, (b+1)B). A rank evaluates pi_e for its own rows only (no O(N) array) and yields its share of
-each global batch. Hence the global batches, and so the GA gradient of every step, are the same
-for any W, every rank runs exactly ceil(n/B) steps (equal collective counts, no dropped rows),
-and a run with W workers can be compared with one process sample for sample (methods.md §6,
-"Our choice").
+Training rows carry a dense ``sample_id`` in 0..N-1 (docs/design.md). Rank r of W holds the contiguous block
+``shard_range(N, r, W)`` (training/shards.py reads only that block). Epoch e puts row j of the visited rows
+(dense index 0..n-1) at position ``pi_e(j)`` of a keyed pseudo-random permutation (``keyed_random.permute``);
+global batch b is the rows at positions [bB, (b+1)B). A rank evaluates pi_e for its own rows only
+(no O(N) array) and yields its share of each global batch. Hence the global batches, and so the GA gradient of
+every step, are the same for any W, every rank runs exactly ceil(n/B) steps (equal collective counts, no
+dropped rows), and a run with W workers can be compared with one process sample for sample
+(methods.md §6, "Our choice").
 """
 
 from __future__ import annotations
@@ -284,11 +283,9 @@ class TrainRows:
 
 def local_epoch_batches(global_ids: np.ndarray, index: np.ndarray, n: int, batch_size: int, seed: int,
                         epoch: int) -> Iterator[torch.Tensor]:
-    """The share of every global batch of an epoch held by one rank: ``global_ids`` its rows,
-    ``index`` their dense index among the n rows the epoch visits. Row j sits at position
-    ``permute(j)`` of the epoch's order; global batch b is positions [bB, (b+1)B), in position
-    order; yields ceil(n / B) int64 tensors (empty where the rank holds none of a batch).
-    Cost: O(len(index)) per epoch, whatever n is."""
+    """The share of every global batch of an epoch (module doc) held by one rank: ``global_ids`` its
+    rows, ``index`` their dense index among the n rows the epoch visits; yields ceil(n / B) int64
+    tensors in position order (empty where the rank holds none of a batch). O(len(index)) per epoch."""
     if n == 0:
         return
     pos = keyed_random.permute(keyed_random.stream_key(seed, PURPOSE_EPOCH_ORDER, epoch), index, n)

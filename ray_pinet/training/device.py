@@ -1,10 +1,8 @@
 """Where a run's tensors live and in which precision the forward runs: decided once per worker.
 
 ``resolve_device`` turns ``run.device`` into a ``torch.device``; the caller moves the model
-(``model.to(device)``) and hands the device to the ``Engine`` / two-tower loop, so models stay
-ignorant of devices. ``autocast`` wraps a forward (and its loss) for ``run.precision``;
-``backend_for`` picks the collective backend for a device kind. Ray is imported lazily: the
-Ray-free ``Engine`` (and a GPU box without Ray) uses this module too.
+(``model.to(device)``) and hands the device to the ``Engine`` / two-tower loop, so models stay ignorant of
+devices. Ray is imported lazily: the Ray-free ``Engine`` (and a GPU box without Ray) uses this module too.
 """
 
 from __future__ import annotations
@@ -45,10 +43,9 @@ def resolve_device(device: str) -> torch.device:
     """``"cpu"`` | ``"cuda"`` | ``"auto"`` -> a ``torch.device``.
 
     In a Ray Train worker: the GPU Ray reserved for it (``run.gpus_per_worker`` > 0,
-    ``ray.train.torch.get_device()``), else cpu for auto; ``"cuda"`` without a reservation is a
-    ConfigError (unreserved workers would all pile onto the node's first GPU). Outside Ray (the
-    Ray-free Engine, a GPU box without Ray): cuda when torch sees one, else cpu for auto and a
-    ConfigError for ``"cuda"``."""
+    ``ray.train.torch.get_device()``), else cpu for auto; ``"cuda"`` without a reservation is a ConfigError
+    (unreserved workers would all pile onto the node's first GPU). Outside Ray (the Ray-free Engine, a GPU box
+    without Ray): cuda when torch sees one, else cpu for auto and a ConfigError for ``"cuda"``."""
     if device not in DEVICES:
         raise ConfigError(f"run.device must be one of {list(DEVICES)}, got {device!r}", key="run.device")
     if device == "cpu":
@@ -88,4 +85,3 @@ def backend_for(device_kind: Union[str, torch.device]) -> str:
     """The torch.distributed backend for tensors of this device kind: nccl on CUDA, gloo else."""
     kind = device_kind.type if isinstance(device_kind, torch.device) else str(device_kind)
     return "nccl" if kind.startswith("cuda") else "gloo"
-

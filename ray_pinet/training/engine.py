@@ -1,8 +1,8 @@
 """The whole training procedure of one run, Ray-free.
 
 ``Engine`` runs stage 1 (backbone: joint = pooled mean, pinet = GA), then for ``pinet`` stage 2
-(one plugin per stratum, ``stage2.PluginStage``), then the final validation/test evaluation. It talks to the outside
-only through three callables, so the same code runs in one process (tests, the single-process
+(one plugin per stratum, ``stage2.PluginStage``), then the final validation/test evaluation. It talks to the
+outside only through three callables, so the same code runs in one process (tests, the single-process
 reference) and inside a Ray Train worker (``worker.py`` supplies Ray's report/checkpoint):
 
 * ``report(metrics, state | None)``: once per epoch on every rank (state only on rank 0),
@@ -105,8 +105,7 @@ class Engine(PluginStage):
         device: torch.device = torch.device("cpu"),
     ):
         self.cfg, self.meta = cfg, meta
-        # Decided once by the caller (training/device.resolve_device); the model and rows are
-        # placed here, the models themselves never look at devices.
+        # Decided once by the caller (training/device.resolve_device); the model and rows are placed here.
         self.device = torch.device(device)
         self.rank, self.world = rank_and_world()
         self.report, self.log = report, log
@@ -166,7 +165,6 @@ class Engine(PluginStage):
             self.model.backbone.load_state_dict(warm_backbone)
             self.say("stage 1 starts from the backbone of run.warm_start")
 
-    # -- checkpoint state ----------------------------------------------------------------------
     def snapshot(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
         return {
             "engine": to_cpu(self.state.__dict__),
@@ -187,7 +185,6 @@ class Engine(PluginStage):
         self.opt_state = snap.get("optimizers", {})
         self.state.resumed_at.append(f"stage {self.state.stage} epoch {self.state.epoch}")
 
-    # -- helpers ---------------------------------------------------------------------------
     def _evaluate(self, rows: EvalRows) -> dict[str, float]:
         return evaluate(
             self.model, rows, self.K, k=self.cfg.eval.k, batch_size=self.cfg.eval.batch_size,
@@ -267,7 +264,6 @@ class Engine(PluginStage):
                 parts.append(f"{name} ndcg@{k} {v:.4f}")
         return "  ".join(parts)
 
-    # -- stage 1 ---------------------------------------------------------------------------
     def stage1(self) -> None:
         cfg = self.cfg
         params = list(self.model.backbone_parameters())
@@ -307,7 +303,6 @@ class Engine(PluginStage):
         if self.state.best_model is not None:
             self.model.load_state_dict(self.state.best_model)
 
-    # -- whole run -------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         """Train (or finish a resumed run) and return the final validation/test metrics."""
         t0 = time.perf_counter()

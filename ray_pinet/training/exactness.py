@@ -1,11 +1,10 @@
 """Self-check: W Ray Train workers compute exactly what one process computes.
 
-``check(num_workers)`` runs, on a real ``TorchTrainer`` with gloo, (1) the GA gradient of a fixed
-model on a fixed global batch for every prior and both reduce modes, and (2) one full training
-epoch; every rank reads only its block of sample ids from Parquet files through the production
-reader (``shards.read_shard``: several files, small row groups). The same
-quantities are then computed in this process, without any process group, and compared. Used by
-the test suite and available to users on their own cluster (``ray-pinet check``).
+``check(num_workers)`` runs, on a real ``TorchTrainer`` with gloo, (1) the GA gradient of a fixed model on a
+fixed global batch for every prior and both reduce modes, and (2) one full training epoch; every rank reads
+only its block of sample ids from Parquet files through the production reader (``shards.read_shard``: several
+files, small row groups). The same quantities are then computed in this process, without any process group,
+and compared. Used by the test suite and available to users on their own cluster (``ray-pinet check``).
 """
 
 from __future__ import annotations

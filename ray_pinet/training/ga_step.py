@@ -1,22 +1,20 @@
 """The GA gradient on W ranks: the custom all-reduce at the heart of ray-pinet.
 
-Given each rank's per-unit losses and strata for its part of the global batch, every rank ends
-with the same gradient g = Σ_s π_s ḡ_s over the whole global batch (methods.md §1.2, §6):
+Given each rank's per-unit losses and strata for its part of the global batch, every rank ends with the same
+gradient g = Σ_s π_s ḡ_s over the whole global batch (methods.md §1.2, §6):
 
-* ``loss_weighted`` (default, ``GradReducer``): one K-float SUM all-reduce gives the global counts
-  N_s, hence π and the weights w_k = π_s(k) / N_s(k); the local loss Σ_k w_k ℓ_k is
-  backpropagated once and the gradient is SUM-all-reduced. Σ over ranks of the local weighted
-  sums is exactly Σ_s π_s ḡ_s. How it is fast (benchmarks/allreduce.py; the first version, which
-  flattened, concatenated and copied back P floats after the backward, was 1.2-1.9x DDP's step):
-  the count all-reduce is started from the batch before the forward and waited for after it; the
-  parameters' ``.grad`` are views into one persistent flat buffer (no allocation, no copy), cut
-  into ~``bucket_cap_mb`` buckets that are all-reduced asynchronously while the backward still
-  runs, each as soon as its gradients are final (DDP's scheme, done here because DDP averages the
-  ranks' means, which is not the pooled mean when shards differ in size).
-* ``stratum_sums``: each rank backpropagates the K local stratum loss sums separately and one
-  flat buffer [g_sum_0 | ... | g_sum_{K-1} | counts] is SUM-all-reduced; every rank then forms
-  Σ_s π_s g_sum_s / N_s. Same result with K× the traffic; kept as the literal formulation and
-  as a cross-check.
+* ``loss_weighted`` (default, ``GradReducer``): one K-float SUM all-reduce gives the global counts N_s, hence
+  π and the weights w_k = π_s(k) / N_s(k); the local loss Σ_k w_k ℓ_k is backpropagated once and the gradient
+  is SUM-all-reduced. Σ over ranks of the local weighted sums is exactly Σ_s π_s ḡ_s. How it is fast
+  (benchmarks/allreduce.py; the first version, which flattened, concatenated and copied back P floats after
+  the backward, was 1.2-1.9x DDP's step): the count all-reduce is started from the batch before the forward
+  and waited for after it; the parameters' ``.grad`` are views into one persistent flat buffer
+  (no allocation, no copy), cut into ~``bucket_cap_mb`` buckets that are all-reduced asynchronously while the
+  backward still runs, each as soon as its gradients are final (DDP's scheme, done here because DDP averages
+  the ranks' means, which is not the pooled mean when shards differ in size).
+* ``stratum_sums``: each rank backpropagates the K local stratum loss sums separately and one flat buffer
+  [g_sum_0 | ... | g_sum_{K-1} | counts] is SUM-all-reduced; every rank then forms Σ_s π_s g_sum_s / N_s. Same
+  result with K× the traffic; kept as the literal formulation and as a cross-check.
 
 Strata absent from the global batch (N_s = 0) are dropped and π renormalised (methods.md §1.2).
 """
@@ -47,15 +45,13 @@ class GAStepInfo:
 class GradReducer:
     """``loss_weighted`` GA for one parameter list, reused across the steps of an epoch.
 
-    Per step: ``start_counts(batch_unit_counts(...))`` before the forward (async K-float count
-    all-reduce), then ``backward(unit_loss, unit_strata, ...)``. The flat float32 buffer holds
-    [loss slot | gradients in reverse parameter order], reverse because the backward produces
-    the last layers' gradients first. Buckets are launched strictly in index order (gloo pairs
-    collectives by their order, so every rank must issue the same sequence); a bucket whose
-    parameters got no gradient on this rank (unused, or no local units at all) is launched after
-    the backward with its zeros. ``close()`` removes the hooks; until then they act only inside
-    ``backward`` (another backward through these parameters is left alone).
-    """
+    Per step: ``start_counts(batch_unit_counts(...))`` before the forward (async K-float count all-reduce),
+    then ``backward(unit_loss, unit_strata, ...)``. The flat float32 buffer holds [loss slot | gradients in
+    reverse parameter order], reverse because the backward produces the last layers' gradients first. Buckets
+    are launched strictly in index order (gloo pairs collectives by their order, so every rank must issue the
+    same sequence); a bucket whose parameters got no gradient on this rank (unused, or no local units at all)
+    is launched after the backward with its zeros. ``close()`` removes the hooks; until then they act only
+    inside ``backward`` (another backward through these parameters is left alone)."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], num_strata: int, bucket_cap_mb: float = 25.0):
         self.params = [p for p in params if p.requires_grad]

@@ -4,7 +4,6 @@ know of a training kind: ``Kind``, filled in once per kind in ``ray_pinet/kinds/
 A kind is a config class, its methods, how its data is made and checked, the loop its Ray Train
 workers run, how a finished run is summarised and logged, and how the commands present it. The
 loops stay separate (their schedules and evaluation differ); everything around them is shared.
-Adding a kind is one new module in ``ray_pinet/kinds/`` and one line in its registry.
 """
 
 from __future__ import annotations

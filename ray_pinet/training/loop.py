@@ -1,8 +1,7 @@
 """Training epochs of stage 1 (backbone, GA) and stage 2 (per-stratum plugins).
 
-No Ray imports: these functions run identically in one process and on every Ray Train worker;
-the only distributed calls are the collectives in ``ga_step``/``collectives`` (no-ops without a
-process group).
+No Ray imports: these functions run identically in one process and on every Ray Train worker; the only
+distributed calls are the collectives in ``ga_step``/``collectives`` (no-ops without a process group).
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ class EpochStats:
     rows: int = 0  # global training rows (user windows) seen
     positions: int = 0  # global target positions seen
     seconds: float = 0.0
-    # Where an epoch's time went, summed over steps on this rank (seconds). ``allreduce`` is the
-    # GA gradient collective (the count reduce, the flat-buffer reduce, writing p.grad back);
-    # transfer puts its whole inner loop under forward+backward and the outer reduce+update
-    # under allreduce.
+    # Where an epoch's time went, summed over steps on this rank (seconds). ``allreduce`` is the GA gradient
+    # collective (the count reduce, the flat-buffer reduce, writing p.grad back); transfer puts its whole
+    # inner loop under forward+backward and the outer reduce+update under allreduce.
     time_data: float = 0.0  # building the batch tensors (rows.take)
     time_forward: float = 0.0
     time_backward: float = 0.0

@@ -1,24 +1,22 @@
 """Padding-free training batches: several users' windows packed side by side into one row.
 
-A training window is left-padded to L columns, but most windows are short (Beauty: ~7 of 50
-columns are items), so a padded batch spends most of the backbone's work on padding. Packing
-places each rank's windows of a global batch into rows of width <= L, first-fit in order of
-decreasing length; ``segments`` names the window of every column (-1 = padding) and the backbone
-masks attention to the window's own earlier columns and counts positions from the window's end
-(models/sasrec.py). Every window's states, hence every per-position loss, are what the padded
-batch gives, up to float rounding.
+A training window is left-padded to L columns, but most windows are short (Beauty: ~7 of 50 columns are
+items), so a padded batch spends most of the backbone's work on padding. Packing places each rank's windows of
+a global batch into rows of width <= L, first-fit in order of decreasing length; ``segments`` names the window
+of every column (-1 = padding) and the backbone masks attention to the window's own earlier columns and counts
+positions from the window's end (models/sasrec.py). Every window's states, hence every per-position loss, are
+what the padded batch gives, up to float rounding.
 
-Why this keeps GA and exactness (docs/design.md, "Padding-free batches"): packing changes only the
-layout of a rank's part of a global batch, never which windows form the global batch. The global
-batches are still the W-independent permutation of sample ids (batches.epoch_batches), so every
-step mixes strata exactly as before, the GA counts N_s and weights are those of the padded batch,
-and W workers still compute the one-process gradient; only the summation order of positions moves.
-Sort-by-length bucketing would instead make batches stratum-pure (length correlates with
-activeness) and bias the per-batch prior.
+Why this keeps GA and exactness (docs/design.md, "Padding-free batches"): packing changes only the layout of a
+rank's part of a global batch, never which windows form the global batch. The global batches are still the
+W-independent permutation of sample ids (batches.epoch_batches), so every step mixes strata exactly as before,
+the GA counts N_s and weights are those of the padded batch, and W workers still compute the one-process
+gradient; only the summation order of positions moves. Sort-by-length bucketing would instead make batches
+stratum-pure (length correlates with activeness) and bias the per-batch prior.
 
-The plan is computed on the host from the windows' lengths (known when the rows are loaded): an
-O(n · rows) first-fit over the rank's n windows of the step, well under a millisecond at n = 128,
-and it is built one batch ahead with the gather (TrainRows.prefetched).
+The plan is computed on the host from the windows' lengths (known when the rows are loaded): an O(n · rows)
+first-fit over the rank's n windows of the step, well under a millisecond at n = 128, and it is built one
+batch ahead with the gather (TrainRows.prefetched).
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
 """``separate`` and ``finetune``: one backbone per stratum, as K runs of the same trainer.
 
-Run s is a ``joint`` run on stratum s's training rows only (``data.train_strata = [s]``, exact
-under data-parallel training: the global batches are drawn from those ids on every rank) whose
-model is selected on stratum s's validation metric (``eval.select_slice``). ``finetune`` starts
-each from a trained joint backbone (``run.warm_start``) with the ``finetune`` schedule;
-``separate`` starts from scratch. The K models are combined into a ``StratumEnsemble`` that
-routes each user to their stratum's model, evaluated on the whole validation/test sets and
-logged to an MLflow run that is the parent of the K runs.
+Run s is a ``joint`` run on stratum s's training rows only (``data.train_strata = [s]``, exact under
+data-parallel training: the global batches are drawn from those ids on every rank) whose model is selected on
+stratum s's validation metric (``eval.select_slice``). ``finetune`` starts each from a trained joint backbone
+(``run.warm_start``) with the ``finetune`` schedule; ``separate`` starts from scratch. The K models are
+combined into a ``StratumEnsemble`` that routes each user to their stratum's model, evaluated on the whole
+validation/test sets and logged to an MLflow run that is the parent of the K runs.
 
-Evaluating the ensemble happens on the driver in one process: it holds K small models and
-reads the evaluation splits once (full-ranking cost as in one worker). The per-stratum runs
-themselves train on the cluster like any other run.
+Evaluating the ensemble happens on the driver in one process: it holds K small models and reads the evaluation
+splits once (full-ranking cost as in one worker). The per-stratum runs themselves train on the cluster like
+any other run.
 """
 
 from __future__ import annotations

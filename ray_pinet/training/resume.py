@@ -1,21 +1,20 @@
 """Relaunching a run name: resume only what the same config made, or start afresh on request.
 
-Ray Train V2 resumes a run from ``<storage_path>/<name>``: its ``checkpoint_manager_snapshot.json``
-names the latest checkpoint (``latest_checkpoint_result.checkpoint_dir_name``, a
-``checkpoint_<timestamp>`` folder beside it), which the controller hands to every worker
-(``ray.train.get_checkpoint``). It does not look at the config. The driver therefore reads that
-checkpoint's resolved config before Ray Train starts and refuses a relaunch whose config differs
-in any key that shapes the result (model, data, method, optimisation, GA, stage 2, evaluation and
-selection, seeds, init/warm-start runs), naming each key with its old and new value.
+Ray Train V2 resumes a run from ``<storage_path>/<name>``: its ``checkpoint_manager_snapshot.json`` names the
+latest checkpoint (``latest_checkpoint_result.checkpoint_dir_name``, a ``checkpoint_<timestamp>`` folder
+beside it), which the controller hands to every worker (``ray.train.get_checkpoint``). It does not look at the
+config. The driver therefore reads that checkpoint's resolved config before Ray Train starts and refuses a
+relaunch whose config differs in any key that shapes the result (model, data, method, optimisation, GA,
+stage 2, evaluation and selection, seeds, init/warm-start runs), naming each key with its old and new value.
 
-Keys that may differ (``RESUME_FREE``) do not change what is trained or measured: console
-progress, tracking, the restart budget, how the work is spread (the data feed and the GA
-all-reduce are independent of the number of workers, tested), the device it runs on and timeouts. ``run.name`` and
-``run.storage_path`` locate the run itself, and ``data.prepare`` only says how the prepared folder
-is made (the folder's own settings are checked by ``trainer.ensure_prepared``).
+Keys that may differ (``RESUME_FREE``) do not change what is trained or measured: console progress, tracking,
+the restart budget, how the work is spread (the data feed and the GA all-reduce are independent of the number
+of workers, tested), the device it runs on and timeouts. ``run.name`` and ``run.storage_path`` locate the run
+itself, and ``data.prepare`` only says how the prepared folder is made (the folder's own settings are checked
+by ``run_inputs.ensure_prepared``).
 
-``fresh``: the run folder is renamed aside (``<name>.replaced-<UTC time>``, nothing deleted) and
-the run starts from scratch, in a new MLflow run.
+``fresh``: the run folder is renamed aside (``<name>.replaced-<UTC time>``, nothing deleted) and the run
+starts from scratch, in a new MLflow run.
 """
 
 from __future__ import annotations

@@ -179,8 +179,7 @@ def check_run_inputs(cfg: TrainConfig, path: Path) -> RunMeta:
 
 
 def check_init_from(cfg: TrainConfig, meta: RunMeta, key: str = "init_from") -> None:
-    """run.init_from / run.warm_start must be a finished checkpoint of the same model on the
-    same data."""
+    """run.init_from / run.warm_start must be a finished checkpoint of the same model on the same data."""
     where = getattr(cfg.run, key)
     if not storage_uri.exists(storage_uri.join(where, STATE_FILE), f"run.{key}"):
         raise ConfigError(f"run.{key}={where!r}: no {STATE_FILE} there (a checkpoint directory of a "

@@ -99,11 +99,10 @@ def comparison_table(results: dict) -> str:
 
 def reuse_joint(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_data: Optional[str],
                 retrain_stage1: bool = False) -> Optional[str]:
-    """Reuse a finished joint run where a method's first stage is joint training on the same
-    data: pinet with a joint-equivalent stage 1 starts stage 2 from its backbone
-    (``cfg.run.init_from`` is set in place, unless ``retrain_stage1``); ``finetune`` fine-tunes
-    it (returned, for ``fit``'s ``base_checkpoint``). A run on other data (e.g. K = 4 buckets)
-    trains its own."""
+    """Reuse a finished joint run where a method's first stage is joint training on the same data: pinet with
+    a joint-equivalent stage 1 starts stage 2 from its backbone (``cfg.run.init_from`` is set in place, unless
+    ``retrain_stage1``); ``finetune`` fine-tunes it (returned, for ``fit``'s ``base_checkpoint``). A run on
+    other data (e.g. K = 4 buckets) trains its own."""
     if not joint_checkpoint or not joint_data or not same_place(cfg.data.path, joint_data):
         return None
     if cfg.method == "pinet" and cfg.stage1_is_joint and not cfg.run.init_from and not retrain_stage1:

@@ -23,10 +23,9 @@ from ray_pinet.training.loop import EpochSetup, run_epoch
 def compose_plugin_states(plugins: torch.nn.Module, best: dict[int, dict], num_strata: int) -> dict:
     """One plugin state whose stratum-s part comes from ``best[s]`` (stratum s's best epoch).
 
-    A stratum's part is the s-th child of every ModuleList of length K, and row s of every
-    tensor stacked over strata (leading dim K); anything else is shared and is taken from the
-    latest best state. Strata never improved keep the current values.
-    """
+    A stratum's part is the s-th child of every ModuleList of length K, and row s of every tensor stacked over
+    strata (leading dim K); anything else is shared and is taken from the latest best state. Strata never
+    improved keep the current values."""
     current = plugins.state_dict()
     per_stratum_lists = [name for name, m in plugins.named_modules()
                          if isinstance(m, torch.nn.ModuleList) and len(m) == num_strata]
@@ -47,13 +46,11 @@ class PluginStage:
     def stage2(self) -> None:
         """One plugin per stratum, trained on its own stratum's units (methods.md §1.4).
 
-        Frozen backbone (default): the loss weights are 1/N_s (prior ``stratum_mean``), so the
-        slice of the plugins that serves stratum s receives exactly its own-stratum mean
-        gradient. Every plugin early-stops on its own stratum's validation metric: routing by
-        stratum means plugin s alone decides stratum s's scores, so the best epochs of different
-        plugins can be combined. Unfrozen: backbone and plugins follow the GA-weighted loss,
-        the backbone at ``backbone_lr_scale`` × lr, selection on the "all" metric.
-        """
+        Frozen backbone (default): the loss weights are 1/N_s (prior ``stratum_mean``), so the slice of the
+        plugins that serves stratum s receives exactly its own-stratum mean gradient. Every plugin early-stops
+        on its own stratum's validation metric: routing by stratum means plugin s alone decides stratum s's
+        scores, so the best epochs of different plugins can be combined. Unfrozen: backbone and plugins follow
+        the GA-weighted loss, the backbone at ``backbone_lr_scale`` × lr, selection on the "all" metric."""
         s2 = self.cfg.stage2
         if self.state.stage == 1:  # entering stage 2 (not resuming inside it)
             self._enter_stage2()
@@ -95,9 +92,7 @@ class PluginStage:
         self.state.best_model = copy.deepcopy(self.model.state_dict())
 
     def _stage2_setup(self) -> tuple[EpochSetup, torch.optim.Optimizer]:
-        """Stage 2's epochs and Adam (its state restored on resume): the plugins alone under the
-        ``stratum_mean`` prior (frozen backbone), else the plugins and the backbone (at
-        ``backbone_lr_scale`` × lr) under the method's prior."""
+        """Stage 2's epochs and Adam (its state restored on resume), for either mode of ``stage2``."""
         cfg, s2 = self.cfg, self.cfg.stage2
         plugin_params = list(self.model.plugin_parameters())
         backbone = list(self.model.backbone_parameters())
@@ -116,7 +111,6 @@ class PluginStage:
         return self._epoch_setup(params, [opt], prior, use_plugins=True), opt
 
     def _stage2_stoppers(self) -> list[EarlyStopping]:
-        """Frozen backbone: plugin s's early stopping on its own stratum; else the run's selection."""
         s2 = self.cfg.stage2
         if not s2.freeze_backbone:
             return [self._selection(s2.patience)]

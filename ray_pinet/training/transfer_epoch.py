@@ -35,9 +35,8 @@ from ray_pinet.training.loop import EpochStats
 
 @torch.no_grad()
 def copy_into_(params: list[torch.nn.Parameter], vec: torch.Tensor) -> None:
-    """Copy a flat vector into the parameters' own storage. (torch's vector_to_parameters
-    rebinds ``p.data`` to views of ``vec``: later in-place optimizer steps would then write
-    into θ_0 itself.)"""
+    """Copy a flat vector into the parameters' own storage. (torch's vector_to_parameters rebinds ``p.data``
+    to views of ``vec``: later in-place optimizer steps would then write into θ_0 itself.)"""
     for p, part in zip(params, split_flat(vec, params)):
         p.copy_(part)
 

@@ -1,23 +1,22 @@
-"""The two-tower training loop of one rank (pure torch + ``collectives``; no Ray), so the same
-code runs in one process and on W Ray Train workers (methods.md §6, "OneBP", "AUC-NS").
+"""The two-tower training loop of one rank (pure torch + ``collectives``; no Ray), so the same code runs in
+one process and on W Ray Train workers (methods.md §6, "OneBP", "AUC-NS").
 
-Sharding **by user**: rank r of W holds every row (train, valid, test) of the users with
-``user % W == r``. Epoch e visits the training pairs in the global batches of ``epoch_batches``
-(identical on every rank and for every W); each rank takes the rows of the batch that it holds,
-in batch order. Hence:
+Sharding **by user**: rank r of W holds every row (train, valid, test) of the users with ``user % W == r``.
+Epoch e visits the training pairs in the global batches of ``epoch_batches`` (identical on every rank and for
+every W); each rank takes the rows of the batch that it holds, in batch order. Hence:
 
-* the loss of a global batch is Σ_local ℓ_k / B_global (B_global = the batch's length, known to
-  every rank without communication); one SUM all-reduce of the flat gradient of the trainable
-  tables gives every rank the single-process gradient, so the replicated item table (and, for
-  ``twobp``/``bpr``, the user table) stays identical on every rank;
-* a user's rows of a batch all live on one rank, so OneBP's per-user aggregation (and its
-  duplicate rule) is computed where the user lives, from the replicated post-step item table,
-  with no user-table traffic; the user rows a rank does not own are never read there;
+* the loss of a global batch is Σ_local ℓ_k / B_global (B_global = the batch's length, known to every rank
+  without communication); one SUM all-reduce of the flat gradient of the trainable tables gives every rank the
+  single-process gradient, so the replicated item table (and, for ``twobp``/``bpr``, the user table) stays
+  identical on every rank;
+* a user's rows of a batch all live on one rank, so OneBP's per-user aggregation (and its duplicate rule) is
+  computed where the user lives, from the replicated post-step item table, with no user-table traffic; the
+  user rows a rank does not own are never read there;
 * negatives are keyed draws of (seed, epoch, global sample id): the same for any W;
 * metrics are per-user sums (``TopKStats``) of each rank's own users, SUM all-reduced.
 
-What differs between methods (data, model, batch loss, user-tower update, state) is asked of the
-method's object in ``methods/twotower_methods.METHODS``; this loop compares no method names.
+What differs between methods (data, model, batch loss, user-tower update, state) is asked of the method's
+object in ``methods/twotower_methods.METHODS``; this loop compares no method names.
 """
 
 from __future__ import annotations
@@ -178,7 +177,6 @@ class TwoTowerRun:
         """The scoring context of ``run.precision`` (fp32: a disabled context)."""
         return autocast(self.device, self.precision)
 
-    # -- training ------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         """One epoch of the method (``sgd_epoch``, or what replaces it: IG's meta-step)."""
         return self.method.epoch(self)
@@ -209,7 +207,6 @@ class TwoTowerRun:
         self.epoch += 1
         return {"train/loss": float(loss_sum[0]) / self.num_train, "train/seconds": seconds, "train/lr": lr}
 
-    # -- evaluation ----------------------------------------------------------------------------
     def _masks(self, split: str, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(target Bool[B, I], exclude Bool[B, I]) for scoring ``split``: training items are
         excluded, and when scoring test the validation items too."""
@@ -221,9 +218,8 @@ class TwoTowerRun:
 
     @torch.no_grad()
     def _evaluate_pointwise(self, split: str) -> dict[str, float]:
-        """Labeled rows (``method.labeled``): ``{split}/{slice}/{auc, wauc, ndcg@k, bce, users,
-        rows}``; per-user sums all-reduced (users are sharded), AUC on the gathered (score, label,
-        stratum) rows."""
+        """Labeled rows (``method.labeled``): ``{split}/{slice}/{auc, wauc, ndcg@k, bce, users, rows}``;
+        per-user sums all-reduced (users are sharded), AUC on the gathered (score, label, stratum) rows."""
         ks = list(self.cfg.eval.ks)
         rows = self.rows[split]
         self.model.eval()
@@ -281,7 +277,6 @@ class TwoTowerRun:
             out.update({f"{split}/{name}/{k}": v for k, v in final.items()})
         return out
 
-    # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         """The method's tables (as one process holds them; a collective), optimizer and counters."""
         tables = self.method.tables(self)

@@ -1,12 +1,11 @@
 """The sweep objective: a trial's validation metric on one stratum, guarded on the others, both
 measured against a reference joint model *on the same users*.
 
-Why per-user reference outcomes: a trial with another head/tail threshold has another tail
-population, so "tail NDCG" of two trials, or of a trial and a joint run evaluated with the base
-threshold, describe different users. The reference joint model is evaluated once, per user
-(``user_outcomes``); each trial regroups those outcomes by its own stratification and gets the
-reference's exact per-stratum metrics for its own strata (``reference_metrics``), then scores
-itself against them (``Objective.score``).
+Why per-user reference outcomes: a trial with another head/tail threshold has another tail population, so
+"tail NDCG" of two trials, or of a trial and a joint run evaluated with the base threshold, describe different
+users. The reference joint model is evaluated once, per user (``user_outcomes``); each trial regroups those
+outcomes by its own stratification and gets the reference's exact per-stratum metrics for its own strata
+(``reference_metrics``), then scores itself against them (``Objective.score``).
 """
 
 from __future__ import annotations

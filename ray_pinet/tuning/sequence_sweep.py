@@ -1,12 +1,10 @@
-"""The sequence kind's sweep (``ray-pinet tune`` on joint / pinet / reweight): trials that may
-restratify or re-prepare the data, an objective measured against a reference joint run, and the
-winner registered in the MLflow Model Registry (docs/design.md "Tuning").
+"""The sequence kind's sweep (``ray-pinet tune`` on joint / pinet / reweight): trials that may restratify or
+re-prepare the data, an objective measured against a reference joint run, and the winner registered in the
+MLflow Model Registry (docs/design.md "Tuning").
 
-1. the reference: a ``joint`` run of the base config + the space's ``fixed`` values (the untuned
-   model users have today), evaluated once per user on validation (``objective.py``);
-2. each trial resolves its config, restratifies the base data when only its stratification
-   differs (a view: new strata, the base's samples) or prepares its own copy when its history
-   length differs (both cached by the prepare config's hash), and calls ``fit`` with a callback
+1. the reference: a ``joint`` run of the base config + the space's ``fixed`` values (the untuned model users
+   have today), evaluated once per user on validation (``objective.py``);
+2. each trial resolves its config, gets its data (``ensure_trial_data``) and calls ``fit`` with a callback
    that turns every validation report into the objective and forwards it to Tune;
 3. the best *feasible, finished* trial (selected on validation only) is registered.
 """
@@ -63,9 +61,8 @@ def _check_key(key: str) -> None:
 
 def resolve_trial(base_config: Optional[str], base_overrides: list[str], values: dict[str, Any],
                   method: str):
-    """(TrainConfig, PrepareConfig or None) of one trial: the base config + ``values``. The
-    prepare config is None when the base config names no ``data.prepare`` and no prepare key
-    varies."""
+    """(TrainConfig, PrepareConfig or None) of one trial: the base config + ``values``. The prepare config is
+    None when the base config names no ``data.prepare`` and no prepare key varies."""
     train_o, prep_o = split_overrides(values)
     cfg = TrainConfig.from_yaml(base_config, base_overrides + train_o + [f"method={method}"])
     if not cfg.data.prepare:
@@ -81,9 +78,8 @@ def resolve_trial(base_config: Optional[str], base_overrides: list[str], values:
 
 
 def prepared_path_for(base_path: str, prep) -> str:
-    """Where a trial's prepared data (a copy or a restratified view) lives: next to the base data,
-    named by the prepare config's hash, so trials with the same stratification and history
-    length share one."""
+    """Where a trial's prepared data (a copy or a restratified view) lives: next to the base data, named by
+    the prepare config's hash, so trials with the same stratification and history length share one."""
     d = to_dict(prep)
     d.pop("output", None)
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,5 +1,4 @@
-"""Declarative search spaces (``tune_spaces/*.yaml``): parsed, validated and turned into Ray Tune
-domains.
+"""Declarative search spaces (``tune_spaces/*.yaml``): parsed, validated and turned into Ray Tune domains.
 
 A space file::
 
@@ -14,12 +13,12 @@ A space file::
       stage2.plugin.adapter_hidden: {choice: [[32], [64], [128]]}
       ga.prior: {choice: [interaction_share, user_share]}
 
-Keys are dotted train-config keys (``optim.lr``) or ``prepare.`` + a prepare-config key under
-``strata`` / ``samples`` (a trial with its own stratification gets a restratified view of the
-base data, one with its own history length its own prepared copy; ``sweep.ensure_trial_data``). ``model.max_len`` also sets ``prepare.samples.max_len`` (they must
-agree). Clean/source keys are refused: they would change which users are evaluated, and trials
-are only comparable on the same users. Every value a domain can produce at its ends is resolved
-into a full config on load, so a typo or an out-of-range bound fails before any trial starts.
+Keys are dotted train-config keys (``optim.lr``) or ``prepare.`` + a prepare-config key under ``strata`` /
+``samples`` (a trial with its own stratification gets a restratified view of the base data, one with its own
+history length its own prepared copy; ``sequence_sweep.ensure_trial_data``). ``model.max_len`` also sets
+``prepare.samples.max_len`` (they must agree). Clean/source keys are refused: they would change which users
+are evaluated, and trials are only comparable on the same users. ``sweep.load_space`` resolves the ends of
+every domain into a full config, so a typo or an out-of-range bound fails before any trial starts.
 """
 
 from __future__ import annotations

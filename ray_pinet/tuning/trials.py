@@ -1,6 +1,5 @@
-"""What every sweep shares, whatever its kind: the setup shipped to trials, the search
-algorithm, the defaults trial, the rows of a finished ``ResultGrid``, the best trial and the
-sweep's parent MLflow run."""
+"""What every sweep shares, whatever its kind: the setup shipped to trials, the search algorithm, the defaults
+trial, the rows of a finished ``ResultGrid``, the best trial and the sweep's parent MLflow run."""
 
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
-"""The two-tower kind's sweep (``ray-pinet tune`` on onebp, twobp, bpr, ncf): trials each ``fit``
-(Ray Train), with ASHA on a validation metric.
+"""The two-tower kind's sweep (``ray-pinet tune`` on onebp, twobp, bpr, ncf): trials each ``fit`` (Ray Train),
+with ASHA on a validation metric.
 
-The same ``sweep.run_sweep`` as the sequence kind (space file format, search algorithms, ASHA,
-resume and MLflow layout), with two differences, both because pair data has no leave-one-out reference
-model to regroup: the objective is ``measure: absolute`` (the validation metric of
-``objective.slice``: ``ndcg`` → NDCG@10, or ``auc`` for ``ncf``),
-and there is no guard and no model registry (two-tower runs log no served model). A finished
-trial's objective is its best validation value (the epoch its test metrics are reported at).
+The same ``sweep.run_sweep`` as the sequence kind (space file format, search algorithms, ASHA, resume and
+MLflow layout), with two differences, both because pair data has no leave-one-out reference model to regroup:
+the objective is ``measure: absolute`` (the validation metric of ``objective.slice``: ``ndcg`` → NDCG@10, or
+``auc`` for ``ncf``), and there is no guard and no model registry (two-tower runs log no served model). A
+finished trial's objective is its best validation value (the epoch its test metrics are reported at).
 """
 
 from __future__ import annotations
