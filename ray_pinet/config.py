@@ -14,15 +14,17 @@ from typing import Literal, Optional, get_args
 
 from ray_pinet.config_base import ConfigError, FileConfig, require
 from ray_pinet.config_sections import RunSection, TrackingConfig
+from ray_pinet.methods.needs import SEQUENCE_NEEDS, SequenceNeeds
 from ray_pinet.models.config import ModelConfig, PluginConfig
 
 # joint / pinet: one backbone. reweight: joint with static per-stratum sample weights (to the
 # user-share prior). transfer: Yin et al. (methods.md §2). separate / finetune: one backbone per
 # stratum (K runs of the trainer on one stratum's rows each, `training/per_stratum.py`).
-PerStratumMethod = Literal["separate", "finetune"]
-Method = Literal["joint", "pinet", PerStratumMethod, "reweight", "transfer"]  # nested: flattened in order
+# What each one needs: methods/needs.py.
+Method = Literal["joint", "pinet", "separate", "finetune", "reweight", "transfer"]
 METHODS = get_args(Method)
-PER_STRATUM_METHODS = get_args(PerStratumMethod)
+assert METHODS == tuple(SEQUENCE_NEEDS), "the config's Literal and the needs table name the same methods"
+PER_STRATUM_METHODS = tuple(n for n in METHODS if SEQUENCE_NEEDS[n].per_stratum)
 
 
 @dataclass
@@ -256,7 +258,7 @@ class TrainConfig(FileConfig):
         if self.loss == "sampled_softmax" and self.model.backbone == "din":
             raise ConfigError("loss=sampled_softmax scores shared candidates by a dot product with the "
                               "sequence state; din scores (history, item) pairs: use loss: bce", key="loss")
-        if self.loss == "sampled_softmax" and self.method == "transfer":
+        if self.loss == "sampled_softmax" and self.needs.adversarial:
             raise ConfigError("loss=sampled_softmax: transfer's task loop computes full-softmax ce or bce "
                               "losses; use loss: ce or bce with method transfer", key="loss")
         if self.model.backbone == "din" and self.eval.candidates == 0:
@@ -269,24 +271,24 @@ class TrainConfig(FileConfig):
             raise ConfigError(f"data.train_strata must be a non-empty list of stratum ids >= 0, got {strata}")
         if self.run.warm_start and self.run.init_from:
             raise ConfigError("run.warm_start and run.init_from exclude each other")
-        if self.method == "transfer" and self.model.backbone == "din":
+        if self.needs.adversarial and self.model.backbone == "din":
             raise ConfigError("transfer needs a sequence backbone (sasrec, gru4rec): its "
                               "discriminator reads the sequence state")
-        if self.method == "transfer" and self.transfer.trajectories % self.run.num_workers:
+        if self.needs.adversarial and self.transfer.trajectories % self.run.num_workers:
             raise ConfigError(f"transfer.trajectories={self.transfer.trajectories} must be a multiple "
                               f"of run.num_workers={self.run.num_workers}")
         if self.optim.batching == "packed" and self.model.backbone != "sasrec":
             raise ConfigError(f"optim.batching=packed needs the sasrec backbone (its attention masks "
                               f"each packed window); {self.model.backbone} takes padded (or auto)")
-        if self.optim.batching == "packed" and self.method == "transfer":
+        if self.optim.batching == "packed" and self.needs.adversarial:
             raise ConfigError("optim.batching=packed: transfer's task loop reads whole padded rows "
                               "(its discriminator takes each row's last state); use padded (or auto)")
         if self.optim.item_exchange == "rows":
             why = None
             if self.loss == "ce":
                 why = "loss ce gives every item row a gradient at every step (use bce or sampled_softmax)"
-            elif self.model.backbone == "din" or self.method == "transfer":
-                why = f"{self.method if self.method == 'transfer' else 'din'} keeps the dense item table"
+            elif self.model.backbone == "din" or self.needs.adversarial:
+                why = f"{self.method if self.needs.adversarial else 'din'} keeps the dense item table"
             elif self.optim.weight_decay > 0 or self.optim.grad_clip > 0:
                 why = ("lazy Adam has no weight decay, and clipping needs the dense norm: "
                        "set optim.weight_decay=0 and optim.grad_clip=0")
@@ -294,15 +296,20 @@ class TrainConfig(FileConfig):
                 why = "ga.reduce=stratum_sums backpropagates per stratum; use loss_weighted"
             if why:
                 raise ConfigError(f"optim.item_exchange=rows: {why}", key="optim.item_exchange")
-        if self.run.init_from and self.method != "pinet":
+        if self.run.init_from and not self.needs.plugins:
             raise ConfigError("run.init_from starts pinet's stage 2 from a trained backbone; "
                               f"method is {self.method!r}")
+
+    @property
+    def needs(self) -> SequenceNeeds:
+        """What ``method`` needs (methods/needs.py): the only place the method's name is looked up."""
+        return SEQUENCE_NEEDS[self.method]
 
     @property
     def packed(self) -> bool:
         """Whether training batches are packed (``optim.batching``, auto resolved)."""
         if self.optim.batching == "auto":
-            return self.model.backbone == "sasrec" and self.method != "transfer"
+            return self.model.backbone == "sasrec" and not self.needs.adversarial
         return self.optim.batching == "packed"
 
     @property
@@ -313,4 +320,4 @@ class TrainConfig(FileConfig):
 
     @property
     def uses_plugins(self) -> bool:
-        return self.method == "pinet" and self.stage2.enabled
+        return self.needs.plugins and self.stage2.enabled

@@ -25,9 +25,9 @@ from ray_pinet.config_base import ConfigError, FileConfig, require
 from ray_pinet.config_sections import RunSection, TrackingConfig
 from ray_pinet.data.config import SourceConfig, StrataConfig
 from ray_pinet.methods.auc_ns_config import AucNsConfig
-from ray_pinet.methods.twotower_needs import NEEDS
+from ray_pinet.methods.needs import TWOTOWER_NEEDS
 
-# Each name's loss, data and tower rules: methods/twotower_methods.py; its needs: methods/twotower_needs.py.
+# Each name's loss, data and tower rules: methods/twotower_methods.py; its needs: methods/needs.py.
 TwoTowerMethodName = Literal["onebp", "twobp", "bpr", "ncf"]
 TWOTOWER_METHODS = get_args(TwoTowerMethodName)
 # Keys that took the sequence kind's names: a file that still says the old one is told the new.
@@ -116,7 +116,7 @@ class TwoTowerModel:
             raise ConfigError("model: tce_drop_rate in [0, 1), tce_num_gradual >= 0, num_layers >= 1")
         require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout)
         require(self.rce_alpha >= 0, "rce_alpha", ">= 0", self.rce_alpha)
-        if self.sampler == "auc_ns" and not NEEDS[self.method].auc_ns:
+        if self.sampler == "auc_ns" and not TWOTOWER_NEEDS[self.method].auc_ns:
             raise ConfigError("model.sampler=auc_ns picks one hard negative per positive for the BPR "
                               f"loss; use model.method=bpr (got {self.method!r})")
 
@@ -204,7 +204,7 @@ class TwoTowerConfig(FileConfig):
             raise ConfigError("eval.patience (early stopping on validation) needs data.valid_share > 0")
         metric, _, k = self.eval.select_metric.partition("@")
         method = self.model.method
-        if NEEDS[method].labeled:
+        if TWOTOWER_NEEDS[method].labeled:
             if self.data.label_threshold is None:
                 raise ConfigError(f"model.method={method} trains on labeled rows: set data.label_threshold "
                                   "(e.g. 2)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ray_pinet.config import METHODS, PER_STRATUM_METHODS, TrainConfig
+from ray_pinet.config import METHODS, TrainConfig
 from ray_pinet.training.checkpoint import load_backbone_state
 from ray_pinet.training.engine import Engine
 from ray_pinet.training.kind import FitResult, Kind, LoopContext
@@ -52,7 +52,7 @@ def data_changes(cfg: TrainConfig, meta, snap: dict) -> list:
 
 
 def multi_run(cfg: TrainConfig):
-    return fit_per_stratum if cfg.method in PER_STRATUM_METHODS else None
+    return fit_per_stratum if cfg.needs.per_stratum else None
 
 
 def chain(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_cfg: Optional[TrainConfig],

@@ -53,10 +53,10 @@ def method_prior(cfg: TrainConfig, user_share: Sequence[float], interaction_shar
     ``joint`` (and the per-stratum baselines, which are joint runs on one stratum's rows) is GA with the
     interaction_share prior: the pooled mean over units. ``reweight`` is the pooled mean with static
     per-stratum weights r_s = (n_s / C_s)^power: π_s ∝ N_s · r_s."""
-    if cfg.method == "reweight":
+    if cfg.needs.prior == "reweight":
         r = [(n / c) ** cfg.reweight.power if c > 0 else 0.0 for n, c in zip(user_share, interaction_share)]
         return Prior("reweight", stratum_weights=tuple(r))
-    if cfg.method == "pinet":
+    if cfg.needs.prior == "ga":
         return Prior(cfg.ga.prior, cfg.ga.alpha, tuple(user_share))
     return Prior("interaction_share", user_share=tuple(user_share))
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ray_pinet.methods.denoising import bce_rows, drop_rate_at, idl_rows, reweighted_rows, truncation_keep
+from ray_pinet.methods.needs import TWOTOWER_NEEDS
 from ray_pinet.methods.onebp import ema_update_, infonce_losses
-from ray_pinet.methods.twotower_needs import NEEDS
 from ray_pinet.models.mf import MF
 from ray_pinet.models.ncf import NCF
 from ray_pinet.training.collectives import all_gather_rows, all_reduce_sum_, is_distributed
@@ -39,8 +39,8 @@ class TwoTowerMethod:
 
     name: str
     # What it trains on and samples: its entry of the needs table, which the config checks too.
-    labeled = property(lambda self: NEEDS[self.name].labeled)
-    negatives = property(lambda self: NEEDS[self.name].negatives)
+    labeled = property(lambda self: TWOTOWER_NEEDS[self.name].labeled)
+    negatives = property(lambda self: TWOTOWER_NEEDS[self.name].negatives)
     second_metric = "p@10"  # printed beside NDCG@10 on each evaluated epoch
 
     def model(self, num_users: int, num_items: int, m: TwoTowerModel) -> torch.nn.Module:
@@ -182,5 +182,5 @@ def _ncf_loss_sum(run, ids, held, mine, users, items, labels) -> torch.Tensor:
 
 
 METHODS: dict[str, TwoTowerMethod] = {m.name: m for m in (OneBP(), TwoBP(), BPR(), NCFMethod())}
-assert tuple(METHODS) == TWOTOWER_METHODS == tuple(NEEDS), \
+assert tuple(METHODS) == TWOTOWER_METHODS == tuple(TWOTOWER_NEEDS), \
     "the registry, the needs table and the config's Literal name the same methods"

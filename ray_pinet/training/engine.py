@@ -136,7 +136,7 @@ class Engine(PluginStage):
         self.model.to(self.device)
         # transfer's stratum discriminator (training only: it is not part of the served model).
         self.disc = (Discriminator(cfg.model.dim, self.K, cfg.transfer.disc_hidden)
-                     if cfg.method == "transfer" else None)
+                     if cfg.needs.adversarial else None)
         if self.disc is not None:
             self.disc.to(self.device)
         broadcast_module_(self.model)  # identical start on every rank (the seed already does it)

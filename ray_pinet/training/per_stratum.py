@@ -42,7 +42,7 @@ def _sub_config(cfg: TrainConfig, stratum: int, name: str, base_checkpoint: Opti
     d["eval"]["select_slice"] = name
     d["run"]["name"] = f"{cfg.run.name}-{name}"
     d["run"]["init_from"] = None
-    if cfg.method == "finetune":
+    if cfg.needs.from_joint:
         d["run"]["warm_start"] = base_checkpoint
         ft = cfg.finetune
         d["optim"].update(lr=ft.lr, max_epochs=ft.max_epochs, patience=ft.patience, max_minutes=ft.max_minutes)
@@ -83,7 +83,7 @@ def fit_per_stratum(cfg: TrainConfig, fit_one: Callable[..., FitResult],
     t0 = time.perf_counter()
     extra: dict = {}
     with mu.failed_on_error(uri, run_id):
-        if cfg.method == "finetune" and base_checkpoint is None:
+        if cfg.needs.from_joint and base_checkpoint is None:
             print(f"finetune: training its joint base first ({cfg.run.name}-base-joint)", flush=True)
             base = fit_one(base_joint_config(cfg), progress=progress, parent_run_id=run_id, fresh=fresh)
             base_checkpoint = base.checkpoint_path

@@ -105,6 +105,6 @@ def reuse_joint(cfg: TrainConfig, joint_checkpoint: Optional[str], joint_data: O
     other data (e.g. K = 4 buckets) trains its own."""
     if not joint_checkpoint or not joint_data or not same_place(cfg.data.path, joint_data):
         return None
-    if cfg.method == "pinet" and cfg.stage1_is_joint and not cfg.run.init_from and not retrain_stage1:
+    if cfg.needs.plugins and cfg.stage1_is_joint and not cfg.run.init_from and not retrain_stage1:
         cfg.run.init_from = joint_checkpoint
-    return joint_checkpoint if cfg.method == "finetune" else None
+    return joint_checkpoint if cfg.needs.from_joint else None
