@@ -16,6 +16,12 @@ from typing import Any
 # Ray Data bars from every worker interleave into noise (the workers print one line per epoch
 # instead); the V2 migration warnings are about APIs the project does not use.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# Ray Train's controller acts on the workers' reports, and sees a run end, once per poll of its workers:
+# every 2 s by default (Ray 2.60), which several polls per fit turn into seconds. On one machine a poll is
+# a local call, and a missed poll only carries over (a worker is declared dead after 10 minutes of them):
+# polling every 0.25 s took a `train --smoke-test --method joint` here from 63.9 s to 54.0 s. Clusters
+# keep Ray's default; a value in the environment wins.
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def local_cpus() -> int:
@@ -62,7 +68,7 @@ def start_ray(**overrides: Any) -> None:
         "include_dashboard": True, "dashboard_host": "127.0.0.1",
     }
     kwargs.update(overrides)
-    env = dict(WORKER_ENV)
+    env = {**WORKER_ENV, **{k: v for k, v in LOCAL_ENV.items() if k not in os.environ}}
     # Workers must import ray_pinet even when it runs from a checkout that is not installed.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)

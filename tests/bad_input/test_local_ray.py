@@ -48,7 +48,8 @@ def _clean_env() -> dict:
 def test_prepare_starts_ray_as_train_does():
     """A fresh process whose first Ray user is the data layer gets the trainer's instance: the
     logical CPUs that leave Ray Data a budget beside the Train workers, the dashboard (State API)
-    on 127.0.0.1 named to the workers, gloo on loopback, this checkout importable."""
+    on 127.0.0.1 named to the workers, gloo on loopback, this checkout importable, and the Train
+    controller's short local poll interval."""
     import json
 
     from ray_pinet.local_ray import local_cpus
@@ -62,6 +63,7 @@ def test_prepare_starts_ray_as_train_does():
     assert got["env"]["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:"), got
     assert got["env"]["GLOO_SOCKET_IFNAME"] == "lo", got
     assert str(REPO) in got["env"]["PYTHONPATH"].split(os.pathsep), got
+    assert got["env"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25", got  # Train's controller polls often
 
 
 @pytest.mark.slow
