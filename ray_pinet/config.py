@@ -24,7 +24,6 @@ from ray_pinet.models.config import ModelConfig, PluginConfig
 Method = Literal["joint", "pinet", "separate", "finetune", "reweight", "transfer"]
 METHODS = get_args(Method)
 assert METHODS == tuple(SEQUENCE_NEEDS), "the config's Literal and the needs table name the same methods"
-PER_STRATUM_METHODS = tuple(n for n in METHODS if SEQUENCE_NEEDS[n].per_stratum)
 
 
 @dataclass
@@ -302,7 +301,7 @@ class TrainConfig(FileConfig):
 
     @property
     def needs(self) -> SequenceNeeds:
-        """What ``method`` needs (methods/needs.py): the only place the method's name is looked up."""
+        """What ``method`` needs (methods/needs.py): the training code asks it instead of comparing names."""
         return SEQUENCE_NEEDS[self.method]
 
     @property

@@ -9,9 +9,10 @@ import typing
 from pathlib import Path
 
 from ray_pinet.config import METHODS as SEQUENCE_METHODS
-from ray_pinet.config import PER_STRATUM_METHODS, TrainConfig
+from ray_pinet.config import TrainConfig
 from ray_pinet.kinds.sequence import SEQUENCE
 from ray_pinet.methods.ga import method_prior
+from ray_pinet.methods.needs import SEQUENCE_NEEDS
 from ray_pinet.methods.twotower_methods import METHODS
 from ray_pinet.twotower_config import TWOTOWER_METHODS, TwoTowerConfig, TwoTowerModel
 
@@ -19,7 +20,7 @@ from ray_pinet.twotower_config import TWOTOWER_METHODS, TwoTowerConfig, TwoTower
 def test_method_lists_are_the_literals_of_the_config_fields():
     assert typing.get_args(typing.get_type_hints(TwoTowerModel)["method"]) == TWOTOWER_METHODS
     assert typing.get_args(typing.get_type_hints(TrainConfig)["method"]) == SEQUENCE_METHODS
-    assert set(PER_STRATUM_METHODS) < set(SEQUENCE_METHODS)
+    assert {n for n, m in SEQUENCE_NEEDS.items() if m.per_stratum} < set(SEQUENCE_METHODS) == set(SEQUENCE_NEEDS)
     assert tuple(METHODS) == TWOTOWER_METHODS and all(METHODS[n].name == n for n in METHODS)
 
 
